@@ -1,0 +1,71 @@
+"""The one place where a backend is chosen for a call.
+
+``auto`` takes Triton on GPUs that run it (compute capability 8.0 and newer) and on the CPU when
+``TRITON_INTERPRET=1``; the compiled CUDA extension on other GPUs when it is built; and PyTorch
+everywhere else. ``MONA_KERNELS_BACKEND=triton|cuda|torch`` or a ``backend=`` argument forces one.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .ops.utils import interpreting
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_runs_on(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def cuda_extension_available() -> bool:
+    """The compiled CUDA fallback is not part of this release; see README."""
+    return False
+
+
+def _can_run(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "Triton is not installed"
+        if device.type == "cuda":
+            return None if _triton_runs_on(device.index or 0) else "this GPU is older than compute capability 8.0"
+        if device.type == "cpu":
+            return None if interpreting() else "CPU tensors need TRITON_INTERPRET=1 for Triton"
+        return f"Triton does not run on {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors, got {device.type}"
+        return None if cuda_extension_available() else "the CUDA extension is not built"
+    return f"unknown backend {backend!r}"
+
+
+def resolve(device: torch.device, backend: str | None = None) -> str:
+    """The backend that runs a call on ``device``: ``'triton'``, ``'cuda'`` or ``'torch'``."""
+    choice = backend if backend not in (None, "auto") else os.environ.get("MONA_KERNELS_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice != "auto":
+        reason = _can_run(choice, device)
+        if reason is not None:
+            raise RuntimeError(f"backend {choice!r} is unavailable: {reason}")
+        return choice
+    for candidate in ("triton", "cuda"):
+        if _can_run(candidate, device) is None:
+            return candidate
+    return "torch"

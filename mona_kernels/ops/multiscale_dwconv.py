@@ -1,0 +1,228 @@
+"""Multi-scale depthwise conv with averaging, ``h + (dw3(h) + dw5(h) + dw7(h)) / 3``, as ONE 7x7 pass.
+
+The three convs and the identity are linear in ``h``, so they merge into one 7x7 depthwise kernel
+``K = delta + (pad(K3) + pad(K5) + K7) / 3`` with bias ``(b3 + b5 + b7) / 3``; the merge is plain,
+differentiable PyTorch, so the gradients of the six weights and biases follow from ``dK``/``dbias``.
+
+Layout contract: ``h``/``out``/``dout``/``dh`` are channels-last (B, H, W, d) in the input dtype;
+``K`` is taps-major (49, d), tap ``u * 7 + v``, in the accumulation dtype like ``bias`` (d,).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import backend as _backend
+from .utils import acc_dtype, check_tensor, next_pow2
+
+KSIZE = 7
+TAPS = KSIZE * KSIZE
+# Pixels in one program's tile; the tile is TILE_H x TILE_W with TILE_W fitted to the image width.
+TILE_PIXELS = 64
+WGRAD_TILE_PIXELS = 128
+MAX_BLOCK_D = 64
+# Rows of a wgrad partial per tile: one per tap, then the bias gradient.
+PARTIAL_ROWS = tl.constexpr(TAPS + 1)
+BIAS_ROW = tl.constexpr(TAPS)
+
+
+@triton.jit
+def _tile_coords(tile, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Batch index and (row, col) of every pixel of spatial tile ``tile``."""
+    tiles_w = tl.cdiv(W, TILE_W)
+    tiles_per_image = tl.cdiv(H, TILE_H) * tiles_w
+    b = tile // tiles_per_image
+    r = tile % tiles_per_image
+    p = tl.arange(0, TILE_H * TILE_W)
+    i = (r // tiles_w) * TILE_H + p // TILE_W
+    j = (r % tiles_w) * TILE_W + p % TILE_W
+    return b, i, j
+
+
+@triton.jit
+def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
+                    HAS_BIAS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image."""
+    b, i, j = _tile_coords(tl.program_id(0), H, W, TILE_H, TILE_W)
+    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    image = b.to(tl.int64) * H * W
+    acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], dtype=ACC)
+    for u in tl.static_range(7):
+        ii = i + (u - 3)
+        row_ok = (ii >= 0) & (ii < H)
+        for v in tl.static_range(7):
+            jj = j + (v - 3)
+            ok = row_ok & (jj >= 0) & (jj < W)
+            pix = image + ii * W + jj
+            hv = tl.load(h_ptr + pix[:, None] * D + ch[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+            kv = tl.load(k_ptr + (u * 7 + v) * D + ch, mask=cmask, other=0.0)
+            acc += hv.to(ACC) * kv[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
+    inside = (i < H) & (j < W)
+    pix = image + i * W + j
+    tl.store(out_ptr + pix[:, None] * D + ch[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=inside[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D,
+                          TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Per tile: partial[tile, t, :] = sum over the tile of dout * h shifted by tap t (t < 49), and
+    partial[tile, 49, :] = sum of dout (the bias gradient). The host sums over tiles in fixed order."""
+    tile = tl.program_id(0)
+    b, i, j = _tile_coords(tile, H, W, TILE_H, TILE_W)
+    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    image = b.to(tl.int64) * H * W
+    inside = (i < H) & (j < W)
+    dout = tl.load(dout_ptr + (image + i * W + j)[:, None] * D + ch[None, :],
+                   mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
+    row = partial_ptr + tile.to(tl.int64) * (PARTIAL_ROWS * D) + ch
+    for u in tl.static_range(7):
+        ii = i + (u - 3)
+        row_ok = inside & (ii >= 0) & (ii < H)
+        for v in tl.static_range(7):
+            jj = j + (v - 3)
+            ok = row_ok & (jj >= 0) & (jj < W)
+            hv = tl.load(h_ptr + (image + ii * W + jj)[:, None] * D + ch[None, :],
+                         mask=ok[:, None] & cmask[None, :], other=0.0)
+            tl.store(row + (u * 7 + v) * D, tl.sum(dout * hv.to(ACC), axis=0), mask=cmask)
+    tl.store(row + BIAS_ROW * D, tl.sum(dout, axis=0), mask=cmask)
+
+
+def _tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _tiles(H: int, W: int, D: int, pixels: int):
+    tile_w = min(next_pow2(W), 16)
+    tile_h = max(1, pixels // tile_w)
+    block_d = min(next_pow2(D), MAX_BLOCK_D)
+    return tile_h, tile_w, block_d
+
+
+def _n_tiles(B, H, W, tile_h, tile_w):
+    return B * triton.cdiv(H, tile_h) * triton.cdiv(W, tile_w)
+
+
+def _conv_triton(h, K, bias):
+    B, H, W, D = h.shape
+    out = torch.empty_like(h)
+    tile_h, tile_w, block_d = _tiles(H, W, D, TILE_PIXELS)
+    grid = (_n_tiles(B, H, W, tile_h, tile_w), triton.cdiv(D, block_d))
+    _dwconv7_kernel[grid](h, K, bias if bias is not None else K, out, H, W, D,
+                          HAS_BIAS=bias is not None, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
+                          ACC=_tl_acc(K.dtype), num_warps=4)
+    return out
+
+
+def _wgrad_triton(h, dout):
+    B, H, W, D = h.shape
+    tile_h, tile_w, block_d = _tiles(H, W, D, WGRAD_TILE_PIXELS)
+    n_tiles = _n_tiles(B, H, W, tile_h, tile_w)
+    acc = acc_dtype(h.dtype)
+    partial = torch.empty(n_tiles, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
+    _dwconv7_wgrad_kernel[(n_tiles, triton.cdiv(D, block_d))](
+        h, dout, partial, H, W, D, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
+        ACC=_tl_acc(acc), num_warps=8)
+    return partial.sum(dim=0)
+
+
+def _conv_torch(h, K, bias):
+    D = h.shape[-1]
+    acc = K.dtype
+    weight = K.t().reshape(D, 1, KSIZE, KSIZE)
+    out = F.conv2d(h.permute(0, 3, 1, 2).to(acc), weight, bias, padding=KSIZE // 2, groups=D)
+    return out.permute(0, 2, 3, 1).to(h.dtype).contiguous()
+
+
+def _wgrad_torch(h, dout):
+    D = h.shape[-1]
+    acc = acc_dtype(h.dtype)
+    hc = h.permute(0, 3, 1, 2).to(acc)
+    gc = dout.permute(0, 3, 1, 2).to(acc)
+    dK = torch.nn.grad.conv2d_weight(hc, (D, 1, KSIZE, KSIZE), gc, padding=KSIZE // 2, groups=D)
+    return torch.cat([dK.reshape(D, TAPS).t(), gc.sum(dim=(0, 2, 3))[None]])
+
+
+_CONV = {"triton": _conv_triton, "torch": _conv_torch}
+_WGRAD = {"triton": _wgrad_triton, "torch": _wgrad_torch}
+
+
+@torch.library.custom_op("mona_kernels::dwconv7_fwd", mutates_args=())
+def dwconv7_fwd(h: torch.Tensor, K: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:
+    """Channels-last (B, H, W, d) ``h`` convolved with the merged taps-major (49, d) kernel."""
+    return _CONV[_backend.resolve(h.device, backend)](h, K, bias)
+
+
+@dwconv7_fwd.register_fake
+def _(h, K, bias, backend):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("mona_kernels::dwconv7_bwd", mutates_args=())
+def dwconv7_bwd(dout: torch.Tensor, h: torch.Tensor, K: torch.Tensor,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh, dKb)``: dh is the conv of dout with the flipped kernel; dKb (50, d) in K's dtype holds
+    dK in rows 0..48 and the bias gradient in row 49."""
+    name = _backend.resolve(h.device, backend)
+    dh = _CONV[name](dout, K.flip(0).contiguous(), None)
+    return dh, _WGRAD[name](h, dout).to(K.dtype)
+
+
+@dwconv7_bwd.register_fake
+def _(dout, h, K, backend):
+    return torch.empty_like(h), K.new_empty((K.shape[0] + 1, K.shape[1]))
+
+
+class DWConv7Function(torch.autograd.Function):
+    """Autograd for the merged 7x7 depthwise conv; saves only ``h`` and the merged kernel."""
+
+    @staticmethod
+    def forward(ctx, h, K, bias, backend):
+        ctx.save_for_backward(h, K)
+        ctx.backend = backend
+        return dwconv7_fwd(h, K, bias, backend)
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, K = ctx.saved_tensors
+        dh, dKb = dwconv7_bwd(dout.contiguous(), h, K, ctx.backend)
+        return dh, dKb[:TAPS], dKb[TAPS], None
+
+
+def merge_kernels(w3, b3, w5, b5, w7, b7, dtype: torch.dtype = torch.float32):
+    """The merged taps-major (49, d) kernel ``delta + (pad(K3) + pad(K5) + K7) / 3`` and its bias."""
+    d = w7.shape[0]
+    K = F.pad(w3.to(dtype), (2, 2, 2, 2)) + F.pad(w5.to(dtype), (1, 1, 1, 1)) + w7.to(dtype)
+    K = K.reshape(d, TAPS) / 3.0
+    delta = torch.zeros(TAPS, dtype=dtype, device=K.device)
+    delta[TAPS // 2] = 1.0
+    bias = (b3.to(dtype) + b5.to(dtype) + b7.to(dtype)) / 3.0
+    return K.t() + delta[:, None], bias
+
+
+def check_dwconv_params(d: int, like: torch.Tensor, **params):
+    for name, p in params.items():
+        if name.startswith("w"):
+            k = int(name[1:])
+            check_tensor(name, p, size=(d, 1, k, k), like=like)
+        else:
+            check_tensor(name, p, size=(d,), like=like)
+
+
+def multiscale_dwconv(h, w3, b3, w5, b5, w7, b7, backend: str | None = None):
+    """``h + (dw3(h) + dw5(h) + dw7(h)) / 3`` for channels-last ``h`` of shape (B, H, W, d), in one pass.
+
+    Weights have the shapes of ``nn.Conv2d(d, d, k, groups=d)``: (d, 1, k, k) and (d,).
+    """
+    check_tensor("h", h, ndim=4)
+    d = h.shape[-1]
+    check_dwconv_params(d, h, w3=w3, b3=b3, w5=w5, b5=b5, w7=w7, b7=b7)
+    K, bias = merge_kernels(w3, b3, w5, b5, w7, b7, dtype=acc_dtype(h.dtype))
+    return DWConv7Function.apply(h.contiguous(), K.contiguous(), bias, backend or "auto")

@@ -1,0 +1,43 @@
+"""Helpers shared by every op: input checks, contiguity, block sizes and dtype maps."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs its kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_tensor(name: str, t, ndim: int | None = None, size: tuple | None = None, like=None):
+    """Raise a clear ``TypeError``/``ValueError`` naming ``name`` when ``t`` is unusable."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}; expected one of float16, bfloat16, float32, float64")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {tuple(t.shape)}")
+    if size is not None and tuple(t.shape) != tuple(size):
+        raise ValueError(f"{name} must have shape {tuple(size)}, got {tuple(t.shape)}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in: float64 stays float64, everything else uses float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_workers(device: torch.device, per_sm: int = 4) -> int:
+    """How many persistent programs to launch for a grid-stride reduction."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    return 4
