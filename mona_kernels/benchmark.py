@@ -1,0 +1,288 @@
+"""Benchmark the fused Mona against the eager and compiled reference: ``python -m mona_kernels.benchmark``.
+
+For each shape (SPEC §2 by default) it checks the fused outputs and gradients against the
+reference, then times forward, backward and forward+backward (median of CUDA-event timings,
+rotating input sets so that the cache does not flatter), reports peak memory and the fraction of
+the HBM floor (bytes that must move over a copy bandwidth it measures itself), prints a table and
+writes a CSV and a PNG plot. Without a GPU it runs the CPU path, says so, and still prints its table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+from . import reference
+from .modules import Mona
+from .ops.multiscale_dwconv import multiscale_dwconv
+
+SPEC_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
+               (2, 50, 84, 512), (4, 128, 128, 192), (4, 32, 32, 768)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INPUT_SETS = 3
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn, device, reps: int) -> float:
+    """Median milliseconds of ``fn``; CUDA events on the GPU, the wall clock on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+    fn()
+    times = []
+    for _ in range(max(3, reps // 100)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, 200)
+    return 2 * n / (ms * 1e-3)
+
+
+def _rotating(fn_of_index):
+    state = {"i": 0}
+
+    def run():
+        state["i"] = (state["i"] + 1) % INPUT_SETS
+        return fn_of_index(state["i"])
+    return run
+
+
+def _peak_mb(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def bench_adapter(shape, dtype, device, reps, variants, backends):
+    """Rows of timings for one (B, H, W, C) shape."""
+    B, H, W, C = shape
+    torch.manual_seed(0)
+    ref = reference.Mona(C).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 / (p[0].numel() ** 0.5 if p.dim() > 1 else 1))
+    ref.dropout.p = 0.0
+    xs = [torch.randn(B, H * W, C, device=device, dtype=dtype, requires_grad=True) for _ in range(INPUT_SETS)]
+    gs = [torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(INPUT_SETS)]
+    hw = (H, W)
+    models = {"reference": ref}
+    if "compiled" in variants and device.type == "cuda":
+        models["compiled"] = torch.compile(ref)
+    for backend in backends:
+        fused = Mona(C, dropout=0.0, backend=backend).to(device=device, dtype=dtype)
+        fused.load_state_dict(ref.state_dict())
+        models[f"fused[{backend}]"] = fused
+    params = list(ref.parameters())
+
+    out_ref = ref(xs[0], hw)
+    grads_ref = torch.autograd.grad(out_ref, [xs[0], *params], gs[0])
+    rows = []
+    for name, model in models.items():
+        mparams = list(model.parameters())
+        out = model(xs[0], hw)
+        grads = torch.autograd.grad(out, [xs[0], *mparams], gs[0])
+        err_out = _rel(out, out_ref)
+        err_grad = max(_rel(a, b) for a, b in zip(grads, grads_ref))
+        fwd = _time_ms(_rotating(lambda i: model(xs[i], hw)), device, reps)
+
+        def fwd_bwd(i):
+            return torch.autograd.grad(model(xs[i], hw), [xs[i], *mparams], gs[i])
+        both = _time_ms(_rotating(fwd_bwd), device, reps)
+        outs = [model(x, hw) for x in xs]
+        bwd = _time_ms(_rotating(lambda i: torch.autograd.grad(outs[i], [xs[i], *mparams], gs[i],
+                                                               retain_graph=True)), device, reps)
+        del outs
+        peak = _peak_mb(lambda: fwd_bwd(0), device)
+        rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
+                         fwd_bwd_ms=both, peak_mb=peak, err_out=err_out, err_grad=err_grad))
+    return rows
+
+
+def bench_dwconv(shape, dtype, device, reps, backends, d=64):
+    """The fused multi-scale op against three separate convs and cuDNN's single 7x7 depthwise conv."""
+    B, H, W, _ = shape
+    torch.manual_seed(0)
+    conv = reference.MonaOp(d).to(device=device, dtype=dtype)
+    ws = [conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.conv3.weight, conv.conv3.bias]
+    hs = [torch.randn(B, H, W, d, device=device, dtype=dtype, requires_grad=True) for _ in range(INPUT_SETS)]
+    gs = [torch.randn(B, H, W, d, device=device, dtype=dtype) for _ in range(INPUT_SETS)]
+    hs_nhwc = [h.detach().permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+               for h in hs]
+    single = torch.nn.Conv2d(d, d, 7, padding=3, groups=d).to(device=device, dtype=dtype,
+                                                                 memory_format=torch.channels_last)
+    fns = {"reference": lambda i: reference.multiscale_dwconv_ref(hs[i], *ws),
+           "single_7x7_conv": lambda i: single(hs_nhwc[i])}
+    for backend in backends:
+        fns[f"fused[{backend}]"] = (lambda b: lambda i: multiscale_dwconv(hs[i], *ws, backend=b))(backend)
+    out_ref = fns["reference"](0)
+    rows = []
+    for name, fn in fns.items():
+        inputs = (lambda i: [hs_nhwc[i], *single.parameters()]) if name.startswith("single") \
+            else (lambda i: [hs[i], *ws])
+        grads_of = (lambda i: torch.autograd.grad(fn(i), inputs(i), gs[i].permute(0, 3, 1, 2))) \
+            if name.startswith("single") else (lambda i: torch.autograd.grad(fn(i), inputs(i), gs[i]))
+        err = float("nan") if name.startswith("single") else _rel(fn(0), out_ref)
+        fwd = _time_ms(_rotating(fn), device, reps)
+        both = _time_ms(_rotating(grads_of), device, reps)
+        rows.append(dict(op="multiscale_dwconv", variant=name, shape=f"{B}x{H}x{W}x{d}", fwd_ms=fwd,
+                         bwd_ms=both - fwd, fwd_bwd_ms=both, peak_mb=float("nan"), err_out=err,
+                         err_grad=float("nan")))
+    return rows
+
+
+def bench_ln_scale(shape, dtype, device, reps, backends):
+    from .ops.ln_scale import ln_scale
+    B, H, W, C = shape
+    torch.manual_seed(0)
+    xs = [torch.randn(B, H * W, C, device=device, dtype=dtype, requires_grad=True) for _ in range(INPUT_SETS)]
+    gs = [torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(INPUT_SETS)]
+    params = [torch.randn(C, device=device, dtype=dtype, requires_grad=True) for _ in range(4)]
+    fns = {"reference": lambda i: reference.ln_scale_ref(xs[i], *params)}
+    for backend in backends:
+        fns[f"fused[{backend}]"] = (lambda b: lambda i: ln_scale(xs[i], *params, backend=b))(backend)
+    out_ref = fns["reference"](0)
+    rows = []
+    for name, fn in fns.items():
+        fwd = _time_ms(_rotating(fn), device, reps)
+        both = _time_ms(_rotating(lambda i: torch.autograd.grad(fn(i), [xs[i], *params], gs[i])), device, reps)
+        rows.append(dict(op="ln_scale", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd,
+                         bwd_ms=both - fwd, fwd_bwd_ms=both, peak_mb=float("nan"), err_out=_rel(fn(0), out_ref),
+                         err_grad=float("nan")))
+    return rows
+
+
+def _add_ratios(rows, bandwidth, elem_bytes):
+    for r in rows:
+        ref = next(x for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"] and x["variant"] == "reference")
+        r["speedup_fwd"] = ref["fwd_ms"] / r["fwd_ms"]
+        r["speedup_fwd_bwd"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        n = 1
+        for s in r["shape"].split("x"):
+            n *= int(s)
+        r["floor_fwd_ms"] = 2 * n * elem_bytes / bandwidth * 1e3
+        r["floor_fwd_bwd_ms"] = 5 * n * elem_bytes / bandwidth * 1e3
+        r["pct_floor_fwd_bwd"] = 100 * r["floor_fwd_bwd_ms"] / r["fwd_bwd_ms"]
+
+
+def _print_table(rows, header):
+    print(header)
+    cols = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "speedup_fwd", "speedup_fwd_bwd",
+            "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "err_out", "err_grad"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r[c]
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return
+    adapter = [r for r in rows if r["op"] == "adapter"]
+    shapes = sorted({r["shape"] for r in adapter}, key=[r["shape"] for r in adapter].index)
+    variants = sorted({r["variant"] for r in adapter}, key=[r["variant"] for r in adapter].index)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(1, len(variants))
+    for k, v in enumerate(variants):
+        ys = [next((r["fwd_bwd_ms"] for r in adapter if r["shape"] == s and r["variant"] == v), 0) for s in shapes]
+        ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=v)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, rotation=20, fontsize=8)
+    ax.set_ylabel("forward+backward ms")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Mona adapter, forward+backward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="*", help="B,H,W,C shapes (default: SPEC §2)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--ops", nargs="*", default=["adapter", "multiscale_dwconv", "ln_scale"],
+                    choices=["adapter", "multiscale_dwconv", "ln_scale"])
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--reps", type=int, default=200, help="milliseconds of timed repeats per case")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the CSV and the plot")
+    args = ap.parse_args(argv)
+
+    from .backend import _can_run
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    if device.type == "cpu":
+        print("No GPU found: timing the CPU path on small shapes (not representative of GPU speed).")
+        dtype = torch.float32
+        shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else [(2, 14, 14, 128)]
+    else:
+        shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else SPEC_SHAPES
+    backends = [b for b in ("triton", "cuda", "torch") if _can_run(b, device) is None]
+    if device.type == "cpu":
+        backends = ["torch"]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    bandwidth = measure_bandwidth(device)
+    print(f"device: {gpu}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; dtype {dtype}; backends {backends}")
+
+    rows = []
+    jobs = [(op, s) for op in args.ops for s in shapes]
+    for k, (op, shape) in enumerate(jobs, 1):
+        print(f"[{k}/{len(jobs)}] {op} {shape}", file=sys.stderr, flush=True)
+        if op == "adapter":
+            variants = () if args.no_compile else ("compiled",)
+            rows += bench_adapter(shape, dtype, device, args.reps, variants, backends)
+        elif op == "multiscale_dwconv":
+            rows += bench_dwconv(shape, dtype, device, args.reps, backends)
+        else:
+            rows += bench_ln_scale(shape, dtype, device, args.reps, backends)
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    _add_ratios(rows, bandwidth, torch.finfo(dtype).bits // 8)
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    with open(os.path.join(args.out, "benchmark.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["date", "gpu", "dtype"] + list(rows[0].keys()))
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(date=stamp, gpu=gpu, dtype=str(dtype), **r))
+    _plot(rows, os.path.join(args.out, "benchmark.png"))
+    _print_table(rows, f"\n{gpu}, {dtype}, {stamp}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""One-call functional forms of the fused ops."""
+from __future__ import annotations
+
+import torch
+
+from .ops.ln_scale import check_ln_params, ln_scale
+from .ops.mona_adapter import MonaFunction
+from .ops.multiscale_dwconv import check_dwconv_params, merge_kernels, multiscale_dwconv
+from .ops.utils import acc_dtype, check_tensor
+
+__all__ = ["ln_scale", "multiscale_dwconv", "mona", "MAX_BOTTLENECK"]
+
+# Widest bottleneck the fused kernels are built and tested for.
+MAX_BOTTLENECK = 256
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
+         conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
+         projector_weight, projector_bias, project2_weight, project2_bias,
+         dropout: float = 0.0, eps: float = 1e-5, backend: str | None = None):
+    """The whole Mona adapter on tokens ``x`` (B, N, C), ``N = H * W``, fused; returns (B, N, C).
+
+    ``dropout`` is the probability applied (pass 0 in eval). Weights are named and shaped as in
+    :class:`mona_kernels.reference.Mona`.
+    """
+    check_tensor("x", x, ndim=3)
+    if not isinstance(hw_shapes, (tuple, list)) or len(hw_shapes) != 2:
+        raise ValueError(f"hw_shapes must be a pair (H, W), got {hw_shapes!r}")
+    H, W = (int(s) for s in hw_shapes)
+    B, N, C = x.shape
+    if H < 1 or W < 1 or N != H * W:
+        raise ValueError(f"x has N={N} tokens but hw_shapes={tuple(hw_shapes)} gives H*W={H * W}")
+    check_ln_params(C, x, norm_weight=norm_weight, norm_bias=norm_bias, gamma=gamma, gammax=gammax)
+    check_tensor("project1_weight", project1_weight, ndim=2, like=x)
+    d = project1_weight.shape[0]
+    if project1_weight.shape[1] != C:
+        raise ValueError(f"project1_weight must be (d, {C}) for x with {C} channels, got {tuple(project1_weight.shape)}")
+    if d > MAX_BOTTLENECK:
+        raise ValueError(f"bottleneck width d={d} is over the supported maximum {MAX_BOTTLENECK}")
+    check_tensor("project1_bias", project1_bias, size=(d,), like=x)
+    check_dwconv_params(d, x, w3=conv1_weight, b3=conv1_bias, w5=conv2_weight, b5=conv2_bias,
+                        w7=conv3_weight, b7=conv3_bias)
+    check_tensor("projector_weight", projector_weight, size=(d, d, 1, 1), like=x)
+    check_tensor("projector_bias", projector_bias, size=(d,), like=x)
+    check_tensor("project2_weight", project2_weight, size=(C, d), like=x)
+    check_tensor("project2_bias", project2_bias, size=(C,), like=x)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+    K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
+                              dtype=acc_dtype(x.dtype))
+    return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
+                       K.contiguous(), bias_k, projector_weight.view(d, d), projector_bias,
+                       project2_weight, project2_bias, dropout, eps, backend)
+
+
+def mona_merged(x, bhw, norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, K, bias_k,
+                projector_weight, projector_bias, project2_weight, project2_bias, dropout, eps, backend):
+    """:func:`mona` with the depthwise convs already merged into a taps-major (49, d) kernel."""
+    B, H, W = bhw
+    C = x.shape[-1]
+    seed = torch.randint(0, 2**62, (1,)) if dropout > 0 else torch.zeros(1, dtype=torch.int64)
+    out = MonaFunction.apply(
+        x.reshape(B * H * W, C).contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
+        project1_weight, project1_bias, K, bias_k, projector_weight, projector_bias,
+        project2_weight, project2_bias, float(eps), float(dropout), seed, _compute_dtype(x), backend or "auto")
+    return out.view(B, H * W, C)

@@ -1,0 +1,82 @@
+"""``nn.Module`` drop-ins; each only gathers its parameters and calls the fused op."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .functional import mona, mona_merged
+from .ops.multiscale_dwconv import merge_kernels
+from .ops.utils import acc_dtype
+
+
+class Mona(reference.Mona):
+    """The Mona adapter, fused. Same constructor, parameter names and state_dict as the reference.
+
+    ``forward(x, hw_shapes)`` takes tokens (B, N, C) with ``N = H * W``; it also takes (B, H, W, C)
+    without ``hw_shapes`` and returns that layout. ``backend`` forces ``'triton'`` or ``'torch'``.
+    """
+
+    def __init__(self, in_dim: int, bottleneck: int = 64, dropout: float = 0.1, eps: float = 1e-5,
+                 backend: str | None = None):
+        super().__init__(in_dim, bottleneck, dropout, eps)
+        self.backend = backend
+        self._folded = None
+
+    def _params(self):
+        conv = self.adapter_conv
+        return (self.norm.weight, self.norm.bias, self.gamma, self.gammax, self.project1.weight, self.project1.bias,
+                conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias,
+                conv.conv3.weight, conv.conv3.bias, conv.projector.weight, conv.projector.bias,
+                self.project2.weight, self.project2.bias)
+
+    def forward(self, x, hw_shapes=None):
+        spatial = x.dim() == 4
+        if spatial:
+            if hw_shapes is not None and tuple(hw_shapes) != tuple(x.shape[1:3]):
+                raise ValueError(f"hw_shapes={tuple(hw_shapes)} disagrees with x of shape {tuple(x.shape)}")
+            B, H, W, C = x.shape
+            hw_shapes = (H, W)
+            x = x.reshape(B, H * W, C)
+        elif hw_shapes is None:
+            raise ValueError("hw_shapes (H, W) is required for x of shape (B, N, C)")
+        p = self.dropout.p if self.training else 0.0
+        if self._folded is not None and not self.training:
+            out = self._forward_folded(x, hw_shapes)
+        else:
+            out = mona(x, hw_shapes, *self._params(), dropout=p, eps=self.norm.eps, backend=self.backend)
+        return out.view(B, H, W, C) if spatial else out
+
+    def fold(self):
+        """Merge the three depthwise convs and the identity into one 7x7 kernel for inference.
+
+        Outputs do not change; the parameters stay as they are (checkpoints still load and save).
+        Entering training mode, or changing the weights, calls for :meth:`unfold` or a new ``fold``.
+        """
+        conv = self.adapter_conv
+        with torch.no_grad():
+            K, bias = merge_kernels(conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias,
+                                    conv.conv3.weight, conv.conv3.bias, dtype=acc_dtype(conv.conv3.weight.dtype))
+        self._folded = (K.contiguous(), bias)
+        return self
+
+    def unfold(self):
+        self._folded = None
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._folded = None
+        return super().train(mode)
+
+    def _forward_folded(self, x, hw_shapes):
+        B, N, C = x.shape
+        H, W = hw_shapes
+        if N != H * W or C != self.gammax.shape[0]:
+            raise ValueError(f"x of shape {tuple(x.shape)} does not fit hw_shapes={tuple(hw_shapes)} and C={self.gammax.shape[0]}")
+        K, bias = self._folded
+        d = K.shape[1]
+        conv = self.adapter_conv
+        return mona_merged(x, (B, H, W), self.norm.weight, self.norm.bias, self.gamma, self.gammax,
+                           self.project1.weight, self.project1.bias, K.to(acc_dtype(x.dtype)), bias.to(acc_dtype(x.dtype)),
+                           conv.projector.weight.view(d, d), conv.projector.bias,
+                           self.project2.weight, self.project2.bias, 0.0, self.norm.eps, self.backend)

@@ -1,0 +1,45 @@
+"""Shared test helpers: the tolerance table, backends to run, and random parameter fills."""
+import pytest
+import torch
+
+from mona_kernels.backend import _can_run
+
+# ||actual - expected|| / ||expected|| against a float64 reference (SPEC §4).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(actual, expected, dtype, name="", scale=1.0):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= TOLERANCE[dtype] * scale, f"{name}: relative error {err:.3g} over {TOLERANCE[dtype] * scale:.3g}"
+
+
+def backends_for(device: torch.device):
+    """Every backend that can run on ``device`` in this process."""
+    return [b for b in ("triton", "cuda", "torch") if _can_run(b, device) is None]
+
+
+CPU_BACKENDS = backends_for(torch.device("cpu"))
+DEVICE_BACKENDS = backends_for(DEVICE)
+
+
+def randomize_(module: torch.nn.Module, scale: float = 0.5):
+    """Fill every parameter with fresh random values so that no path of the adapter is negligible;
+    matrices are scaled by 1/sqrt(fan-in) to keep activations of order one at any width."""
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn_like(p) * scale / fan_in ** 0.5)
+    return module
+
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

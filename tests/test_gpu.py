@@ -1,0 +1,146 @@
+"""GPU parity: every dtype and backend against the float64 reference, SPEC §2 shapes, non-contiguous
+inputs, autocast and torch.compile. Skipped where CUDA is absent."""
+import pytest
+import torch
+
+from conftest import DEVICE_BACKENDS, TOLERANCE, assert_close, needs_cuda, randomize_, rel_err
+import mona_kernels as mk
+from mona_kernels.reference import Mona as RefMona, ln_scale_ref, multiscale_dwconv_ref
+
+pytestmark = needs_cuda
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SPEC_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
+               (2, 50, 84, 512), (4, 128, 128, 192), (4, 32, 32, 768)]
+# Whole-adapter gradients chain five low-precision matmuls; their error budget is wider than one op's.
+CHAIN_SCALE = {torch.float32: 10.0, torch.float16: 3.0, torch.bfloat16: 3.0}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 37, 96), (2, 33, 1536), (3, 5, 2048)])
+def test_ln_scale(backend, dtype, shape):
+    C = shape[-1]
+    x64 = torch.randn(shape, device="cuda", dtype=torch.float64) * 2 + 0.5
+    p64 = [torch.randn(C, device="cuda", dtype=torch.float64) for _ in range(4)]
+    x = x64.to(dtype).requires_grad_()
+    params = [p.float().requires_grad_() for p in p64]
+    ref_inputs = [x.detach().double().requires_grad_()] + [p.detach().double().requires_grad_() for p in params]
+    y = mk.ln_scale(x, *params, backend=backend)
+    y_ref = ln_scale_ref(*ref_inputs)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype, "y")
+    dy = torch.randn_like(y_ref)
+    for name, a, b in zip("x w b gamma gammax".split(), _grads(y, [x, *params], dy.to(dtype)),
+                          _grads(y_ref, ref_inputs, dy)):
+        assert_close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 57, 61, 64), (1, 1, 33, 64), (3, 20, 1, 40), (1, 31, 29, 256)])
+def test_multiscale_dwconv(backend, dtype, shape):
+    B, H, W, d = shape
+    h = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    weights = []
+    for k in (3, 5, 7):
+        weights += [(torch.randn(d, 1, k, k, device="cuda") / k).requires_grad_(),
+                    torch.randn(d, device="cuda").requires_grad_()]
+    ref_inputs = [t.detach().double().requires_grad_() for t in [h, *weights]]
+    out = mk.multiscale_dwconv(h, *weights, backend=backend)
+    out_ref = multiscale_dwconv_ref(*ref_inputs)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, dtype, "out")
+    g = torch.randn_like(out_ref)
+    for name, a, b in zip("h w3 b3 w5 b5 w7 b7".split(), _grads(out, [h, *weights], g.to(dtype)),
+                          _grads(out_ref, ref_inputs, g)):
+        assert_close(a, b, dtype, name)
+
+
+def _adapter_pair(C, dtype, d=64):
+    ref = randomize_(RefMona(C, d, dropout=0.0)).cuda().double()
+    fused = mk.Mona(C, d, dropout=0.0).cuda().to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _check_adapter(fused, ref, x, hw, dtype, scale):
+    x_ref = x.detach().double().requires_grad_()
+    out, out_ref = fused(x, hw), ref(x_ref, hw)
+    assert_close(out, out_ref, dtype, "out")
+    g = torch.randn_like(out_ref)
+    names = ["x"] + [n for n, _ in fused.named_parameters()]
+    grads = _grads(out, [x, *fused.parameters()], g.to(out.dtype))
+    for name, a, b in zip(names, grads, _grads(out_ref, [x_ref, *ref.parameters()], g)):
+        assert_close(a, b, dtype, name, scale=scale)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adapter_odd_shape(backend, dtype):
+    ref, fused = _adapter_pair(96, dtype)
+    fused.backend = backend
+    x = torch.randn(2, 37 * 23, 96, device="cuda").to(dtype).requires_grad_()
+    _check_adapter(fused, ref, x, (37, 23), dtype, CHAIN_SCALE[dtype])
+
+
+@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_adapter_spec_shapes_bf16(shape):
+    B, H, W, C = shape
+    ref, fused = _adapter_pair(C, torch.bfloat16)
+    x = torch.randn(B, H * W, C, device="cuda").to(torch.bfloat16).requires_grad_()
+    _check_adapter(fused, ref, x, (H, W), torch.bfloat16, CHAIN_SCALE[torch.bfloat16])
+
+
+def test_non_contiguous_tokens():
+    ref, fused = _adapter_pair(64, torch.float32)
+    base = torch.randn(2, 64, 30, device="cuda")
+    x = base.transpose(1, 2).requires_grad_()
+    assert not x.is_contiguous()
+    _check_adapter(fused, ref, x, (5, 6), torch.float32, CHAIN_SCALE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_keeps_fp32_parameters_and_gradients(dtype):
+    ref, fused = _adapter_pair(128, torch.float32)
+    x = torch.randn(2, 15 * 17, 128, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        out = fused(x, (15, 17))
+    assert out.dtype == torch.float32
+    out.backward(torch.randn_like(out))
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())
+    x_ref = x.detach().double()
+    assert rel_err(out, ref(x_ref, (15, 17))) <= TOLERANCE[dtype]
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    ref, fused = _adapter_pair(128, torch.bfloat16)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 9 * 11, 128, device="cuda").to(torch.bfloat16).requires_grad_()
+    out = compiled(x, (9, 11))
+    eager = fused(x, (9, 11))
+    assert rel_err(out, eager) < 1e-3
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_fp16_large_values_do_not_overflow():
+    ref, fused = _adapter_pair(256, torch.float16)
+    x = (torch.randn(1, 64, 256, device="cuda") * 300).half()
+    out = fused(x, (8, 8))
+    assert torch.isfinite(out).all() == torch.isfinite(ref(x.double(), (8, 8))).all()
+
+
+def test_mixed_devices_name_the_argument():
+    fused = mk.Mona(32, 16).cuda()
+    with pytest.raises(ValueError, match="device|cpu"):
+        fused(torch.randn(1, 4, 32), (2, 2))

@@ -1,0 +1,209 @@
+"""The drop-in fused Mona module: parity with the reference, state_dict, layouts, dropout, folding,
+conversion of existing models, and input errors."""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import CPU_BACKENDS, assert_close, randomize_
+import mona_kernels as mk
+from mona_kernels.reference import Mona as RefMona
+
+F64 = torch.float64
+
+
+def _pair(C=24, d=16, dropout=0.0, backend=None):
+    ref = randomize_(RefMona(C, d, dropout=dropout).to(F64))
+    fused = mk.Mona(C, d, dropout=dropout, backend=backend).to(F64)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("B,H,W,C,d", [(2, 5, 7, 24, 16), (1, 1, 6, 10, 8), (1, 7, 1, 33, 64), (3, 3, 4, 48, 12)])
+def test_outputs_and_every_gradient_match_reference(backend, B, H, W, C, d):
+    ref, fused = _pair(C, d, backend=backend)
+    x = torch.randn(B, H * W, C, dtype=F64, requires_grad=True)
+    out, out_ref = fused(x, (H, W)), ref(x, (H, W))
+    assert_close(out, out_ref, F64, "out")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *fused.parameters()], g)
+    grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
+    names = ["x"] + [n for n, _ in fused.named_parameters()]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert_close(a, b, F64, name)
+
+
+def test_parameter_names_shapes_and_initial_values_match_the_checkpoint_layout():
+    fused, ref = mk.Mona(96), RefMona(96)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert "adapter_conv.conv3.weight" in fused.state_dict()
+    assert torch.all(fused.gamma == 1e-6) and torch.all(fused.gammax == 1)
+    assert fused.dropout.p == 0.1 and fused.project1.out_features == 64
+
+
+def test_state_dict_round_trip_with_reference():
+    ref, fused = _pair()
+    back = RefMona(24, 16).to(F64)
+    back.load_state_dict(fused.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_spatial_layout_input_returns_spatial_layout(backend):
+    ref, fused = _pair(backend=backend)
+    x = torch.randn(2, 4, 5, 24, dtype=F64)
+    out = fused(x)
+    assert out.shape == x.shape
+    assert_close(out, ref(x.reshape(2, 20, 24), (4, 5)).view_as(x), F64)
+
+
+def test_dropout_is_reproducible_under_manual_seed_and_differs_between_seeds():
+    _, fused = _pair(dropout=0.5)
+    x = torch.randn(2, 12, 24, dtype=F64)
+    torch.manual_seed(3)
+    a = fused(x, (3, 4))
+    torch.manual_seed(3)
+    b = fused(x, (3, 4))
+    torch.manual_seed(4)
+    c = fused(x, (3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dropout_keeps_the_reference_rate_and_scale():
+    p = 0.3
+    seed = torch.tensor([1234])
+    like = torch.empty(400, 64, dtype=F64)
+    scale = mk.ops.mona_adapter.dropout_scale(seed, like, p)
+    kept = scale != 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.01
+    assert torch.allclose(scale[kept], torch.full_like(scale[kept], 1 / (1 - p)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_reuses_the_forward_dropout_mask(backend):
+    _, fused = _pair(dropout=0.4, backend=backend)
+    x = torch.randn(1, 20, 24, dtype=F64, requires_grad=True)
+    torch.manual_seed(7)
+    out = fused(x, (4, 5))
+    # Redraw the seed the forward drew, and give the reference exactly that mask.
+    torch.manual_seed(7)
+    seed = torch.randint(0, 2**62, (1,))
+    scale = mk.ops.mona_adapter.dropout_scale(seed, torch.empty(20, 16, dtype=F64), 0.4)
+    assert (scale == 0).any()
+    ref = RefMona(24, 16, dropout=0.0).to(F64)
+    ref.load_state_dict(fused.state_dict())
+    ref.dropout = _FixedScale(scale)
+    x_ref = x.detach().requires_grad_()
+    out_ref = ref(x_ref, (4, 5))
+    assert_close(out, out_ref, F64, "out")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *fused.parameters()], g)
+    grads_ref = torch.autograd.grad(out_ref, [x_ref, *ref.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        assert_close(a, b, F64)
+
+
+class _FixedScale(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, a):
+        return a * self.scale.view(a.shape)
+
+
+def test_fold_keeps_outputs_and_training_unfolds():
+    ref, fused = _pair()
+    fused.eval()
+    ref.eval()
+    x = torch.randn(2, 30, 24, dtype=F64)
+    before = fused(x, (5, 6))
+    fused.fold()
+    assert_close(fused(x, (5, 6)), ref(x, (5, 6)), F64)
+    assert_close(fused(x, (5, 6)), before, F64)
+    fused.train()
+    assert fused._folded is None
+
+
+def test_eval_under_no_grad_keeps_no_graph():
+    _, fused = _pair()
+    fused.eval()
+    with torch.no_grad():
+        out = fused(torch.randn(1, 6, 24, dtype=F64), (2, 3))
+    assert out.grad_fn is None and not out.requires_grad
+
+
+class _AuthorsStyleBlock(nn.Module):
+    def __init__(self, C, names=("my_module_1", "my_module_2")):
+        super().__init__()
+        self.attn = nn.Linear(C, C)
+        for n in names:
+            setattr(self, n, RefMona(C, 8))
+
+
+class _OtherMona(nn.Module):
+    """A foreign class with the Mona parameter layout."""
+
+    def __init__(self, C, d=8):
+        super().__init__()
+        ref = RefMona(C, d, dropout=0.2)
+        for name, child in ref.named_children():
+            setattr(self, name, child)
+        self.gamma, self.gammax = ref.gamma, ref.gammax
+
+
+def test_convert_replaces_every_mona_keeping_weights_and_flags():
+    model = nn.Sequential(_AuthorsStyleBlock(16), _AuthorsStyleBlock(16, ("mona1", "mona2")), nn.Linear(16, 3))
+    model.add_module("foreign", _OtherMona(16))
+    for m in model.modules():
+        if isinstance(m, (RefMona, _OtherMona)):
+            randomize_(m)
+    model = model.to(F64)
+    model[0].my_module_1.project1.weight.requires_grad_(False)
+    model[1].mona2.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, n = mk.convert(model)
+    assert n == 5
+    assert all(isinstance(m, mk.Mona) for m in (model[0].my_module_1, model[0].my_module_2, model[1].mona1,
+                                                  model[1].mona2, model.foreign))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model[0].my_module_1.project1.weight.requires_grad
+    assert not model[1].mona2.training and model[1].mona1.training
+    assert model.foreign.dropout.p == 0.2 and model.foreign.gamma.dtype == F64
+    assert mk.convert(model)[1] == 0
+
+
+def test_convert_of_a_single_module_returns_the_fused_module():
+    ref = RefMona(16, 8)
+    fused, n = mk.convert(ref)
+    assert n == 1 and isinstance(fused, mk.Mona)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (((2, 12, 24), (3, 5)), ValueError, "hw_shapes"),
+    (((2, 12, 20), (3, 4)), ValueError, "norm_weight"),
+    (((12, 24), (3, 4)), ValueError, "rank 3"),
+])
+def test_bad_input_raises_a_clear_error(args, error, match):
+    _, fused = _pair()
+    shape, hw = args
+    with pytest.raises(error, match=match):
+        fused(torch.randn(*shape, dtype=F64), hw)
+
+
+def test_missing_hw_shapes_is_an_error():
+    _, fused = _pair()
+    with pytest.raises(ValueError, match="hw_shapes"):
+        fused(torch.randn(1, 6, 24, dtype=F64))
+
+
+def test_integer_input_is_a_type_error():
+    _, fused = _pair()
+    with pytest.raises(TypeError, match="x"):
+        fused(torch.ones(1, 6, 24, dtype=torch.int64), (2, 3))
+
+
+def test_bottleneck_over_maximum_is_refused():
+    fused = mk.Mona(8, mk.MAX_BOTTLENECK + 1)
+    with pytest.raises(ValueError, match="bottleneck"):
+        fused(torch.randn(1, 4, 8), (2, 2))
