@@ -127,8 +127,7 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(fused, fullgraph=True)
     x = torch.randn(2, 9 * 11, 128, device="cuda").to(torch.bfloat16).requires_grad_()
     out = compiled(x, (9, 11))
-    eager = fused(x, (9, 11))
-    assert rel_err(out, eager) < 1e-3
+    assert_close(out, ref(x.detach().double(), (9, 11)), torch.bfloat16, "compiled out")
     out.float().sum().backward()
     assert all(p.grad is not None for p in fused.parameters())
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-from .utils import acc_dtype, check_tensor, next_pow2, num_workers
+from .utils import acc_dtype, call_op, check_tensor, next_pow2, num_workers
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
 ROW_BLOCK_ELEMS = 4096
@@ -150,11 +150,13 @@ _FORWARD = {"triton": _fwd_triton, "torch": _fwd_torch}
 _BACKWARD = {"triton": _bwd_triton, "torch": _bwd_torch}
 
 
-@torch.library.custom_op("mona_kernels::ln_scale_fwd", mutates_args=())
-def ln_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+def _ln_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                  gammax: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M, C) ``x`` -> ``(y, mean, rstd)``."""
     return _FORWARD[_backend.resolve(x.device, backend)](x, weight, bias, gamma, gammax, eps)
+
+
+ln_scale_fwd = torch.library.custom_op("mona_kernels::ln_scale_fwd", _ln_scale_fwd, mutates_args=())
 
 
 @ln_scale_fwd.register_fake
@@ -163,13 +165,15 @@ def _(x, weight, bias, gamma, gammax, eps, backend):
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("mona_kernels::ln_scale_bwd", mutates_args=())
-def ln_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def _ln_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  gamma: torch.Tensor, gammax: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dparams)``; dparams is (4, C) in the accumulation dtype, rows
     ``(dgamma, dgammax, dw_ln, db_ln)``."""
     return _BACKWARD[_backend.resolve(x.device, backend)](dy, x, weight, bias, gamma, gammax, mean, rstd)
+
+
+ln_scale_bwd = torch.library.custom_op("mona_kernels::ln_scale_bwd", _ln_scale_bwd, mutates_args=())
 
 
 @ln_scale_bwd.register_fake
@@ -182,7 +186,7 @@ class LNScaleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, gammax, eps, backend):
-        y, mean, rstd = ln_scale_fwd(x, weight, bias, gamma, gammax, eps, backend)
+        y, mean, rstd = call_op(ln_scale_fwd, _ln_scale_fwd, x, weight, bias, gamma, gammax, eps, backend)
         ctx.save_for_backward(x, weight, bias, gamma, gammax, mean, rstd)
         ctx.backend = backend
         return y
@@ -190,7 +194,8 @@ class LNScaleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, gamma, gammax, mean, rstd = ctx.saved_tensors
-        dx, dparams = ln_scale_bwd(dy.contiguous(), x, weight, bias, gamma, gammax, mean, rstd, ctx.backend)
+        dx, dparams = call_op(ln_scale_bwd, _ln_scale_bwd, dy.contiguous(), x, weight, bias, gamma, gammax,
+                              mean, rstd, ctx.backend)
         dgamma, dgammax, dw, db = dparams.unbind(0)
         return (dx, dw.to(weight.dtype), db.to(bias.dtype), dgamma.to(gamma.dtype),
                 dgammax.to(gammax.dtype), None, None)

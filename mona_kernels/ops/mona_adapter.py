@@ -15,16 +15,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ln_scale import ln_scale_bwd, ln_scale_fwd
-from .multiscale_dwconv import TAPS, dwconv7_bwd, dwconv7_fwd
-from .utils import acc_dtype
+from .ln_scale import _ln_scale_bwd, _ln_scale_fwd, ln_scale_bwd, ln_scale_fwd
+from .multiscale_dwconv import TAPS, _dwconv7_bwd, _dwconv7_fwd, dwconv7_bwd, dwconv7_fwd
+from .utils import acc_dtype, call_op
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-@torch.library.custom_op("mona_kernels::dropout_scale", mutates_args=())
-def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+def _dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) for every element of ``like``, drawn from ``seed``.
 
     The same seed gives the same mask, so backward regenerates the forward's mask without storing it.
@@ -33,6 +32,9 @@ def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Ten
     gen.manual_seed(int(seed.item()))
     keep = torch.rand(like.shape, generator=gen, device=like.device) >= p
     return keep.to(like.dtype) * (1.0 / (1.0 - p))
+
+
+dropout_scale = torch.library.custom_op("mona_kernels::dropout_scale", _dropout_scale, mutates_args=())
 
 
 @dropout_scale.register_fake
@@ -53,7 +55,7 @@ class MonaFunction(torch.autograd.Function):
         B, H, W = hw
         cdt = compute_dtype
         with torch.autocast(x.device.type, enabled=False):
-            y, mean, rstd = ln_scale_fwd(x, w_ln, b_ln, gamma, gammax, eps, backend)
+            y, mean, rstd = call_op(ln_scale_fwd, _ln_scale_fwd, x, w_ln, b_ln, gamma, gammax, eps, backend)
             h1 = F.linear(y.to(cdt), W1.to(cdt), b1.to(cdt))
             a, _, _ = _head(h1, (B, H, W), K, bias_k, Wp, bp, p, seed, cdt, backend)
             out = x + F.linear(a, W2.to(cdt), b2.to(cdt))
@@ -73,7 +75,7 @@ class MonaFunction(torch.autograd.Function):
             db2 = g.to(acc).sum(0)
             dW2 = gc.t() @ a
             da = gc @ W2.to(cdt)
-            scale = dropout_scale(seed, da, ctx.p) if ctx.p > 0 else None
+            scale = call_op(dropout_scale, _dropout_scale, seed, da, ctx.p) if ctx.p > 0 else None
             dh3 = da.to(acc) * _gelu_grad(h3)
             if scale is not None:
                 dh3 = dh3 * scale.to(acc)
@@ -83,12 +85,12 @@ class MonaFunction(torch.autograd.Function):
             dh2 = dh3 + dh3 @ Wp.to(cdt)
             B, H, W = ctx.hw
             d = h1.shape[1]
-            dh1, dKb = dwconv7_bwd(dh2.view(B, H, W, d), h1.view(B, H, W, d), K, backend)
+            dh1, dKb = call_op(dwconv7_bwd, _dwconv7_bwd, dh2.view(B, H, W, d), h1.view(B, H, W, d), K, backend)
             dh1 = dh1.view(-1, d)
             db1 = dh1.to(acc).sum(0)
             dW1 = dh1.t() @ _recompute_y(x, w_ln, b_ln, gamma, gammax, ctx.eps, backend).to(cdt)
             dy = dh1 @ W1.to(cdt)
-            dx, dparams = ln_scale_bwd(dy, x, w_ln, b_ln, gamma, gammax, mean, rstd, backend)
+            dx, dparams = call_op(ln_scale_bwd, _ln_scale_bwd, dy, x, w_ln, b_ln, gamma, gammax, mean, rstd, backend)
             dgamma, dgammax, dw_ln, db_ln = dparams.unbind(0)
             dx = dx + g
         return (dx, None, dw_ln.to(w_ln.dtype), db_ln.to(b_ln.dtype), dgamma.to(gamma.dtype),
@@ -98,7 +100,7 @@ class MonaFunction(torch.autograd.Function):
 
 
 def _recompute_y(x, w_ln, b_ln, gamma, gammax, eps, backend):
-    y, _, _ = ln_scale_fwd(x, w_ln, b_ln, gamma, gammax, eps, backend)
+    y, _, _ = call_op(ln_scale_fwd, _ln_scale_fwd, x, w_ln, b_ln, gamma, gammax, eps, backend)
     return y
 
 
@@ -106,9 +108,9 @@ def _head(h1, hw, K, bias_k, Wp, bp, p, seed, cdt, backend, keep=False):
     """From h1 to the dropped-out activation ``a'``; with ``keep`` also returns h2 and h3."""
     B, H, W = hw
     d = h1.shape[1]
-    h2 = dwconv7_fwd(h1.view(B, H, W, d), K, bias_k, backend).view(-1, d)
+    h2 = call_op(dwconv7_fwd, _dwconv7_fwd, h1.view(B, H, W, d), K, bias_k, backend).view(-1, d)
     h3 = h2 + F.linear(h2, Wp.to(cdt), bp.to(cdt))
     a = F.gelu(h3)
     if p > 0:
-        a = a * dropout_scale(seed, a, p)
+        a = a * call_op(dropout_scale, _dropout_scale, seed, a, p)
     return a, (h2 if keep else None), (h3 if keep else None)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-from .utils import acc_dtype, check_tensor, next_pow2
+from .utils import acc_dtype, call_op, check_tensor, next_pow2
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
@@ -49,7 +49,8 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
     b, i, j = _tile_coords(tl.program_id(0), H, W, TILE_H, TILE_W)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
-    image = b.to(tl.int64) * H * W
+    offs = (b.to(tl.int64) * H * W + i * W + j)[:, None] * D + ch[None, :]
+    center = h_ptr + offs
     acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], dtype=ACC)
     for u in tl.static_range(7):
         ii = i + (u - 3)
@@ -57,16 +58,14 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
         for v in tl.static_range(7):
             jj = j + (v - 3)
             ok = row_ok & (jj >= 0) & (jj < W)
-            pix = image + ii * W + jj
-            hv = tl.load(h_ptr + pix[:, None] * D + ch[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+            # One scalar offset per tap: the pixel grid is row-major with D channels per pixel.
+            hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
             kv = tl.load(k_ptr + (u * 7 + v) * D + ch, mask=cmask, other=0.0)
             acc += hv.to(ACC) * kv[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
     inside = (i < H) & (j < W)
-    pix = image + i * W + j
-    tl.store(out_ptr + pix[:, None] * D + ch[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=inside[:, None] & cmask[None, :])
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -78,10 +77,10 @@ def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D,
     b, i, j = _tile_coords(tile, H, W, TILE_H, TILE_W)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
-    image = b.to(tl.int64) * H * W
+    offs = (b.to(tl.int64) * H * W + i * W + j)[:, None] * D + ch[None, :]
     inside = (i < H) & (j < W)
-    dout = tl.load(dout_ptr + (image + i * W + j)[:, None] * D + ch[None, :],
-                   mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
+    dout = tl.load(dout_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
+    center = h_ptr + offs
     row = partial_ptr + tile.to(tl.int64) * (PARTIAL_ROWS * D) + ch
     for u in tl.static_range(7):
         ii = i + (u - 3)
@@ -89,8 +88,7 @@ def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D,
         for v in tl.static_range(7):
             jj = j + (v - 3)
             ok = row_ok & (jj >= 0) & (jj < W)
-            hv = tl.load(h_ptr + (image + ii * W + jj)[:, None] * D + ch[None, :],
-                         mask=ok[:, None] & cmask[None, :], other=0.0)
+            hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
             tl.store(row + (u * 7 + v) * D, tl.sum(dout * hv.to(ACC), axis=0), mask=cmask)
     tl.store(row + BIAS_ROW * D, tl.sum(dout, axis=0), mask=cmask)
 
@@ -154,10 +152,12 @@ _CONV = {"triton": _conv_triton, "torch": _conv_torch}
 _WGRAD = {"triton": _wgrad_triton, "torch": _wgrad_torch}
 
 
-@torch.library.custom_op("mona_kernels::dwconv7_fwd", mutates_args=())
-def dwconv7_fwd(h: torch.Tensor, K: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:
+def _dwconv7_fwd(h: torch.Tensor, K: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:
     """Channels-last (B, H, W, d) ``h`` convolved with the merged taps-major (49, d) kernel."""
     return _CONV[_backend.resolve(h.device, backend)](h, K, bias)
+
+
+dwconv7_fwd = torch.library.custom_op("mona_kernels::dwconv7_fwd", _dwconv7_fwd, mutates_args=())
 
 
 @dwconv7_fwd.register_fake
@@ -165,14 +165,16 @@ def _(h, K, bias, backend):
     return torch.empty_like(h)
 
 
-@torch.library.custom_op("mona_kernels::dwconv7_bwd", mutates_args=())
-def dwconv7_bwd(dout: torch.Tensor, h: torch.Tensor, K: torch.Tensor,
+def _dwconv7_bwd(dout: torch.Tensor, h: torch.Tensor, K: torch.Tensor,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh, dKb)``: dh is the conv of dout with the flipped kernel; dKb (50, d) in K's dtype holds
     dK in rows 0..48 and the bias gradient in row 49."""
     name = _backend.resolve(h.device, backend)
     dh = _CONV[name](dout, K.flip(0).contiguous(), None)
     return dh, _WGRAD[name](h, dout).to(K.dtype)
+
+
+dwconv7_bwd = torch.library.custom_op("mona_kernels::dwconv7_bwd", _dwconv7_bwd, mutates_args=())
 
 
 @dwconv7_bwd.register_fake
@@ -187,12 +189,12 @@ class DWConv7Function(torch.autograd.Function):
     def forward(ctx, h, K, bias, backend):
         ctx.save_for_backward(h, K)
         ctx.backend = backend
-        return dwconv7_fwd(h, K, bias, backend)
+        return call_op(dwconv7_fwd, _dwconv7_fwd, h, K, bias, backend)
 
     @staticmethod
     def backward(ctx, dout):
         h, K = ctx.saved_tensors
-        dh, dKb = dwconv7_bwd(dout.contiguous(), h, K, ctx.backend)
+        dh, dKb = call_op(dwconv7_bwd, _dwconv7_bwd, dout.contiguous(), h, K, ctx.backend)
         return dh, dKb[:TAPS], dKb[TAPS], None
 
 

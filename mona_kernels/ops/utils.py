@@ -1,6 +1,7 @@
 """Helpers shared by every op: input checks, contiguity, block sizes and dtype maps."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,8 +37,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_workers(device: torch.device, per_sm: int = 4) -> int:
     """How many persistent programs to launch for a grid-stride reduction."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
     return 4
+
+
+def call_op(op, impl, *args):
+    """Run ``impl`` directly in eager mode (no dispatcher overhead per call); while torch.compile
+    traces, call the registered custom ``op`` so that the graph holds it as one opaque node."""
+    return (op if torch.compiler.is_compiling() else impl)(*args)
