@@ -56,7 +56,7 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
                               dtype=acc_dtype(x.dtype))
     return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
-                       K.contiguous(), bias_k, projector_weight.view(d, d), projector_bias,
+                       K, bias_k, projector_weight.view(d, d), projector_bias,
                        project2_weight, project2_bias, dropout, eps, backend)
 
 

@@ -87,3 +87,12 @@ def test_wrong_rank_names_the_argument():
     h, *weights = _inputs(1, 4, 4, 3)
     with pytest.raises(ValueError, match="h must have rank 4"):
         multiscale_dwconv(h[0], *weights)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs TRITON_INTERPRET=1")
+def test_triton_merge_matches_torch_merge_in_float32():
+    from mona_kernels.ops.multiscale_dwconv import _merge_torch, _merge_triton
+    _, *weights = _inputs(1, 1, 1, 70, dtype=torch.float32)
+    weights = [w.detach() for w in weights]
+    for got, expected in zip(_merge_triton(*weights, torch.float32), _merge_torch(*weights, torch.float32)):
+        assert_close(got, expected, torch.float32)

@@ -93,6 +93,28 @@ def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D,
     tl.store(row + BIAS_ROW * D, tl.sum(dout, axis=0), mask=cmask)
 
 
+@triton.jit
+def _merge_kernel(w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, bias_ptr, D, BLOCK_D: tl.constexpr):
+    """K[t, :] = delta_t + (pad(w3) + pad(w5) + w7)[:, t] / 3 for the 49 taps t; bias = mean of the three."""
+    ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    for u in tl.static_range(7):
+        for v in tl.static_range(7):
+            k = tl.load(w7_ptr + ch * 49 + (u * 7 + v), mask=cmask, other=0.0).to(tl.float32)
+            if u >= 1 and u <= 5 and v >= 1 and v <= 5:
+                k += tl.load(w5_ptr + ch * 25 + ((u - 1) * 5 + v - 1), mask=cmask, other=0.0).to(tl.float32)
+            if u >= 2 and u <= 4 and v >= 2 and v <= 4:
+                k += tl.load(w3_ptr + ch * 9 + ((u - 2) * 3 + v - 2), mask=cmask, other=0.0).to(tl.float32)
+            k = k / 3.0
+            if u == 3 and v == 3:
+                k += 1.0
+            tl.store(k_ptr + (u * 7 + v) * D + ch, k, mask=cmask)
+    bias = (tl.load(b3_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+            + tl.load(b5_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+            + tl.load(b7_ptr + ch, mask=cmask, other=0.0).to(tl.float32)) / 3.0
+    tl.store(bias_ptr + ch, bias, mask=cmask)
+
+
 def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -108,26 +130,26 @@ def _n_tiles(B, H, W, tile_h, tile_w):
     return B * triton.cdiv(H, tile_h) * triton.cdiv(W, tile_w)
 
 
-def _conv_triton(h, K, bias):
+def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4):
     B, H, W, D = h.shape
     out = torch.empty_like(h)
-    tile_h, tile_w, block_d = _tiles(H, W, D, TILE_PIXELS)
+    tile_h, tile_w, block_d = _tiles(H, W, D, pixels)
     grid = (_n_tiles(B, H, W, tile_h, tile_w), triton.cdiv(D, block_d))
     _dwconv7_kernel[grid](h, K, bias if bias is not None else K, out, H, W, D,
                           HAS_BIAS=bias is not None, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
-                          ACC=_tl_acc(K.dtype), num_warps=4)
+                          ACC=_tl_acc(K.dtype), num_warps=num_warps)
     return out
 
 
-def _wgrad_triton(h, dout):
+def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = 8):
     B, H, W, D = h.shape
-    tile_h, tile_w, block_d = _tiles(H, W, D, WGRAD_TILE_PIXELS)
+    tile_h, tile_w, block_d = _tiles(H, W, D, pixels)
     n_tiles = _n_tiles(B, H, W, tile_h, tile_w)
     acc = acc_dtype(h.dtype)
     partial = torch.empty(n_tiles, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
     _dwconv7_wgrad_kernel[(n_tiles, triton.cdiv(D, block_d))](
         h, dout, partial, H, W, D, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
-        ACC=_tl_acc(acc), num_warps=8)
+        ACC=_tl_acc(acc), num_warps=num_warps)
     return partial.sum(dim=0)
 
 
@@ -198,15 +220,48 @@ class DWConv7Function(torch.autograd.Function):
         return dh, dKb[:TAPS], dKb[TAPS], None
 
 
-def merge_kernels(w3, b3, w5, b5, w7, b7, dtype: torch.dtype = torch.float32):
-    """The merged taps-major (49, d) kernel ``delta + (pad(K3) + pad(K5) + K7) / 3`` and its bias."""
+def _merge_torch(w3, b3, w5, b5, w7, b7, dtype):
     d = w7.shape[0]
     K = F.pad(w3.to(dtype), (2, 2, 2, 2)) + F.pad(w5.to(dtype), (1, 1, 1, 1)) + w7.to(dtype)
-    K = K.reshape(d, TAPS) / 3.0
-    delta = torch.zeros(TAPS, dtype=dtype, device=K.device)
-    delta[TAPS // 2] = 1.0
-    bias = (b3.to(dtype) + b5.to(dtype) + b7.to(dtype)) / 3.0
-    return K.t() + delta[:, None], bias
+    K = K.reshape(d, TAPS).t() / 3.0
+    K[TAPS // 2] += 1.0
+    return K.contiguous(), (b3.to(dtype) + b5.to(dtype) + b7.to(dtype)) / 3.0
+
+
+def _merge_triton(w3, b3, w5, b5, w7, b7, dtype):
+    d = w7.shape[0]
+    K = torch.empty(TAPS, d, device=w7.device, dtype=dtype)
+    bias = torch.empty(d, device=w7.device, dtype=dtype)
+    block_d = min(next_pow2(d), 128)
+    _merge_kernel[(triton.cdiv(d, block_d),)](w3.contiguous(), b3, w5.contiguous(), b5, w7.contiguous(), b7,
+                                               K, bias, d, BLOCK_D=block_d)
+    return K, bias
+
+
+class MergeKernels(torch.autograd.Function):
+    """``(w3, b3, w5, b5, w7, b7) -> (K, bias)`` as one autograd node; backward slices ``dK`` back:
+    dK7 = dK/3, dK5 = centre5(dK)/3, dK3 = centre3(dK)/3, each db = dbias/3."""
+
+    @staticmethod
+    def forward(ctx, w3, b3, w5, b5, w7, b7, dtype):
+        ctx.dtypes = (w3.dtype, b3.dtype, w5.dtype, b5.dtype, w7.dtype, b7.dtype)
+        # The Triton merge is float32 only; float64 weights take the exact PyTorch merge.
+        use_triton = (dtype == torch.float32 and _backend.resolve(w7.device, None) == "triton"
+                      and not torch.compiler.is_compiling())
+        return (_merge_triton if use_triton else _merge_torch)(w3, b3, w5, b5, w7, b7, dtype)
+
+    @staticmethod
+    def backward(ctx, dK, dbias):
+        d = dK.shape[1]
+        dK = dK.t().reshape(d, 1, KSIZE, KSIZE) / 3.0
+        db = dbias / 3.0
+        grads = (dK[..., 2:5, 2:5], db, dK[..., 1:6, 1:6], db, dK, db)
+        return tuple(g.to(t) for g, t in zip(grads, ctx.dtypes)) + (None,)
+
+
+def merge_kernels(w3, b3, w5, b5, w7, b7, dtype: torch.dtype = torch.float32):
+    """The merged taps-major (49, d) kernel ``delta + (pad(K3) + pad(K5) + K7) / 3`` and its bias."""
+    return MergeKernels.apply(w3, b3, w5, b5, w7, b7, dtype)
 
 
 def check_dwconv_params(d: int, like: torch.Tensor, **params):
@@ -227,4 +282,4 @@ def multiscale_dwconv(h, w3, b3, w5, b5, w7, b7, backend: str | None = None):
     d = h.shape[-1]
     check_dwconv_params(d, h, w3=w3, b3=b3, w5=w5, b5=b5, w7=w7, b7=b7)
     K, bias = merge_kernels(w3, b3, w5, b5, w7, b7, dtype=acc_dtype(h.dtype))
-    return DWConv7Function.apply(h.contiguous(), K.contiguous(), bias, backend or "auto")
+    return DWConv7Function.apply(h.contiguous(), K, bias, backend or "auto")
