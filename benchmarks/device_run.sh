@@ -5,7 +5,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -2
+export PYTHONPATH=$PWD  # the GPU machine has no network for an editable install
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
 python3 -m mona_kernels.benchmark --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^\['

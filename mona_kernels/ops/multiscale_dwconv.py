@@ -141,7 +141,7 @@ def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4):
     return out
 
 
-def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = 8):
+def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = 4):
     B, H, W, D = h.shape
     tile_h, tile_w, block_d = _tiles(H, W, D, pixels)
     n_tiles = _n_tiles(B, H, W, tile_h, tile_w)
