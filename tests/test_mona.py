@@ -69,11 +69,12 @@ def test_dropout_is_reproducible_under_manual_seed_and_differs_between_seeds():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_dropout_keeps_the_reference_rate_and_scale():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_keeps_the_reference_rate_and_scale(backend):
     p = 0.3
     seed = torch.tensor([1234])
     like = torch.empty(400, 64, dtype=F64)
-    scale = mk.ops.mona_adapter.dropout_scale(seed, like, p)
+    scale = mk.ops.mona_adapter.dropout_scale(seed, like, p, backend)
     kept = scale != 0
     assert abs(kept.double().mean().item() - (1 - p)) < 0.01
     assert torch.allclose(scale[kept], torch.full_like(scale[kept], 1 / (1 - p)))
@@ -88,7 +89,7 @@ def test_backward_reuses_the_forward_dropout_mask(backend):
     # Redraw the seed the forward drew, and give the reference exactly that mask.
     torch.manual_seed(7)
     seed = torch.randint(0, 2**62, (1,))
-    scale = mk.ops.mona_adapter.dropout_scale(seed, torch.empty(20, 16, dtype=F64), 0.4)
+    scale = mk.ops.mona_adapter.dropout_scale(seed, torch.empty(20, 16, dtype=F64), 0.4, backend)
     assert (scale == 0).any()
     ref = RefMona(24, 16, dropout=0.0).to(F64)
     ref.load_state_dict(fused.state_dict())
