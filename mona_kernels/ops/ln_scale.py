@@ -15,6 +15,8 @@ from .utils import acc_dtype, call_op, check_tensor, next_pow2, num_workers
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
 ROW_BLOCK_ELEMS = 4096
+# Smaller blocks in backward: it keeps three (rows, C) accumulators live across its loop.
+BWD_ROW_BLOCK_ELEMS = 2048
 
 
 @triton.jit
@@ -55,10 +57,10 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
     gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
     gammax = tl.load(gammax_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    acc_dgamma = tl.zeros([BLOCK_C], dtype=ACC)
-    acc_dgammax = tl.zeros([BLOCK_C], dtype=ACC)
-    acc_dy_xn = tl.zeros([BLOCK_C], dtype=ACC)
-    acc_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    # Column sums stay per-row in registers and are reduced across rows once, after the loop.
+    acc_dgammax = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
+    acc_dy_xn = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
+    acc_dy = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
     for blk in range(pid, tl.cdiv(M, ROWS), n_prog):
         rows = blk * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
@@ -74,10 +76,12 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
         mean_txn = tl.sum(t * xn, axis=1) / C
         dx = dy * gammax[None, :] + rstd[:, None] * (t - mean_t[:, None] - xn * mean_txn[:, None])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dy_xn = tl.sum(dy * xn, axis=0)
-        acc_dy_xn += dy_xn
-        acc_dy += tl.sum(dy, axis=0)
-        acc_dgammax += tl.sum(dy * x, axis=0)
+        acc_dy_xn += dy * xn
+        acc_dy += dy
+        acc_dgammax += dy * x
+    acc_dy_xn = tl.sum(acc_dy_xn, axis=0)
+    acc_dy = tl.sum(acc_dy, axis=0)
+    acc_dgammax = tl.sum(acc_dgammax, axis=0)
     acc_dgamma = acc_dy_xn * w + acc_dy * b
     base = pid.to(tl.int64) * C + cols
     stride = n_prog.to(tl.int64) * C
@@ -91,9 +95,9 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _row_block(C: int):
+def _row_block(C: int, elems: int = ROW_BLOCK_ELEMS):
     block_c = next_pow2(C)
-    rows = max(1, min(64, ROW_BLOCK_ELEMS // block_c))
+    rows = max(1, min(64, elems // block_c))
     warps = 4 if rows * block_c <= 4096 else 8
     return rows, block_c, warps
 
@@ -113,7 +117,7 @@ def _fwd_triton(x, w, b, gamma, gammax, eps):
 
 def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd):
     M, C = x.shape
-    rows, block_c, warps = _row_block(C)
+    rows, block_c, warps = _row_block(C, BWD_ROW_BLOCK_ELEMS)
     n_prog = max(1, min(num_workers(x.device), triton.cdiv(M, rows)))
     dx = torch.empty_like(x)
     partial = torch.empty(4, n_prog, C, device=x.device, dtype=mean.dtype)
