@@ -61,8 +61,8 @@ def time_steps(step, steps):
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
-def adapter_grads(model, x, y):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+def adapter_grads(model, x, y, autocast=True):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         loss = nn.functional.cross_entropy(model(x), y)
     names = [n for n, p in model.named_parameters() if p.requires_grad and "my_module_" in n]
     params = dict(model.named_parameters())
@@ -92,12 +92,22 @@ def main():
     fused = [tuple(mk.convert(copy.deepcopy(m))[0] for m in pair) for pair in reference]
     zero = [tuple(ZeroCostAdapter(m.gamma.shape[0]).cuda() for m in pair) for pair in reference]
 
-    grads_ref = adapter_grads(model, x, y)
+    # Parity of the implementation: both in fp32. Under bf16 autocast, 24 random-init blocks amplify
+    # rounding, so each bf16 run is measured against the fp32 reference and the two errors compared.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    truth = adapter_grads(model, x, y, autocast=False)
+    ref_bf16 = adapter_grads(model, x, y)
     install(model, fused)
-    grads_fused = adapter_grads(model, x, y)
-    worst = max(((grads_fused[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in grads_ref.items())
-    print(f"adapter gradients, fused vs reference (bf16 autocast): worst relative error {worst:.3g} "
-          f"over {len(grads_ref)} tensors")
+    fused_fp32 = adapter_grads(model, x, y, autocast=False)
+    fused_bf16 = adapter_grads(model, x, y)
+
+    def errors(grads):
+        errs = sorted(((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in truth.items())
+        return f"median {errs[len(errs) // 2]:.3g}, worst {errs[-1]:.3g}"
+    print(f"adapter gradients over {len(truth)} tensors, relative to the fp32 reference:")
+    print(f"  fused fp32          {errors(fused_fp32)}")
+    print(f"  reference bf16 amp  {errors(ref_bf16)}")
+    print(f"  fused bf16 amp      {errors(fused_bf16)}")
 
     rows = []
     for label, adapters in (("reference", reference), ("fused", fused), ("zero-cost", zero)):
