@@ -45,10 +45,10 @@ def _ln_scale_fwd_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, y_ptr, mean
 
 @triton.jit
 def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mean_ptr, rstd_ptr,
-                         dx_ptr, partial_ptr, M, C,
+                         res_ptr, dx_ptr, partial_ptr, M, C, HAS_RESIDUAL: tl.constexpr,
                          ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Writes dx and, per program, partial sums of (dgamma, dgammax, dw_ln, db_ln) into
-    ``partial`` of shape (4, programs, C); the host sums them in a fixed order."""
+    """Writes dx (plus the residual gradient ``res`` when given) and, per program, partial sums of
+    (dgamma, dgammax, dw_ln, db_ln) into ``partial`` (4, programs, C); the host sums them in order."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
@@ -75,6 +75,8 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
         mean_t = tl.sum(t, axis=1) / C
         mean_txn = tl.sum(t * xn, axis=1) / C
         dx = dy * gammax[None, :] + rstd[:, None] * (t - mean_t[:, None] - xn * mean_txn[:, None])
+        if HAS_RESIDUAL:
+            dx += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         acc_dy_xn += dy * xn
         acc_dy += dy
@@ -115,15 +117,15 @@ def _fwd_triton(x, w, b, gamma, gammax, eps):
     return y, mean, rstd
 
 
-def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd):
+def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     M, C = x.shape
     rows, block_c, warps = _row_block(C, BWD_ROW_BLOCK_ELEMS)
     n_prog = max(1, min(num_workers(x.device), triton.cdiv(M, rows)))
     dx = torch.empty_like(x)
     partial = torch.empty(4, n_prog, C, device=x.device, dtype=mean.dtype)
     _ln_scale_bwd_kernel[(n_prog,)](
-        x, dy, w, b, gamma, gammax, mean, rstd, dx, partial, M, C,
-        ROWS=rows, BLOCK_C=block_c, ACC=_tl_acc(x.dtype), num_warps=warps)
+        x, dy, w, b, gamma, gammax, mean, rstd, residual if residual is not None else dy, dx, partial, M, C,
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_C=block_c, ACC=_tl_acc(x.dtype), num_warps=warps)
     return dx, partial.sum(dim=1)
 
 
@@ -138,26 +140,28 @@ def _fwd_torch(x, w, b, gamma, gammax, eps):
     return y.to(x.dtype), mean, rstd
 
 
-def _bwd_torch(dy, x, w, b, gamma, gammax, mean, rstd):
+def _bwd_torch(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     acc = mean.dtype
     xf, dyf = x.to(acc), dy.to(acc)
     w, b, gamma, gammax = (p.to(acc) for p in (w, b, gamma, gammax))
     xn = (xf - mean[:, None]) * rstd[:, None]
     t = dyf * (gamma * w)
     dx = dyf * gammax + rstd[:, None] * (t - t.mean(1, keepdim=True) - xn * (t * xn).mean(1, keepdim=True))
+    if residual is not None:
+        dx = dx + residual.to(acc)
     dy_xn = (dyf * xn).sum(0)
     dy_sum = dyf.sum(0)
     return dx.to(x.dtype), torch.stack([dy_xn * w + dy_sum * b, (dyf * xf).sum(0), dy_xn * gamma, dy_sum * gamma])
 
 
-_FORWARD = {"triton": _fwd_triton, "torch": _fwd_torch}
-_BACKWARD = {"triton": _bwd_triton, "torch": _bwd_torch}
+FORWARD = {"triton": _fwd_triton, "torch": _fwd_torch}
+BACKWARD = {"triton": _bwd_triton, "torch": _bwd_torch}
 
 
 def _ln_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                  gammax: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M, C) ``x`` -> ``(y, mean, rstd)``."""
-    return _FORWARD[_backend.resolve(x.device, backend)](x, weight, bias, gamma, gammax, eps)
+    return FORWARD[_backend.resolve(x.device, backend)](x, weight, bias, gamma, gammax, eps)
 
 
 ln_scale_fwd = torch.library.custom_op("mona_kernels::ln_scale_fwd", _ln_scale_fwd, mutates_args=())
@@ -174,7 +178,7 @@ def _ln_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dparams)``; dparams is (4, C) in the accumulation dtype, rows
     ``(dgamma, dgammax, dw_ln, db_ln)``."""
-    return _BACKWARD[_backend.resolve(x.device, backend)](dy, x, weight, bias, gamma, gammax, mean, rstd)
+    return BACKWARD[_backend.resolve(x.device, backend)](dy, x, weight, bias, gamma, gammax, mean, rstd)
 
 
 ln_scale_bwd = torch.library.custom_op("mona_kernels::ln_scale_bwd", _ln_scale_bwd, mutates_args=())

@@ -1,12 +1,14 @@
 """The whole Mona adapter as one autograd Function that recomputes instead of storing.
 
-Forward: LN-scaling op -> down projection -> merged multi-scale depthwise op -> projector with
-residual -> GELU -> dropout -> up projection -> residual. Saved for backward: ``x``, per-token
-``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``, ``h3``, ``a`` and the mask are recomputed.
+Forward: LN-scaling -> down projection -> merged multi-scale depthwise conv -> projector with
+residual -> GELU -> dropout -> up projection -> residual. On the Triton backend that is two kernels:
+the *head* (LN-scaling fused into the down projection) and the *tail* (everything after ``h1``).
+Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
+``h3``, ``a`` and the mask are recomputed.
 
-Layout contract: ``x`` is (M, C) with M = B * H * W tokens in row-major (i, j) order; matmuls run in
-the compute dtype (the autocast dtype when autocast is on, else x's dtype) with fp32 accumulation;
-parameter gradients come back in each parameter's dtype.
+Layout contract: ``x`` is (M, C) with M = B * H * W tokens in row-major (i, j) order; ``h1`` is (M, d)
+in the compute dtype (the autocast dtype when autocast is on, else x's dtype); matmuls accumulate in
+fp32 (float64 for float64 inputs); parameter gradients come back in each parameter's dtype.
 """
 from __future__ import annotations
 
@@ -18,35 +20,25 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-
-from .ln_scale import _ln_scale_bwd, _ln_scale_fwd, ln_scale_bwd, ln_scale_fwd
-from .multiscale_dwconv import TAPS, _dwconv7_bwd, _dwconv7_fwd, dwconv7_bwd, dwconv7_fwd
+from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
+from .multiscale_dwconv import CONV, TAPS, WGRAD, dwconv7_tile, n_tiles, tile_coords, tiles
 from .utils import acc_dtype, call_op, next_pow2, num_workers
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-# Elements per program of the elementwise forward; rows per block of the backward.
-GELU_BLOCK = 2048
+# Rows per block of the GELU backward.
 GELU_BWD_ROWS = 64
+# Head: tokens per program and the channel chunk of the LN passes and the down-projection dot.
+HEAD_ROWS = 64
+HEAD_BLOCK_C = 64
+# Tail: the channel chunk of the up projection; pixels per tile shrink as d grows (registers).
+TAIL_BLOCK_C = 64
 
 
 @triton.jit
 def _keep(seed, offs, p):
     """The dropout decision for flat element index ``offs``: Philox draws from ``seed``."""
     return tl.rand(seed, offs) >= p
-
-
-@triton.jit
-def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed, p, scale, HAS_DROPOUT: tl.constexpr,
-                             BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """a' = gelu(h3) * m over N flat elements, m the dropout multiplier (0 or 1/(1-p))."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < N
-    h = tl.load(h3_ptr + offs, mask=inside, other=0.0).to(ACC)
-    a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    if HAS_DROPOUT:
-        a = tl.where(_keep(seed, offs, p), a * scale, 0.0)
-    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -75,17 +67,92 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, dh3_ptr, partial_ptr, M, D, seed, p
     tl.store(partial_ptr + pid.to(tl.int64) * D + cols, acc, mask=cmask)
 
 
+@triton.jit
+def _head_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, h1_ptr, mean_ptr, rstd_ptr,
+                 M, C, D, eps, BM: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """h1 = y @ W1^T + b1 with y = LN-scaling(x), for BM tokens; y never leaves registers."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    xrow = x_ptr + rows.to(tl.int64)[:, None] * C
+    total = tl.zeros([BM], dtype=ACC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        total += tl.sum(tl.load(xrow + cols[None, :], mask=rmask[:, None] & (cols < C)[None, :], other=0.0).to(ACC), 1)
+    mean = total / C
+    sq = tl.zeros([BM], dtype=ACC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        xc = tl.where(mask, tl.load(xrow + cols[None, :], mask=mask, other=0.0).to(ACC) - mean[:, None], 0.0)
+        sq += tl.sum(xc * xc, 1)
+    rstd = 1.0 / tl.sqrt(sq / C + eps)
+    cdt = h1_ptr.dtype.element_ty
+    dcols = tl.arange(0, BD)
+    dmask = dcols < D
+    acc = tl.zeros([BM, BD], dtype=ACC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cmask = cols < C
+        x = tl.load(xrow + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        gammax = tl.load(gammax_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        y = ((x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]) * gamma[None, :] + x * gammax[None, :]
+        w1t = tl.load(w1_ptr + dcols[None, :] * C + cols[:, None], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc = tl.dot(y.to(cdt), w1t.to(cdt), acc, input_precision=DOT_PREC)
+    acc += tl.load(b1_ptr + dcols, mask=dmask, other=0.0).to(ACC)[None, :]
+    tl.store(h1_ptr + rows.to(tl.int64)[:, None] * D + dcols[None, :], acc.to(cdt), mask=rmask[:, None] & dmask[None, :])
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _tail_kernel(h1_ptr, k_ptr, kb_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, h3_ptr, a_ptr,
+                 H, W, D, C, seed, p, scale, RECOMPUTE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 TILE_H: tl.constexpr, TILE_W: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+                 ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """For one spatial tile, all d channels: h2 = conv7(h1) + kb; h3 = h2 + h2 @ Wp^T + bp;
+    a' = dropout(gelu(h3)); then either out = x + a' @ W2^T + b2 (forward) or, with RECOMPUTE,
+    h2, h3 and a' written out for backward."""
+    TILE: tl.constexpr = TILE_H * TILE_W
+    b, i, j = tile_coords(tl.program_id(0), H, W, TILE_H, TILE_W)
+    ch = tl.arange(0, BD)
+    cmask = ch < D
+    inside = (i < H) & (j < W)
+    pix = b.to(tl.int64) * H * W + i * W + j
+    offs = pix[:, None] * D + ch[None, :]
+    cdt = h1_ptr.dtype.element_ty
+    h2 = dwconv7_tile(h1_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE, BD, ACC)
+    h2 += tl.load(kb_ptr + ch, mask=cmask, other=0.0).to(ACC)[None, :]
+    wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    h3 = tl.dot(h2.to(cdt), wpt.to(cdt), tl.zeros([TILE, BD], dtype=ACC), input_precision=DOT_PREC)
+    h3 += h2 + tl.load(bp_ptr + ch, mask=cmask, other=0.0).to(ACC)[None, :]
+    a = 0.5 * h3 * (1.0 + tl.erf(h3 * 0.7071067811865476))
+    if HAS_DROPOUT:
+        a = tl.where(_keep(seed, offs, p), a * scale, 0.0)
+    if RECOMPUTE:
+        mask = inside[:, None] & cmask[None, :]
+        tl.store(h2_ptr + offs, h2.to(cdt), mask=mask)
+        tl.store(h3_ptr + offs, h3.to(cdt), mask=mask)
+        tl.store(a_ptr + offs, a.to(cdt), mask=mask)
+    else:
+        a_c = a.to(cdt)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            ccols = cols < C
+            w2t = tl.load(w2_ptr + cols[None, :] * D + ch[:, None], mask=cmask[:, None] & ccols[None, :], other=0.0)
+            o = tl.dot(a_c, w2t.to(cdt), tl.zeros([TILE, BC], dtype=ACC), input_precision=DOT_PREC)
+            o += tl.load(b2_ptr + cols, mask=ccols, other=0.0).to(ACC)[None, :]
+            xo = pix[:, None] * C + cols[None, :]
+            mask = inside[:, None] & ccols[None, :]
+            o += tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
+            tl.store(out_ptr + xo, o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _gelu_fwd_triton(h3, seed, p):
-    a = torch.empty_like(h3)
-    N = h3.numel()
-    _gelu_dropout_fwd_kernel[(triton.cdiv(N, GELU_BLOCK),)](
-        h3, a, N, int(seed.item()), p, 1.0 / (1.0 - p), HAS_DROPOUT=p > 0, BLOCK=GELU_BLOCK,
-        ACC=_tl_acc(h3.dtype), num_warps=4)
-    return a
 
 
 def _gelu_bwd_triton(da, h3, seed, p):
@@ -120,90 +187,84 @@ def _gelu_bwd_torch(da, h3, seed, p):
     return dh.to(h3.dtype), dh.sum(0)
 
 
-_GELU_FWD = {"triton": _gelu_fwd_triton, "torch": _gelu_fwd_torch}
-_GELU_BWD = {"triton": _gelu_bwd_triton, "torch": _gelu_bwd_torch}
+GELU_BWD = {"triton": _gelu_bwd_triton, "torch": _gelu_bwd_torch}
 
-
-def _gelu_dropout_fwd(h3: torch.Tensor, seed: torch.Tensor, p: float, backend: str) -> torch.Tensor:
-    """``a' = dropout(gelu(h3))`` for (M, d) ``h3``; the mask is a function of ``seed`` alone."""
-    return _GELU_FWD[_backend.resolve(h3.device, backend)](h3, seed, p)
-
-
-gelu_dropout_fwd = torch.library.custom_op("mona_kernels::gelu_dropout_fwd", _gelu_dropout_fwd, mutates_args=())
-
-
-@gelu_dropout_fwd.register_fake
-def _(h3, seed, p, backend):
-    return torch.empty_like(h3)
-
-
-def _gelu_dropout_bwd(da: torch.Tensor, h3: torch.Tensor, seed: torch.Tensor, p: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dh3, dbp)``: the gradient through dropout and GELU, and its column sums."""
-    return _GELU_BWD[_backend.resolve(h3.device, backend)](da, h3, seed, p)
-
-
-gelu_dropout_bwd = torch.library.custom_op("mona_kernels::gelu_dropout_bwd", _gelu_dropout_bwd, mutates_args=())
-
-
-@gelu_dropout_bwd.register_fake
-def _(da, h3, seed, p, backend):
-    return torch.empty_like(h3), h3.new_empty(h3.shape[1], dtype=acc_dtype(h3.dtype))
 
 
 def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float, backend: str | None = None) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) the adapter applies to each element of (M, d) ``like``
     for ``seed`` on the chosen backend; backward regenerates exactly this mask without storing it."""
     h = torch.full_like(like, 10.0)  # gelu'(10) == 1 to float64 precision, so dh3 == the mask
-    dh3, _ = _gelu_dropout_bwd(torch.ones_like(like), h, seed, p, backend or "auto")
+    dh3, _ = GELU_BWD[_backend.resolve(like.device, backend)](torch.ones_like(like), h, seed, p)
     return dh3
 
 
-class MonaFunction(torch.autograd.Function):
+def _dot_precision(cdt):
+    return "ieee" if cdt in (torch.float32, torch.float64) else "tf32"
 
-    @staticmethod
-    def forward(ctx, x, hw, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2, b2,
-                eps, p, seed, compute_dtype, backend):
-        B, H, W = hw
-        cdt = compute_dtype
-        with torch.autocast(x.device.type, enabled=False):
-            y, mean, rstd = call_op(ln_scale_fwd, _ln_scale_fwd, x, w_ln, b_ln, gamma, gammax, eps, backend)
-            h1 = F.linear(y.to(cdt), W1.to(cdt), b1.to(cdt))
-            a, _, _ = _head(h1, (B, H, W), K, bias_k, Wp, bp, p, seed, cdt, backend)
-            out = x + F.linear(a, W2.to(cdt), b2.to(cdt))
-        ctx.save_for_backward(x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2)
-        ctx.hw, ctx.eps, ctx.p, ctx.cdt, ctx.backend = (B, H, W), eps, p, cdt, backend
-        ctx.b2_dtype = b2.dtype
-        return out
 
-    @staticmethod
-    def backward(ctx, g):
-        x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2 = ctx.saved_tensors
-        cdt, backend = ctx.cdt, ctx.backend
-        with torch.autocast(x.device.type, enabled=False):
-            a, h2, h3 = _head(h1, ctx.hw, K, bias_k, Wp, bp, ctx.p, seed, cdt, backend, keep=True)
-            gc = g.to(cdt)
-            acc = acc_dtype(cdt)
-            db2 = _column_sums(gc, acc)
-            dW2 = gc.t() @ a
-            da = gc @ W2.to(cdt)
-            dh3, dbp = call_op(gelu_dropout_bwd, _gelu_dropout_bwd, da, h3, seed, ctx.p, backend)
-            dWp = dh3.t() @ h2
-            dh2 = dh3 + dh3 @ Wp.to(cdt)
-            B, H, W = ctx.hw
-            d = h1.shape[1]
-            dh1, dKb = call_op(dwconv7_bwd, _dwconv7_bwd, dh2.view(B, H, W, d), h1.view(B, H, W, d), K, backend)
-            dh1 = dh1.view(-1, d)
-            db1 = _column_sums(dh1, acc)
-            dW1 = dh1.t() @ _recompute_y(x, w_ln, b_ln, gamma, gammax, ctx.eps, backend).to(cdt)
-            dy = dh1 @ W1.to(cdt)
-            dx, dparams = call_op(ln_scale_bwd, _ln_scale_bwd, dy, x, w_ln, b_ln, gamma, gammax, mean, rstd, backend)
-            dgamma, dgammax, dw_ln, db_ln = dparams.unbind(0)
-            dx = dx + g
-        return (dx, None, dw_ln.to(w_ln.dtype), db_ln.to(b_ln.dtype), dgamma.to(gamma.dtype),
-                dgammax.to(gammax.dtype), dW1.to(W1.dtype), db1.to(b1.dtype), dKb[:TAPS], dKb[TAPS],
-                dWp.to(Wp.dtype), dbp.to(bp.dtype), dW2.to(W2.dtype), db2.to(ctx.b2_dtype),
-                None, None, None, None, None)
+def _head_triton(x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
+    M, C = x.shape
+    D = W1.shape[0]
+    acc = acc_dtype(cdt)
+    h1 = torch.empty(M, D, device=x.device, dtype=cdt)
+    mean = torch.empty(M, device=x.device, dtype=acc)
+    rstd = torch.empty(M, device=x.device, dtype=acc)
+    _head_kernel[(triton.cdiv(M, HEAD_ROWS),)](
+        x, w_ln, b_ln, gamma, gammax, W1, b1, h1, mean, rstd, M, C, D, eps, BM=HEAD_ROWS, BC=HEAD_BLOCK_C,
+        BD=max(16, next_pow2(D)), ACC=_tl_acc(acc), DOT_PREC=_dot_precision(cdt), num_warps=4)
+    return h1, mean, rstd
+
+
+def _head_torch(x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
+    y, mean, rstd = LN_FORWARD["torch"](x, w_ln, b_ln, gamma, gammax, eps)
+    return F.linear(y.to(cdt), W1.to(cdt), b1.to(cdt)), mean, rstd
+
+
+def _launch_tail(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out=None, recompute=None):
+    B, H, W = bhw
+    D = h1.shape[1]
+    C = x.shape[1] if x is not None else D
+    BD = max(16, next_pow2(D))
+    tile_h, tile_w, _ = tiles(H, W, D, 64 if BD <= 64 else 32)
+    h2, h3, a = recompute if recompute is not None else (h1, h1, h1)
+    _tail_kernel[(n_tiles(B, H, W, tile_h, tile_w),)](
+        h1, K, bias_k, Wp, bp, W2 if W2 is not None else Wp, b2 if b2 is not None else bp,
+        x if x is not None else h1, out if out is not None else h1, h2, h3, a, H, W, D, C,
+        int(seed.item()), p, 1.0 / (1.0 - p), RECOMPUTE=recompute is not None, HAS_DROPOUT=p > 0,
+        TILE_H=tile_h, TILE_W=tile_w, BD=BD, BC=TAIL_BLOCK_C, ACC=_tl_acc(K.dtype),
+        DOT_PREC=_dot_precision(h1.dtype), num_warps=4 if BD <= 64 else 8)
+
+
+def _tail_triton(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype):
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    _launch_tail(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out=out)
+    return out
+
+
+def _tail_torch(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype):
+    _, _, a = _recompute_torch(h1, bhw, K, bias_k, Wp, bp, seed, p)
+    return (x + F.linear(a, W2.to(a.dtype), b2.to(a.dtype))).to(out_dtype)
+
+
+def _recompute_triton(h1, bhw, K, bias_k, Wp, bp, seed, p):
+    h2, h3, a = torch.empty_like(h1), torch.empty_like(h1), torch.empty_like(h1)
+    _launch_tail(h1, bhw, K, bias_k, Wp, bp, None, None, None, seed, p, recompute=(h2, h3, a))
+    return h2, h3, a
+
+
+def _recompute_torch(h1, bhw, K, bias_k, Wp, bp, seed, p):
+    B, H, W = bhw
+    d = h1.shape[1]
+    cdt = h1.dtype
+    h2 = CONV["torch"](h1.view(B, H, W, d), K, bias_k).view(-1, d)
+    h3 = h2 + F.linear(h2, Wp.to(cdt), bp.to(cdt))
+    return h2, h3, _gelu_fwd_torch(h3, seed, p)
+
+
+HEAD = {"triton": _head_triton, "torch": _head_torch}
+TAIL = {"triton": _tail_triton, "torch": _tail_torch}
+RECOMPUTE = {"triton": _recompute_triton, "torch": _recompute_torch}
 
 
 def _column_sums(t, acc):
@@ -214,16 +275,94 @@ def _column_sums(t, acc):
     return (t.t() @ t.new_ones(t.shape[0])).to(acc)
 
 
-def _recompute_y(x, w_ln, b_ln, gamma, gammax, eps, backend):
-    y, _, _ = call_op(ln_scale_fwd, _ln_scale_fwd, x, w_ln, b_ln, gamma, gammax, eps, backend)
-    return y
+def _mona_fwd(x: torch.Tensor, w_ln: torch.Tensor, b_ln: torch.Tensor, gamma: torch.Tensor, gammax: torch.Tensor,
+              W1: torch.Tensor, b1: torch.Tensor, K: torch.Tensor, bias_k: torch.Tensor, Wp: torch.Tensor,
+              bp: torch.Tensor, W2: torch.Tensor, b2: torch.Tensor, bhw: list[int], eps: float, p: float,
+              seed: torch.Tensor, compute_dtype: torch.dtype,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, h1, mean, rstd)`` for (M, C) tokens ``x``."""
+    name = _backend.resolve(x.device, backend)
+    h1, mean, rstd = HEAD[name](x, w_ln, b_ln, gamma, gammax, W1, b1, eps, compute_dtype)
+    out_dtype = torch.promote_types(x.dtype, compute_dtype)
+    out = TAIL[name](h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype)
+    return out, h1, mean, rstd
 
 
-def _head(h1, hw, K, bias_k, Wp, bp, p, seed, cdt, backend, keep=False):
-    """From h1 to the dropped-out activation ``a'``; with ``keep`` also returns h2 and h3."""
-    B, H, W = hw
+mona_fwd = torch.library.custom_op("mona_kernels::mona_fwd", _mona_fwd, mutates_args=())
+
+
+@mona_fwd.register_fake
+def _(x, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2, b2, bhw, eps, p, seed, compute_dtype, backend):
+    M = x.shape[0]
+    acc = acc_dtype(compute_dtype)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, compute_dtype)),
+            x.new_empty((M, W1.shape[0]), dtype=compute_dtype), x.new_empty(M, dtype=acc), x.new_empty(M, dtype=acc))
+
+
+def _mona_bwd(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, h1: torch.Tensor,
+              seed: torch.Tensor, w_ln: torch.Tensor, b_ln: torch.Tensor, gamma: torch.Tensor, gammax: torch.Tensor,
+              W1: torch.Tensor, K: torch.Tensor, bias_k: torch.Tensor, Wp: torch.Tensor, bp: torch.Tensor,
+              W2: torch.Tensor, bhw: list[int], eps: float, p: float,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dln, dW1, db1, dKb, dWp, dbp, dW2, db2)`` with the SPEC §1 formulas; dln is (4, C) rows
+    (dgamma, dgammax, dw_ln, db_ln), dKb (50, d) the merged-kernel and bias gradients."""
+    name = _backend.resolve(x.device, backend)
+    B, H, W = bhw
+    cdt = h1.dtype
+    acc = acc_dtype(cdt)
     d = h1.shape[1]
-    h2 = call_op(dwconv7_fwd, _dwconv7_fwd, h1.view(B, H, W, d), K, bias_k, backend).view(-1, d)
-    h3 = h2 + F.linear(h2, Wp.to(cdt), bp.to(cdt))
-    a = call_op(gelu_dropout_fwd, _gelu_dropout_fwd, h3, seed, p, backend)
-    return a, (h2 if keep else None), (h3 if keep else None)
+    h2, h3, a = RECOMPUTE[name](h1, bhw, K, bias_k, Wp, bp, seed, p)
+    gc = g.to(cdt)
+    db2 = _column_sums(gc, acc)
+    dW2 = gc.t() @ a
+    da = gc @ W2.to(cdt)
+    dh3, dbp = GELU_BWD[name](da, h3, seed, p)
+    dWp = dh3.t() @ h2
+    dh2 = torch.addmm(dh3, dh3, Wp.to(cdt))
+    dh1 = CONV[name](dh2.view(B, H, W, d), K.flip(0).contiguous(), None).view(-1, d)
+    dKb = WGRAD[name](h1.view(B, H, W, d), dh2.view(B, H, W, d)).to(K.dtype)
+    db1 = _column_sums(dh1, acc)
+    y, _, _ = LN_FORWARD[name](x, w_ln, b_ln, gamma, gammax, eps)
+    dW1 = dh1.t() @ y.to(cdt)
+    dy = dh1 @ W1.to(cdt)
+    dx, dln = LN_BACKWARD[name](dy, x, w_ln, b_ln, gamma, gammax, mean, rstd, g)
+    return dx, dln, dW1, db1, dKb, dWp, dbp, dW2, db2
+
+
+mona_bwd = torch.library.custom_op("mona_kernels::mona_bwd", _mona_bwd, mutates_args=())
+
+
+@mona_bwd.register_fake
+def _(g, x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, K, bias_k, Wp, bp, W2, bhw, eps, p, backend):
+    acc = acc_dtype(h1.dtype)
+    d, C = h1.shape[1], x.shape[1]
+    return (torch.empty_like(x), x.new_empty((4, C), dtype=mean.dtype), x.new_empty((d, C), dtype=h1.dtype),
+            x.new_empty(d, dtype=acc), K.new_empty((TAPS + 1, d)), x.new_empty((d, d), dtype=h1.dtype),
+            x.new_empty(d, dtype=acc), x.new_empty((C, d), dtype=h1.dtype), x.new_empty(C, dtype=acc))
+
+
+class MonaFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, bhw, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2, b2,
+                eps, p, seed, compute_dtype, backend):
+        with torch.autocast(x.device.type, enabled=False):
+            out, h1, mean, rstd = call_op(mona_fwd, _mona_fwd, x, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k,
+                                          Wp, bp, W2, b2, list(bhw), eps, p, seed, compute_dtype, backend)
+        ctx.save_for_backward(x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2, b2)
+        ctx.bhw, ctx.eps, ctx.p, ctx.backend = list(bhw), eps, p, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2, b2 = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            dx, dln, dW1, db1, dKb, dWp, dbp, dW2, db2 = call_op(
+                mona_bwd, _mona_bwd, g.contiguous(), x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, K,
+                bias_k, Wp, bp, W2, ctx.bhw, ctx.eps, ctx.p, ctx.backend)
+        dgamma, dgammax, dw_ln, db_ln = dln.unbind(0)
+        return (dx, None, dw_ln.to(w_ln.dtype), db_ln.to(b_ln.dtype), dgamma.to(gamma.dtype),
+                dgammax.to(gammax.dtype), dW1.to(W1.dtype), db1.to(b1.dtype), dKb[:TAPS], dKb[TAPS],
+                dWp.to(Wp.dtype), dbp.to(bp.dtype), dW2.to(W2.dtype), db2.to(b2.dtype),
+                None, None, None, None, None)

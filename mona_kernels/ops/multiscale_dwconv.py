@@ -29,7 +29,7 @@ BIAS_ROW = tl.constexpr(TAPS)
 
 
 @triton.jit
-def _tile_coords(tile, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+def tile_coords(tile, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """Batch index and (row, col) of every pixel of spatial tile ``tile``."""
     tiles_w = tl.cdiv(W, TILE_W)
     tiles_per_image = tl.cdiv(H, TILE_H) * tiles_w
@@ -42,16 +42,12 @@ def _tile_coords(tile, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
-def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
-                    HAS_BIAS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                    BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image."""
-    b, i, j = _tile_coords(tl.program_id(0), H, W, TILE_H, TILE_W)
-    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = ch < D
-    offs = (b.to(tl.int64) * H * W + i * W + j)[:, None] * D + ch[None, :]
+def dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                 ACC: tl.constexpr):
+    """sum_{u,v} K[u*7+v, ch] * h[i+u-3, j+v-3, ch] for one tile; ``offs`` are the tile's own
+    element offsets (pixel * D + channel), zero outside the image."""
     center = h_ptr + offs
-    acc = tl.zeros([TILE_H * TILE_W, BLOCK_D], dtype=ACC)
+    acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
     for u in tl.static_range(7):
         ii = i + (u - 3)
         row_ok = (ii >= 0) & (ii < H)
@@ -62,6 +58,19 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
             hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
             kv = tl.load(k_ptr + (u * 7 + v) * D + ch, mask=cmask, other=0.0)
             acc += hv.to(ACC) * kv[None, :]
+    return acc
+
+
+@triton.jit
+def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
+                    HAS_BIAS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image."""
+    b, i, j = tile_coords(tl.program_id(0), H, W, TILE_H, TILE_W)
+    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    offs = (b.to(tl.int64) * H * W + i * W + j)[:, None] * D + ch[None, :]
+    acc = dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE_H * TILE_W, BLOCK_D, ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
     inside = (i < H) & (j < W)
@@ -74,7 +83,7 @@ def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D,
     """Per tile: partial[tile, t, :] = sum over the tile of dout * h shifted by tap t (t < 49), and
     partial[tile, 49, :] = sum of dout (the bias gradient). The host sums over tiles in fixed order."""
     tile = tl.program_id(0)
-    b, i, j = _tile_coords(tile, H, W, TILE_H, TILE_W)
+    b, i, j = tile_coords(tile, H, W, TILE_H, TILE_W)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
     offs = (b.to(tl.int64) * H * W + i * W + j)[:, None] * D + ch[None, :]
@@ -119,22 +128,23 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tiles(H: int, W: int, D: int, pixels: int):
+def tiles(H: int, W: int, D: int, pixels: int, max_block_d: int = MAX_BLOCK_D):
+    """Tile shape (TILE_H, TILE_W) of ``pixels`` pixels fitted to the image width, and the channel block."""
     tile_w = min(next_pow2(W), 16)
     tile_h = max(1, pixels // tile_w)
-    block_d = min(next_pow2(D), MAX_BLOCK_D)
+    block_d = min(next_pow2(D), max_block_d)
     return tile_h, tile_w, block_d
 
 
-def _n_tiles(B, H, W, tile_h, tile_w):
+def n_tiles(B, H, W, tile_h, tile_w):
     return B * triton.cdiv(H, tile_h) * triton.cdiv(W, tile_w)
 
 
 def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4):
     B, H, W, D = h.shape
     out = torch.empty_like(h)
-    tile_h, tile_w, block_d = _tiles(H, W, D, pixels)
-    grid = (_n_tiles(B, H, W, tile_h, tile_w), triton.cdiv(D, block_d))
+    tile_h, tile_w, block_d = tiles(H, W, D, pixels)
+    grid = (n_tiles(B, H, W, tile_h, tile_w), triton.cdiv(D, block_d))
     _dwconv7_kernel[grid](h, K, bias if bias is not None else K, out, H, W, D,
                           HAS_BIAS=bias is not None, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
                           ACC=_tl_acc(K.dtype), num_warps=num_warps)
@@ -143,11 +153,11 @@ def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4):
 
 def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = 4):
     B, H, W, D = h.shape
-    tile_h, tile_w, block_d = _tiles(H, W, D, pixels)
-    n_tiles = _n_tiles(B, H, W, tile_h, tile_w)
+    tile_h, tile_w, block_d = tiles(H, W, D, pixels)
+    count = n_tiles(B, H, W, tile_h, tile_w)
     acc = acc_dtype(h.dtype)
-    partial = torch.empty(n_tiles, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
-    _dwconv7_wgrad_kernel[(n_tiles, triton.cdiv(D, block_d))](
+    partial = torch.empty(count, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
+    _dwconv7_wgrad_kernel[(count, triton.cdiv(D, block_d))](
         h, dout, partial, H, W, D, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
         ACC=_tl_acc(acc), num_warps=num_warps)
     return partial.sum(dim=0)
@@ -170,13 +180,13 @@ def _wgrad_torch(h, dout):
     return torch.cat([dK.reshape(D, TAPS).t(), gc.sum(dim=(0, 2, 3))[None]])
 
 
-_CONV = {"triton": _conv_triton, "torch": _conv_torch}
-_WGRAD = {"triton": _wgrad_triton, "torch": _wgrad_torch}
+CONV = {"triton": _conv_triton, "torch": _conv_torch}
+WGRAD = {"triton": _wgrad_triton, "torch": _wgrad_torch}
 
 
 def _dwconv7_fwd(h: torch.Tensor, K: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:
     """Channels-last (B, H, W, d) ``h`` convolved with the merged taps-major (49, d) kernel."""
-    return _CONV[_backend.resolve(h.device, backend)](h, K, bias)
+    return CONV[_backend.resolve(h.device, backend)](h, K, bias)
 
 
 dwconv7_fwd = torch.library.custom_op("mona_kernels::dwconv7_fwd", _dwconv7_fwd, mutates_args=())
@@ -192,8 +202,8 @@ def _dwconv7_bwd(dout: torch.Tensor, h: torch.Tensor, K: torch.Tensor,
     """``(dh, dKb)``: dh is the conv of dout with the flipped kernel; dKb (50, d) in K's dtype holds
     dK in rows 0..48 and the bias gradient in row 49."""
     name = _backend.resolve(h.device, backend)
-    dh = _CONV[name](dout, K.flip(0).contiguous(), None)
-    return dh, _WGRAD[name](h, dout).to(K.dtype)
+    dh = CONV[name](dout, K.flip(0).contiguous(), None)
+    return dh, WGRAD[name](h, dout).to(K.dtype)
 
 
 dwconv7_bwd = torch.library.custom_op("mona_kernels::dwconv7_bwd", _dwconv7_bwd, mutates_args=())
