@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
-from .multiscale_dwconv import CONV, TAPS, WGRAD, dwconv7_tile, n_tiles, tile_coords, tiles
+from .multiscale_dwconv import CONV, TAPS, WGRAD, dwconv7_tile, tile_coords
 from .utils import acc_dtype, call_op, next_pow2, num_workers
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -110,18 +110,15 @@ def _head_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, h1_
 
 @triton.jit
 def _tail_kernel(h1_ptr, k_ptr, kb_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, h3_ptr, a_ptr,
-                 H, W, D, C, seed, p, scale, RECOMPUTE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 TILE_H: tl.constexpr, TILE_W: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+                 H, W, D, C, n_pix, seed, p, scale, RECOMPUTE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 TILE: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
                  ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     """For one spatial tile, all d channels: h2 = conv7(h1) + kb; h3 = h2 + h2 @ Wp^T + bp;
     a' = dropout(gelu(h3)); then either out = x + a' @ W2^T + b2 (forward) or, with RECOMPUTE,
     h2, h3 and a' written out for backward."""
-    TILE: tl.constexpr = TILE_H * TILE_W
-    b, i, j = tile_coords(tl.program_id(0), H, W, TILE_H, TILE_W)
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, n_pix, TILE)
     ch = tl.arange(0, BD)
     cmask = ch < D
-    inside = (i < H) & (j < W)
-    pix = b.to(tl.int64) * H * W + i * W + j
     offs = pix[:, None] * D + ch[None, :]
     cdt = h1_ptr.dtype.element_ty
     h2 = dwconv7_tile(h1_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE, BD, ACC)
@@ -226,13 +223,14 @@ def _launch_tail(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out=None, recom
     D = h1.shape[1]
     C = x.shape[1] if x is not None else D
     BD = max(16, next_pow2(D))
-    tile_h, tile_w, _ = tiles(H, W, D, 64 if BD <= 64 else 32)
+    tile = 64 if BD <= 64 else 32
+    n_pix = B * H * W
     h2, h3, a = recompute if recompute is not None else (h1, h1, h1)
-    _tail_kernel[(n_tiles(B, H, W, tile_h, tile_w),)](
+    _tail_kernel[(triton.cdiv(n_pix, tile),)](
         h1, K, bias_k, Wp, bp, W2 if W2 is not None else Wp, b2 if b2 is not None else bp,
-        x if x is not None else h1, out if out is not None else h1, h2, h3, a, H, W, D, C,
+        x if x is not None else h1, out if out is not None else h1, h2, h3, a, H, W, D, C, n_pix,
         int(seed.item()), p, 1.0 / (1.0 - p), RECOMPUTE=recompute is not None, HAS_DROPOUT=p > 0,
-        TILE_H=tile_h, TILE_W=tile_w, BD=BD, BC=TAIL_BLOCK_C, ACC=_tl_acc(K.dtype),
+        TILE=tile, BD=BD, BC=TAIL_BLOCK_C, ACC=_tl_acc(K.dtype),
         DOT_PREC=_dot_precision(h1.dtype), num_warps=4 if BD <= 64 else 8)
 
 

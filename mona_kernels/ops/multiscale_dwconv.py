@@ -19,7 +19,7 @@ from .utils import acc_dtype, call_op, check_tensor, next_pow2
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
-# Pixels in one program's tile; the tile is TILE_H x TILE_W with TILE_W fitted to the image width.
+# Pixels in one program's tile: consecutive pixels of the row-major grid.
 TILE_PIXELS = 64
 WGRAD_TILE_PIXELS = 128
 MAX_BLOCK_D = 64
@@ -29,16 +29,12 @@ BIAS_ROW = tl.constexpr(TAPS)
 
 
 @triton.jit
-def tile_coords(tile, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """Batch index and (row, col) of every pixel of spatial tile ``tile``."""
-    tiles_w = tl.cdiv(W, TILE_W)
-    tiles_per_image = tl.cdiv(H, TILE_H) * tiles_w
-    b = tile // tiles_per_image
-    r = tile % tiles_per_image
-    p = tl.arange(0, TILE_H * TILE_W)
-    i = (r // tiles_w) * TILE_H + p // TILE_W
-    j = (r % tiles_w) * TILE_W + p % TILE_W
-    return b, i, j
+def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
+    """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
+    row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
+    pix = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
+    r = pix % (H * W)
+    return pix, r // W, r % W, pix < n_pix
 
 
 @triton.jit
@@ -62,32 +58,29 @@ def dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE: tl.constexp
 
 
 @triton.jit
-def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
-                    HAS_BIAS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                    BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
+                    HAS_BIAS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image."""
-    b, i, j = tile_coords(tl.program_id(0), H, W, TILE_H, TILE_W)
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, n_pix, TILE)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
-    offs = (b.to(tl.int64) * H * W + i * W + j)[:, None] * D + ch[None, :]
-    acc = dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE_H * TILE_W, BLOCK_D, ACC)
+    offs = pix[:, None] * D + ch[None, :]
+    acc = dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE, BLOCK_D, ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
-    inside = (i < H) & (j < W)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D,
-                          TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix,
+                          TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Per tile: partial[tile, t, :] = sum over the tile of dout * h shifted by tap t (t < 49), and
     partial[tile, 49, :] = sum of dout (the bias gradient). The host sums over tiles in fixed order."""
     tile = tl.program_id(0)
-    b, i, j = tile_coords(tile, H, W, TILE_H, TILE_W)
+    pix, i, j, inside = tile_coords(tile, H, W, n_pix, TILE)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
-    offs = (b.to(tl.int64) * H * W + i * W + j)[:, None] * D + ch[None, :]
-    inside = (i < H) & (j < W)
+    offs = pix[:, None] * D + ch[None, :]
     dout = tl.load(dout_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
     center = h_ptr + offs
     row = partial_ptr + tile.to(tl.int64) * (PARTIAL_ROWS * D) + ch
@@ -128,37 +121,27 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def tiles(H: int, W: int, D: int, pixels: int, max_block_d: int = MAX_BLOCK_D):
-    """Tile shape (TILE_H, TILE_W) of ``pixels`` pixels fitted to the image width, and the channel block."""
-    tile_w = min(next_pow2(W), 16)
-    tile_h = max(1, pixels // tile_w)
-    block_d = min(next_pow2(D), max_block_d)
-    return tile_h, tile_w, block_d
-
-
-def n_tiles(B, H, W, tile_h, tile_w):
-    return B * triton.cdiv(H, tile_h) * triton.cdiv(W, tile_w)
-
-
 def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4):
     B, H, W, D = h.shape
     out = torch.empty_like(h)
-    tile_h, tile_w, block_d = tiles(H, W, D, pixels)
-    grid = (n_tiles(B, H, W, tile_h, tile_w), triton.cdiv(D, block_d))
-    _dwconv7_kernel[grid](h, K, bias if bias is not None else K, out, H, W, D,
-                          HAS_BIAS=bias is not None, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
+    block_d = min(next_pow2(D), MAX_BLOCK_D)
+    n_pix = B * H * W
+    grid = (triton.cdiv(n_pix, pixels), triton.cdiv(D, block_d))
+    _dwconv7_kernel[grid](h, K, bias if bias is not None else K, out, H, W, D, n_pix,
+                          HAS_BIAS=bias is not None, TILE=pixels, BLOCK_D=block_d,
                           ACC=_tl_acc(K.dtype), num_warps=num_warps)
     return out
 
 
 def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = 4):
     B, H, W, D = h.shape
-    tile_h, tile_w, block_d = tiles(H, W, D, pixels)
-    count = n_tiles(B, H, W, tile_h, tile_w)
+    block_d = min(next_pow2(D), MAX_BLOCK_D)
+    n_pix = B * H * W
+    count = triton.cdiv(n_pix, pixels)
     acc = acc_dtype(h.dtype)
     partial = torch.empty(count, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
     _dwconv7_wgrad_kernel[(count, triton.cdiv(D, block_d))](
-        h, dout, partial, H, W, D, TILE_H=tile_h, TILE_W=tile_w, BLOCK_D=block_d,
+        h, dout, partial, H, W, D, n_pix, TILE=pixels, BLOCK_D=block_d,
         ACC=_tl_acc(acc), num_warps=num_warps)
     return partial.sum(dim=0)
 
