@@ -260,6 +260,25 @@ def _recompute_torch(h1, bhw, K, bias_k, Wp, bp, seed, p):
     return h2, h3, _gelu_fwd_torch(h3, seed, p)
 
 
+def _head_composite(x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
+    y, mean, rstd = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps)
+    return F.linear(y.to(cdt), W1.to(cdt), b1.to(cdt)), mean, rstd
+
+
+def _recompute_composite(h1, bhw, K, bias_k, Wp, bp, seed, p):
+    B, H, W = bhw
+    d = h1.shape[1]
+    h2 = CONV["triton"](h1.view(B, H, W, d), K, bias_k).view(-1, d)
+    h3 = torch.addmm(h2, h2, Wp.to(h1.dtype).t()) + bp.to(h1.dtype)
+    return h2, h3, _gelu_fwd_torch(h3, seed, p)
+
+
+def _tail_composite(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype):
+    _, _, a = _recompute_composite(h1, bhw, K, bias_k, Wp, bp, seed, p)
+    return torch.addmm(x.to(out_dtype), a, W2.to(a.dtype).t()).add_(b2.to(out_dtype)) if out_dtype == a.dtype \
+        else x + F.linear(a, W2.to(a.dtype), b2.to(a.dtype))
+
+
 HEAD = {"triton": _head_triton, "torch": _head_torch}
 TAIL = {"triton": _tail_triton, "torch": _tail_torch}
 RECOMPUTE = {"triton": _recompute_triton, "torch": _recompute_torch}
