@@ -19,7 +19,7 @@ ROW_BLOCK_ELEMS = 4096
 BWD_ROW_BLOCK_ELEMS = 2048
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _ln_scale_fwd_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, y_ptr, mean_ptr, rstd_ptr,
                          M, C, eps, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -43,7 +43,7 @@ def _ln_scale_fwd_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, y_ptr, mean
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mean_ptr, rstd_ptr,
                          res_ptr, dx_ptr, partial_ptr, M, C, HAS_RESIDUAL: tl.constexpr,
                          ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):

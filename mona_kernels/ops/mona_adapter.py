@@ -1,9 +1,9 @@
 """The whole Mona adapter as one autograd Function that recomputes instead of storing.
 
-Forward: LN-scaling -> down projection -> merged multi-scale depthwise conv -> projector with
-residual -> GELU -> dropout -> up projection -> residual. On the Triton backend that is two kernels:
-the *head* (LN-scaling fused into the down projection) and the *tail* (everything after ``h1``).
-Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
+Forward: LN-scaling kernel -> down projection (cuBLAS) -> merged multi-scale depthwise kernel ->
+projector with residual -> GELU -> dropout -> up projection -> residual. Backward adds the GELU/dropout
+kernel, the depthwise weight-gradient kernel and the LN-scaling backward kernel (which also adds the
+residual gradient). Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
 ``h3``, ``a`` and the mask are recomputed.
 
 Layout contract: ``x`` is (M, C) with M = B * H * W tokens in row-major (i, j) order; ``h1`` is (M, d)
@@ -21,24 +21,33 @@ import triton.language as tl
 
 from .. import backend as _backend
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
-from .multiscale_dwconv import CONV, TAPS, WGRAD, dwconv7_tile, tile_coords
+from .multiscale_dwconv import CONV, TAPS, WGRAD
 from .utils import acc_dtype, call_op, next_pow2, num_workers
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-# Rows per block of the GELU backward.
+# Elements per program of the GELU forward; rows per block of the GELU backward.
+GELU_BLOCK = 2048
 GELU_BWD_ROWS = 64
-# Head: tokens per program and the channel chunk of the LN passes and the down-projection dot.
-HEAD_ROWS = 64
-HEAD_BLOCK_C = 64
-# Tail: the channel chunk of the up projection; pixels per tile shrink as d grows (registers).
-TAIL_BLOCK_C = 64
 
 
 @triton.jit
 def _keep(seed, offs, p):
     """The dropout decision for flat element index ``offs``: Philox draws from ``seed``."""
     return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed, p, scale, HAS_DROPOUT: tl.constexpr,
+                             BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """a' = gelu(h3) * m over N flat elements, m the dropout multiplier (0 or 1/(1-p))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    h = tl.load(h3_ptr + offs, mask=inside, other=0.0).to(ACC)
+    a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    if HAS_DROPOUT:
+        a = tl.where(_keep(seed, offs, p), a * scale, 0.0)
+    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -67,89 +76,17 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, dh3_ptr, partial_ptr, M, D, seed, p
     tl.store(partial_ptr + pid.to(tl.int64) * D + cols, acc, mask=cmask)
 
 
-@triton.jit
-def _head_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, h1_ptr, mean_ptr, rstd_ptr,
-                 M, C, D, eps, BM: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """h1 = y @ W1^T + b1 with y = LN-scaling(x), for BM tokens; y never leaves registers."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < M
-    xrow = x_ptr + rows.to(tl.int64)[:, None] * C
-    total = tl.zeros([BM], dtype=ACC)
-    for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        total += tl.sum(tl.load(xrow + cols[None, :], mask=rmask[:, None] & (cols < C)[None, :], other=0.0).to(ACC), 1)
-    mean = total / C
-    sq = tl.zeros([BM], dtype=ACC)
-    for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        mask = rmask[:, None] & (cols < C)[None, :]
-        xc = tl.where(mask, tl.load(xrow + cols[None, :], mask=mask, other=0.0).to(ACC) - mean[:, None], 0.0)
-        sq += tl.sum(xc * xc, 1)
-    rstd = 1.0 / tl.sqrt(sq / C + eps)
-    cdt = h1_ptr.dtype.element_ty
-    dcols = tl.arange(0, BD)
-    dmask = dcols < D
-    acc = tl.zeros([BM, BD], dtype=ACC)
-    for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        cmask = cols < C
-        x = tl.load(xrow + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        gammax = tl.load(gammax_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        y = ((x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]) * gamma[None, :] + x * gammax[None, :]
-        w1t = tl.load(w1_ptr + dcols[None, :] * C + cols[:, None], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(y.to(cdt), w1t.to(cdt), acc, input_precision=DOT_PREC)
-    acc += tl.load(b1_ptr + dcols, mask=dmask, other=0.0).to(ACC)[None, :]
-    tl.store(h1_ptr + rows.to(tl.int64)[:, None] * D + dcols[None, :], acc.to(cdt), mask=rmask[:, None] & dmask[None, :])
-    tl.store(mean_ptr + rows, mean, mask=rmask)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
-
-
-@triton.jit
-def _tail_kernel(h1_ptr, k_ptr, kb_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, h3_ptr, a_ptr,
-                 H, W, D, C, n_pix, seed, p, scale, RECOMPUTE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 TILE: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-                 ACC: tl.constexpr, DOT_PREC: tl.constexpr):
-    """For one spatial tile, all d channels: h2 = conv7(h1) + kb; h3 = h2 + h2 @ Wp^T + bp;
-    a' = dropout(gelu(h3)); then either out = x + a' @ W2^T + b2 (forward) or, with RECOMPUTE,
-    h2, h3 and a' written out for backward."""
-    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, n_pix, TILE)
-    ch = tl.arange(0, BD)
-    cmask = ch < D
-    offs = pix[:, None] * D + ch[None, :]
-    cdt = h1_ptr.dtype.element_ty
-    h2 = dwconv7_tile(h1_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE, BD, ACC)
-    h2 += tl.load(kb_ptr + ch, mask=cmask, other=0.0).to(ACC)[None, :]
-    wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
-    h3 = tl.dot(h2.to(cdt), wpt.to(cdt), tl.zeros([TILE, BD], dtype=ACC), input_precision=DOT_PREC)
-    h3 += h2 + tl.load(bp_ptr + ch, mask=cmask, other=0.0).to(ACC)[None, :]
-    a = 0.5 * h3 * (1.0 + tl.erf(h3 * 0.7071067811865476))
-    if HAS_DROPOUT:
-        a = tl.where(_keep(seed, offs, p), a * scale, 0.0)
-    if RECOMPUTE:
-        mask = inside[:, None] & cmask[None, :]
-        tl.store(h2_ptr + offs, h2.to(cdt), mask=mask)
-        tl.store(h3_ptr + offs, h3.to(cdt), mask=mask)
-        tl.store(a_ptr + offs, a.to(cdt), mask=mask)
-    else:
-        a_c = a.to(cdt)
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            ccols = cols < C
-            w2t = tl.load(w2_ptr + cols[None, :] * D + ch[:, None], mask=cmask[:, None] & ccols[None, :], other=0.0)
-            o = tl.dot(a_c, w2t.to(cdt), tl.zeros([TILE, BC], dtype=ACC), input_precision=DOT_PREC)
-            o += tl.load(b2_ptr + cols, mask=ccols, other=0.0).to(ACC)[None, :]
-            xo = pix[:, None] * C + cols[None, :]
-            mask = inside[:, None] & ccols[None, :]
-            o += tl.load(x_ptr + xo, mask=mask, other=0.0).to(ACC)
-            tl.store(out_ptr + xo, o.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _gelu_fwd_triton(h3, seed, p):
+    a = torch.empty_like(h3)
+    N = h3.numel()
+    _gelu_dropout_fwd_kernel[(triton.cdiv(N, GELU_BLOCK),)](
+        h3, a, N, int(seed.item()), p, 1.0 / (1.0 - p), HAS_DROPOUT=p > 0, BLOCK=GELU_BLOCK,
+        ACC=_tl_acc(h3.dtype), num_warps=4)
+    return a
 
 
 def _gelu_bwd_triton(da, h3, seed, p):
@@ -184,6 +121,8 @@ def _gelu_bwd_torch(da, h3, seed, p):
     return dh.to(h3.dtype), dh.sum(0)
 
 
+# The two backends draw different (equally distributed) masks; each pairs its forward with its backward.
+GELU_FWD = {"triton": _gelu_fwd_triton, "torch": _gelu_fwd_torch}
 GELU_BWD = {"triton": _gelu_bwd_triton, "torch": _gelu_bwd_torch}
 
 
@@ -196,92 +135,20 @@ def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float, backend: str
     return dh3
 
 
-def _dot_precision(cdt):
-    return "ieee" if cdt in (torch.float32, torch.float64) else "tf32"
-
-
-def _head_triton(x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
-    M, C = x.shape
-    D = W1.shape[0]
-    acc = acc_dtype(cdt)
-    h1 = torch.empty(M, D, device=x.device, dtype=cdt)
-    mean = torch.empty(M, device=x.device, dtype=acc)
-    rstd = torch.empty(M, device=x.device, dtype=acc)
-    _head_kernel[(triton.cdiv(M, HEAD_ROWS),)](
-        x, w_ln, b_ln, gamma, gammax, W1, b1, h1, mean, rstd, M, C, D, eps, BM=HEAD_ROWS, BC=HEAD_BLOCK_C,
-        BD=max(16, next_pow2(D)), ACC=_tl_acc(acc), DOT_PREC=_dot_precision(cdt), num_warps=4)
-    return h1, mean, rstd
-
-
-def _head_torch(x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
-    y, mean, rstd = LN_FORWARD["torch"](x, w_ln, b_ln, gamma, gammax, eps)
+def _head(name, x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
+    """``(h1, mean, rstd)``: the LN-scaling op, then the down projection."""
+    y, mean, rstd = LN_FORWARD[name](x, w_ln, b_ln, gamma, gammax, eps)
     return F.linear(y.to(cdt), W1.to(cdt), b1.to(cdt)), mean, rstd
 
 
-def _launch_tail(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out=None, recompute=None):
-    B, H, W = bhw
-    D = h1.shape[1]
-    C = x.shape[1] if x is not None else D
-    BD = max(16, next_pow2(D))
-    tile = 64 if BD <= 64 else 32
-    n_pix = B * H * W
-    h2, h3, a = recompute if recompute is not None else (h1, h1, h1)
-    _tail_kernel[(triton.cdiv(n_pix, tile),)](
-        h1, K, bias_k, Wp, bp, W2 if W2 is not None else Wp, b2 if b2 is not None else bp,
-        x if x is not None else h1, out if out is not None else h1, h2, h3, a, H, W, D, C, n_pix,
-        int(seed.item()), p, 1.0 / (1.0 - p), RECOMPUTE=recompute is not None, HAS_DROPOUT=p > 0,
-        TILE=tile, BD=BD, BC=TAIL_BLOCK_C, ACC=_tl_acc(K.dtype),
-        DOT_PREC=_dot_precision(h1.dtype), num_warps=4 if BD <= 64 else 8)
-
-
-def _tail_triton(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype):
-    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
-    _launch_tail(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out=out)
-    return out
-
-
-def _tail_torch(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype):
-    _, _, a = _recompute_torch(h1, bhw, K, bias_k, Wp, bp, seed, p)
-    return (x + F.linear(a, W2.to(a.dtype), b2.to(a.dtype))).to(out_dtype)
-
-
-def _recompute_triton(h1, bhw, K, bias_k, Wp, bp, seed, p):
-    h2, h3, a = torch.empty_like(h1), torch.empty_like(h1), torch.empty_like(h1)
-    _launch_tail(h1, bhw, K, bias_k, Wp, bp, None, None, None, seed, p, recompute=(h2, h3, a))
-    return h2, h3, a
-
-
-def _recompute_torch(h1, bhw, K, bias_k, Wp, bp, seed, p):
+def _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p):
+    """``(h2, h3, a')`` from ``h1``: the merged depthwise op, the projector, GELU and dropout."""
     B, H, W = bhw
     d = h1.shape[1]
     cdt = h1.dtype
-    h2 = CONV["torch"](h1.view(B, H, W, d), K, bias_k).view(-1, d)
+    h2 = CONV[name](h1.view(B, H, W, d), K, bias_k).view(-1, d)
     h3 = h2 + F.linear(h2, Wp.to(cdt), bp.to(cdt))
-    return h2, h3, _gelu_fwd_torch(h3, seed, p)
-
-
-def _head_composite(x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
-    y, mean, rstd = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps)
-    return F.linear(y.to(cdt), W1.to(cdt), b1.to(cdt)), mean, rstd
-
-
-def _recompute_composite(h1, bhw, K, bias_k, Wp, bp, seed, p):
-    B, H, W = bhw
-    d = h1.shape[1]
-    h2 = CONV["triton"](h1.view(B, H, W, d), K, bias_k).view(-1, d)
-    h3 = torch.addmm(h2, h2, Wp.to(h1.dtype).t()) + bp.to(h1.dtype)
-    return h2, h3, _gelu_fwd_torch(h3, seed, p)
-
-
-def _tail_composite(h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype):
-    _, _, a = _recompute_composite(h1, bhw, K, bias_k, Wp, bp, seed, p)
-    return torch.addmm(x.to(out_dtype), a, W2.to(a.dtype).t()).add_(b2.to(out_dtype)) if out_dtype == a.dtype \
-        else x + F.linear(a, W2.to(a.dtype), b2.to(a.dtype))
-
-
-HEAD = {"triton": _head_triton, "torch": _head_torch}
-TAIL = {"triton": _tail_triton, "torch": _tail_torch}
-RECOMPUTE = {"triton": _recompute_triton, "torch": _recompute_torch}
+    return h2, h3, GELU_FWD[name](h3, seed, p)
 
 
 def _column_sums(t, acc):
@@ -299,9 +166,9 @@ def _mona_fwd(x: torch.Tensor, w_ln: torch.Tensor, b_ln: torch.Tensor, gamma: to
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, h1, mean, rstd)`` for (M, C) tokens ``x``."""
     name = _backend.resolve(x.device, backend)
-    h1, mean, rstd = HEAD[name](x, w_ln, b_ln, gamma, gammax, W1, b1, eps, compute_dtype)
-    out_dtype = torch.promote_types(x.dtype, compute_dtype)
-    out = TAIL[name](h1, bhw, K, bias_k, Wp, bp, W2, b2, x, seed, p, out_dtype)
+    h1, mean, rstd = _head(name, x, w_ln, b_ln, gamma, gammax, W1, b1, eps, compute_dtype)
+    _, _, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p)
+    out = x + F.linear(a, W2.to(compute_dtype), b2.to(compute_dtype))
     return out, h1, mean, rstd
 
 
@@ -329,7 +196,7 @@ def _mona_bwd(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
     cdt = h1.dtype
     acc = acc_dtype(cdt)
     d = h1.shape[1]
-    h2, h3, a = RECOMPUTE[name](h1, bhw, K, bias_k, Wp, bp, seed, p)
+    h2, h3, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p)
     gc = g.to(cdt)
     db2 = _column_sums(gc, acc)
     dW2 = gc.t() @ a

@@ -57,7 +57,7 @@ def dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE: tl.constexp
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "n_pix"])
 def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
                     HAS_BIAS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image."""
@@ -71,7 +71,7 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "n_pix"])
 def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix,
                           TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Per tile: partial[tile, t, :] = sum over the tile of dout * h shifted by tap t (t < 49), and
