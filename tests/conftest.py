@@ -23,6 +23,19 @@ def assert_close(actual, expected, dtype, name="", scale=1.0):
     assert err <= TOLERANCE[dtype] * scale, f"{name}: relative error {err:.3g} over {TOLERANCE[dtype] * scale:.3g}"
 
 
+def assert_parity(fn, ref_fn, inputs, ref_inputs, names, dtype, scale=1.0):
+    """``fn(*inputs)`` and the gradient of every input against the oracle ``ref_fn(*ref_inputs)``
+    (float64), for one random output gradient; the output keeps the dtype of the first input."""
+    out, out_ref = fn(*inputs), ref_fn(*ref_inputs)
+    assert out.dtype == inputs[0].dtype, f"output dtype {out.dtype} != input dtype {inputs[0].dtype}"
+    assert_close(out, out_ref, dtype, "out", scale)
+    g = torch.randn_like(out_ref)
+    grads = torch.autograd.grad(out, inputs, g.to(out.dtype))
+    grads_ref = torch.autograd.grad(out_ref, ref_inputs, g)
+    for name, a, b in zip(names, grads, grads_ref):
+        assert_close(a, b, dtype, name, scale)
+
+
 def backends_for(device: torch.device):
     """Every backend that can run on ``device`` in this process."""
     return [b for b in ("triton", "cuda", "torch") if _can_run(b, device) is None]

@@ -3,7 +3,7 @@ inputs, autocast and torch.compile. Skipped where CUDA is absent."""
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TOLERANCE, assert_close, needs_cuda, randomize_, rel_err
+from conftest import DEVICE_BACKENDS, TOLERANCE, assert_close, assert_parity, needs_cuda, randomize_, rel_err
 import mona_kernels as mk
 from mona_kernels.reference import Mona as RefMona, ln_scale_ref, multiscale_dwconv_ref
 
@@ -35,14 +35,8 @@ def test_ln_scale(backend, dtype, shape):
     x = x64.to(dtype).requires_grad_()
     params = [p.float().requires_grad_() for p in p64]
     ref_inputs = [x.detach().double().requires_grad_()] + [p.detach().double().requires_grad_() for p in params]
-    y = mk.ln_scale(x, *params, backend=backend)
-    y_ref = ln_scale_ref(*ref_inputs)
-    assert y.dtype == dtype
-    assert_close(y, y_ref, dtype, "y")
-    dy = torch.randn_like(y_ref)
-    for name, a, b in zip("x w b gamma gammax".split(), _grads(y, [x, *params], dy.to(dtype)),
-                          _grads(y_ref, ref_inputs, dy)):
-        assert_close(a, b, dtype, name)
+    assert_parity(lambda *t: mk.ln_scale(*t, backend=backend), ln_scale_ref, [x, *params], ref_inputs,
+                  "x w b gamma gammax".split(), dtype)
 
 
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
@@ -56,14 +50,8 @@ def test_multiscale_dwconv(backend, dtype, shape):
         weights += [(torch.randn(d, 1, k, k, device="cuda") / k).requires_grad_(),
                     torch.randn(d, device="cuda").requires_grad_()]
     ref_inputs = [t.detach().double().requires_grad_() for t in [h, *weights]]
-    out = mk.multiscale_dwconv(h, *weights, backend=backend)
-    out_ref = multiscale_dwconv_ref(*ref_inputs)
-    assert out.dtype == dtype
-    assert_close(out, out_ref, dtype, "out")
-    g = torch.randn_like(out_ref)
-    for name, a, b in zip("h w3 b3 w5 b5 w7 b7".split(), _grads(out, [h, *weights], g.to(dtype)),
-                          _grads(out_ref, ref_inputs, g)):
-        assert_close(a, b, dtype, name)
+    assert_parity(lambda *t: mk.multiscale_dwconv(*t, backend=backend), multiscale_dwconv_ref, [h, *weights],
+                  ref_inputs, "h w3 b3 w5 b5 w7 b7".split(), dtype)
 
 
 def _adapter_pair(C, dtype, d=64):

@@ -3,7 +3,7 @@ determinism, awkward sizes and input errors."""
 import pytest
 import torch
 
-from conftest import CPU_BACKENDS, assert_close
+from conftest import CPU_BACKENDS, assert_close, assert_parity
 from mona_kernels import multiscale_dwconv
 from mona_kernels.ops.multiscale_dwconv import DWConv7Function, merge_kernels
 from mona_kernels.reference import multiscale_dwconv_ref
@@ -22,14 +22,8 @@ def _inputs(B, H, W, d, dtype=torch.float64):
                                    (1, 3, 5, 256), (1, 17, 20, 64)])
 def test_matches_reference_with_all_gradients(backend, shape):
     inputs = _inputs(*shape)
-    out = multiscale_dwconv(*inputs, backend=backend)
-    out_ref = multiscale_dwconv_ref(*inputs)
-    assert_close(out, out_ref, torch.float64, "out")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, dout)
-    grads_ref = torch.autograd.grad(out_ref, inputs, dout)
-    for name, g, g_ref in zip(("h", "w3", "b3", "w5", "b5", "w7", "b7"), grads, grads_ref):
-        assert_close(g, g_ref, torch.float64, name)
+    assert_parity(lambda *t: multiscale_dwconv(*t, backend=backend), multiscale_dwconv_ref, inputs, inputs,
+                  ("h", "w3", "b3", "w5", "b5", "w7", "b7"), torch.float64)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
