@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import CPU_BACKENDS, assert_close, randomize_
+from conftest import CPU_BACKENDS, TOLERANCE, assert_close, randomize_, rel_err
 import mona_kernels as mk
 from mona_kernels.reference import Mona as RefMona
 
@@ -208,3 +208,47 @@ def test_bottleneck_over_maximum_is_refused():
     fused = mk.Mona(8, mk.MAX_BOTTLENECK + 1)
     with pytest.raises(ValueError, match="bottleneck"):
         fused(torch.randn(1, 4, 8), (2, 2))
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_autocast_gradients_are_as_accurate_as_the_reference(backend):
+    """Under bf16 autocast (fp32 parameters) every gradient is within the bf16 tolerance of the
+    float64 truth, and no worse than twice the reference module's own autocast error.
+
+    PyTorch path only: the Triton interpreter converts fp32 to bf16 by truncation, where GPUs round to
+    nearest, so the Triton kernels' bf16 accuracy is checked on the GPU (test_gpu.py)."""
+    ref = randomize_(RefMona(32, 16, dropout=0.0))
+    fused = mk.Mona(32, 16, dropout=0.0, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    truth = RefMona(32, 16, dropout=0.0).to(F64)
+    truth.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 30, 32)
+    g = torch.randn(2, 30, 32)
+    x64 = x.double().requires_grad_()
+    grads_true = torch.autograd.grad(truth(x64, (5, 6)), [x64, *truth.parameters()], g.double())
+    errors = {}
+    for label, module in (("ref", ref), ("fused", fused)):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xx, (5, 6))
+        assert out.dtype == torch.float32
+        grads = torch.autograd.grad(out, [xx, *module.parameters()], g)
+        assert all(gr.dtype == torch.float32 for gr in grads[1:])
+        errors[label] = [rel_err(a, b) for a, b in zip(grads, grads_true)]
+    for name, e_fused, e_ref in zip(["x"] + [n for n, _ in fused.named_parameters()], errors["fused"], errors["ref"]):
+        assert e_fused <= TOLERANCE[torch.bfloat16], f"{name}: {e_fused:.3g}"
+        assert e_fused <= 2 * e_ref + 1e-3, f"{name}: fused {e_fused:.3g} vs reference {e_ref:.3g}"
+
+
+def test_torch_compile_fullgraph_traces_without_graph_breaks():
+    """The whole forward and backward are registered ops, so dynamo traces the module in one graph."""
+    ref, fused = _pair(backend="torch")
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 20, 24, dtype=F64, requires_grad=True)
+    out = compiled(x, (4, 5))
+    assert_close(out, ref(x, (4, 5)), F64)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *fused.parameters()], g)
+    grads_ref = torch.autograd.grad(ref(x, (4, 5)), [x, *ref.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        assert_close(a, b, F64)
