@@ -1,14 +1,64 @@
-"""Installs the pure-Python package (Triton kernels and the PyTorch path)."""
+"""Installs mona_kernels; builds the CUDA fallback extension when nvcc and a CUDA build of torch are present.
+
+Switches: MONA_KERNELS_BUILD_CUDA=0 skips the extension, =1 requires it (the build fails without
+CUDA); unset builds it when possible. TORCH_CUDA_ARCH_LIST picks the architectures (default: from the
+nvcc version); MAX_JOBS bounds the parallel ninja build. The torch that builds it must be importable
+at build time: `pip install --no-build-isolation -e .`.
+"""
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def _build_settings():
+    spec = importlib.util.spec_from_file_location("_build", HERE / "mona_kernels" / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cuda_extension():
+    """``(ext_modules, cmdclass)`` for the CUDA extension, or empty when it is not to be built."""
+    switch = os.environ.get("MONA_KERNELS_BUILD_CUDA", "")
+    if switch == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if switch == "1":
+            raise RuntimeError("MONA_KERNELS_BUILD_CUDA=1 but torch is not importable at build time; "
+                               "use pip install --no-build-isolation")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if switch == "1":
+            raise RuntimeError("MONA_KERNELS_BUILD_CUDA=1 but no CUDA build of torch or no nvcc was found")
+        return [], {}
+    build = _build_settings()
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        version = build.nvcc_version(os.path.join(CUDA_HOME, "bin", "nvcc"))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(build.default_arch_list(version or (12, 0)))
+    ext = CUDAExtension("mona_kernels._C", [f"csrc/{s}" for s in build.SOURCES],
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": build.NVCC_FLAGS})
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
 
 setup(
     name="mona_kernels",
     version="0.1.0",
     description="Fused GPU kernels for the Mona vision adapter",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mona_kernels", "mona_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "plot": ["matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,8 +1,10 @@
 """The one place where a backend is chosen for a call.
 
 ``auto`` takes Triton on GPUs that run it (compute capability 8.0 and newer) and on the CPU when
-``TRITON_INTERPRET=1``; the compiled CUDA extension on other GPUs when it is built; and PyTorch
-everywhere else. ``MONA_KERNELS_BACKEND=triton|cuda|torch`` or a ``backend=`` argument forces one.
+``TRITON_INTERPRET=1``, and PyTorch everywhere else. ``MONA_KERNELS_BACKEND=triton|cuda|torch`` or a
+``backend=`` argument forces one. The compiled CUDA extension (``cuda``) runs only when forced: its
+kernels compile for every architecture but have not yet passed the GPU parity tests, and ``auto``
+must never give a wrong answer.
 """
 from __future__ import annotations
 
@@ -31,9 +33,14 @@ def _triton_runs_on(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
-def cuda_extension_available() -> bool:
-    """The compiled CUDA fallback is not part of this release; see README."""
-    return False
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> str | None:
+    from .ops import cuda_ext
+    try:
+        cuda_ext.load()
+    except Exception as err:  # any build or import failure means the backend is unavailable
+        return f"the CUDA extension cannot be loaded or built: {err}"
+    return None
 
 
 def _can_run(backend: str, device: torch.device) -> str | None:
@@ -51,7 +58,7 @@ def _can_run(backend: str, device: torch.device) -> str | None:
     if backend == "cuda":
         if device.type != "cuda":
             return f"the CUDA extension needs CUDA tensors, got {device.type}"
-        return None if cuda_extension_available() else "the CUDA extension is not built"
+        return _cuda_extension_error()
     return f"unknown backend {backend!r}"
 
 
@@ -65,7 +72,4 @@ def resolve(device: torch.device, backend: str | None = None) -> str:
         if reason is not None:
             raise RuntimeError(f"backend {choice!r} is unavailable: {reason}")
         return choice
-    for candidate in ("triton", "cuda"):
-        if _can_run(candidate, device) is None:
-            return candidate
-    return "torch"
+    return "triton" if _can_run("triton", device) is None else "torch"

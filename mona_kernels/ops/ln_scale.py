@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
+from . import cuda_ext
 from .utils import acc_dtype, call_op, check_tensor, next_pow2, num_workers
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
@@ -154,8 +155,8 @@ def _bwd_torch(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     return dx.to(x.dtype), torch.stack([dy_xn * w + dy_sum * b, (dyf * xf).sum(0), dy_xn * gamma, dy_sum * gamma])
 
 
-FORWARD = {"triton": _fwd_triton, "torch": _fwd_torch}
-BACKWARD = {"triton": _bwd_triton, "torch": _bwd_torch}
+FORWARD = {"triton": _fwd_triton, "cuda": cuda_ext.ln_scale_fwd, "torch": _fwd_torch}
+BACKWARD = {"triton": _bwd_triton, "cuda": cuda_ext.ln_scale_bwd, "torch": _bwd_torch}
 
 
 def _ln_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,

@@ -122,8 +122,8 @@ def _gelu_bwd_torch(da, h3, seed, p):
 
 
 # The two backends draw different (equally distributed) masks; each pairs its forward with its backward.
-GELU_FWD = {"triton": _gelu_fwd_triton, "torch": _gelu_fwd_torch}
-GELU_BWD = {"triton": _gelu_bwd_triton, "torch": _gelu_bwd_torch}
+GELU_FWD = {"triton": _gelu_fwd_triton, "cuda": _gelu_fwd_torch, "torch": _gelu_fwd_torch}
+GELU_BWD = {"triton": _gelu_bwd_triton, "cuda": _gelu_bwd_torch, "torch": _gelu_bwd_torch}
 
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
+from . import cuda_ext
 from .utils import acc_dtype, call_op, check_tensor, next_pow2
 
 KSIZE = 7
@@ -163,8 +164,8 @@ def _wgrad_torch(h, dout):
     return torch.cat([dK.reshape(D, TAPS).t(), gc.sum(dim=(0, 2, 3))[None]])
 
 
-CONV = {"triton": _conv_triton, "torch": _conv_torch}
-WGRAD = {"triton": _wgrad_triton, "torch": _wgrad_torch}
+CONV = {"triton": _conv_triton, "cuda": cuda_ext.dwconv7_fwd, "torch": _conv_torch}
+WGRAD = {"triton": _wgrad_triton, "cuda": cuda_ext.dwconv7_wgrad, "torch": _wgrad_torch}
 
 
 def _dwconv7_fwd(h: torch.Tensor, K: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:

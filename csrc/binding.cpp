@@ -1,0 +1,147 @@
+// PyTorch binding of the CUDA fallback: argument checks, dtype dispatch, allocation. The kernels are
+// in mona_kernels.cu and know nothing of torch.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/extension.h>
+
+#include "mona_kernels.h"
+
+namespace {
+
+constexpr int64_t kTaps = 49;
+constexpr int64_t kWgradTilePixels = 64;
+
+void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == dim, name, " must have rank ", dim, ", got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16 for the CUDA backend, got ", s);
+}
+
+torch::Tensor as_float_vector(const torch::Tensor& p, const char* name, int64_t n, const torch::Tensor& like) {
+  TORCH_CHECK(p.device() == like.device(), name, " is on ", p.device(), " but the input is on ", like.device());
+  TORCH_CHECK(p.numel() == n, name, " must have ", n, " elements, got ", p.numel());
+  return p.to(at::kFloat).contiguous();
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+// Calls fn with a null pointer of the kernel element type matching `s`.
+template <typename Fn>
+void dispatch(at::ScalarType s, Fn&& fn) {
+  switch (s) {
+    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
+    case at::kHalf: fn(static_cast<__half*>(nullptr)); break;
+    case at::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", s);
+  }
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+std::vector<torch::Tensor> ln_scale_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor b, torch::Tensor gamma,
+                                        torch::Tensor gammax, double eps) {
+  check_input(x, "x", 2);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), C = x.size(1);
+  auto wf = as_float_vector(w, "weight", C, x), bf = as_float_vector(b, "bias", C, x);
+  auto gf = as_float_vector(gamma, "gamma", C, x), gxf = as_float_vector(gammax, "gammax", C, x);
+  auto y = torch::empty_like(x);
+  auto opts = x.options().dtype(at::kFloat);
+  auto mean = torch::empty({M}, opts), rstd = torch::empty({M}, opts);
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), ptr<float>(wf), ptr<float>(bf), ptr<float>(gf), ptr<float>(gxf),
+                                     ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), M, C, (float)eps, stream),
+               "ln_scale_fwd");
+  });
+  return {y, mean, rstd};
+}
+
+std::vector<torch::Tensor> ln_scale_bwd(torch::Tensor dy, torch::Tensor x, torch::Tensor w, torch::Tensor b,
+                                        torch::Tensor gamma, torch::Tensor gammax, torch::Tensor mean,
+                                        torch::Tensor rstd, c10::optional<torch::Tensor> residual) {
+  check_input(x, "x", 2);
+  check_input(dy, "dy", 2);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x in shape and dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), C = x.size(1);
+  auto wf = as_float_vector(w, "weight", C, x), bf = as_float_vector(b, "bias", C, x);
+  auto gf = as_float_vector(gamma, "gamma", C, x), gxf = as_float_vector(gammax, "gammax", C, x);
+  auto meanf = as_float_vector(mean, "mean", M, x), rstdf = as_float_vector(rstd, "rstd", M, x);
+  torch::Tensor res;
+  if (residual.has_value()) {
+    res = residual->to(x.scalar_type()).contiguous();
+    TORCH_CHECK(res.sizes() == x.sizes(), "residual must match x in shape");
+  }
+  int sms = 1;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()), "device query");
+  const int programs = (int)std::max<int64_t>(1, std::min<int64_t>(M, 4 * (int64_t)sms));
+  auto dx = torch::empty_like(x);
+  auto partial = torch::zeros({4, programs, C}, x.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(mona::ln_scale_bwd<T>(ptr<T>(dy), ptr<T>(x), ptr<float>(wf), ptr<float>(bf), ptr<float>(gf),
+                                     ptr<float>(gxf), ptr<float>(meanf), ptr<float>(rstdf),
+                                     res.defined() ? ptr<T>(res) : nullptr, ptr<T>(dx), ptr<float>(partial), programs,
+                                     M, C, stream),
+               "ln_scale_bwd");
+  });
+  return {dx, partial.sum(1)};
+}
+
+torch::Tensor dwconv7_fwd(torch::Tensor h, torch::Tensor K, c10::optional<torch::Tensor> bias) {
+  check_input(h, "h", 4);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), H = h.size(1), W = h.size(2), D = h.size(3);
+  TORCH_CHECK(K.dim() == 2 && K.size(0) == kTaps && K.size(1) == D, "K must be (49, ", D, ")");
+  auto Kf = K.to(at::kFloat).contiguous();
+  torch::Tensor bf;
+  if (bias.has_value()) bf = as_float_vector(*bias, "bias", D, h);
+  auto out = torch::empty_like(h);
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch(h.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(mona::dwconv7_fwd<T>(ptr<T>(h), ptr<float>(Kf), bf.defined() ? ptr<float>(bf) : nullptr, ptr<T>(out),
+                                    B, H, W, D, stream),
+               "dwconv7_fwd");
+  });
+  return out;
+}
+
+torch::Tensor dwconv7_wgrad(torch::Tensor h, torch::Tensor dout) {
+  check_input(h, "h", 4);
+  check_input(dout, "dout", 4);
+  TORCH_CHECK(dout.sizes() == h.sizes() && dout.scalar_type() == h.scalar_type(), "dout must match h");
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), H = h.size(1), W = h.size(2), D = h.size(3);
+  const int64_t tiles = (B * H * W + kWgradTilePixels - 1) / kWgradTilePixels;
+  auto partial = torch::empty({tiles, kTaps + 1, D}, h.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch(h.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(mona::dwconv7_wgrad<T>(ptr<T>(h), ptr<T>(dout), ptr<float>(partial), B, H, W, D, kWgradTilePixels,
+                                      stream),
+               "dwconv7_wgrad");
+  });
+  return partial.sum(0);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA fallback kernels of mona_kernels";
+  m.def("ln_scale_fwd", &ln_scale_fwd, "LN-scaling forward: (y, mean, rstd)");
+  m.def("ln_scale_bwd", &ln_scale_bwd, "LN-scaling backward: (dx, (4, C) parameter gradients)");
+  m.def("dwconv7_fwd", &dwconv7_fwd, "merged 7x7 depthwise conv, channels-last");
+  m.def("dwconv7_wgrad", &dwconv7_wgrad, "merged kernel and bias gradient, (50, D)");
+}
