@@ -119,7 +119,7 @@ def bench_adapter(shape, dtype, device, reps, variants, backends):
         outs = [model(x, hw) for x in xs]
         bwd = _time_ms(_rotating(lambda i: torch.autograd.grad(outs[i], [xs[i], *mparams], gs[i],
                                                                retain_graph=True)), device, reps)
-        del outs
+        outs.clear()  # free the three retained graphs before measuring peak memory
         peak = _peak_mb(lambda: fwd_bwd(0), device)
         rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
                          fwd_bwd_ms=both, peak_mb=peak, err_out=err_out, err_grad=err_grad))

@@ -3,7 +3,7 @@ inputs, autocast and torch.compile. Skipped where CUDA is absent."""
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TOLERANCE, assert_close, assert_parity, needs_cuda, randomize_, rel_err
+from conftest import DEVICE_BACKENDS, assert_close, assert_parity, needs_cuda, randomize_
 import mona_kernels as mk
 from mona_kernels.reference import Mona as RefMona, ln_scale_ref, multiscale_dwconv_ref
 

@@ -8,7 +8,6 @@ import torch.nn as nn
 from conftest import CPU_BACKENDS, assert_close, randomize_
 import mona_kernels as mk
 from mona_kernels.integrations import add_mona, adapter_state_dict, freeze_all_but_adapters, load_adapter_state_dict
-from mona_kernels.reference import Mona as RefMona
 
 F64 = torch.float64
 
