@@ -126,7 +126,6 @@ GELU_FWD = {"triton": _gelu_fwd_triton, "cuda": _gelu_fwd_torch, "torch": _gelu_
 GELU_BWD = {"triton": _gelu_bwd_triton, "cuda": _gelu_bwd_torch, "torch": _gelu_bwd_torch}
 
 
-
 def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float, backend: str | None = None) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) the adapter applies to each element of (M, d) ``like``
     for ``seed`` on the chosen backend; backward regenerates exactly this mask without storing it."""
