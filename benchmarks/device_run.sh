@@ -1,19 +1,67 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: every test, the Swin-B step and the benchmark, each stage under its own
-# time limit with its log streamed under $OUT, so a slow stage cannot swallow the others' results.
-# Usage: bash benchmarks/device_run.sh [benchmark args...]   (env TESTS_S, SWIN_S, BENCH_S: limits)
+# One call on the GPU machine runs the chosen stages, each under its own time limit, with its log
+# streamed under $OUT, so a slow stage cannot swallow the others' results.
+#   bash benchmarks/device_run.sh [stages...] [-- benchmark args...]
+# Stages (default: all, in this order): build tests memcheck launch swin bench.
+#   build     build the CUDA extension (ninja) in the background while the others start
+#   tests     the whole pytest suite (GPU tests and the rest in two parallel processes)
+#   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
+#   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/launch_profile.py)
+#   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py)
+#   bench     python -m mona_kernels.benchmark with the arguments after --
+# Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) BENCH_S (240);
+# MEMCHECK_BACKENDS (cuda) names the backends the memcheck stage runs.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD  # the GPU machine has no network for an editable install
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
-timeout "${TESTS_S:-300}" python3 -m pytest tests -q -p no:cacheprovider --durations=10 > "$OUT/tests.log" 2>&1
-echo "tests: exit $?"
-timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py > "$OUT/swin.log" 2>&1
-echo "swin_step: exit $?"
-timeout "${BENCH_S:-240}" python3 -m mona_kernels.benchmark --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
-echo "benchmark: exit $?"
-echo "== tests";  grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests.log" | tail -8
-echo "== swin";   grep -vi warn "$OUT/swin.log" | tail -12
-echo "== bench";  grep "^|" "$OUT/bench.log" | grep -v "fused\[torch\]"
+stages=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+[ ${#stages[@]} -eq 0 ] && stages=(build tests memcheck launch swin bench)
+has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+SUMMARY="$OUT/summary.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$SUMMARY"
+git log -1 --format='commit %h %s' >> "$SUMMARY" 2>/dev/null
+if has build; then
+  python3 -c "from mona_kernels.ops import cuda_ext; cuda_ext.load(); print('cuda extension built')" \
+    > "$OUT/build.log" 2>&1 &
+  BUILD_PID=$!
+fi
+wait_build() { [ -n "${BUILD_PID:-}" ] && { wait "$BUILD_PID"; echo "build: exit $?" >> "$SUMMARY"; BUILD_PID=; }; }
+if has tests; then
+  wait_build
+  timeout "${TESTS_S:-300}" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs > "$OUT/tests_gpu.log" 2>&1 &
+  GPU_PID=$!
+  timeout "${TESTS_S:-300}" python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/test_gpu.py > "$OUT/tests.log" 2>&1
+  echo "tests (non-GPU files): exit $?" >> "$SUMMARY"
+  wait "$GPU_PID"; echo "tests (test_gpu.py): exit $?" >> "$SUMMARY"
+fi
+wait_build
+if has memcheck; then
+  for b in ${MEMCHECK_BACKENDS:-cuda}; do
+    timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/memcheck_case.py $b \
+      >> "$OUT/memcheck.log" 2>&1
+    echo "memcheck $b: exit $?" >> "$SUMMARY"
+  done
+fi
+if has launch; then
+  timeout "${LAUNCH_S:-120}" python3 benchmarks/launch_profile.py >> "$OUT/launch.log" 2>&1
+  echo "launch_profile: exit $?" >> "$SUMMARY"
+fi
+if has swin; then
+  timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py > "$OUT/swin.log" 2>&1
+  echo "swin_step: exit $?" >> "$SUMMARY"
+fi
+if has bench; then
+  timeout "${BENCH_S:-240}" python3 -m mona_kernels.benchmark --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
+  echo "benchmark: exit $?" >> "$SUMMARY"
+fi
+cat "$SUMMARY"
+for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
+[ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|worst|passed|Error" "$OUT/memcheck.log" | head -12; }
+[ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
+[ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
+[ -f "$OUT/bench.log" ] && { echo "== bench"; grep "^| adapter\|^| multi\|^| ln" "$OUT/bench.log" | grep -v "fused\[torch\]" | cut -c1-200; }
+exit 0

@@ -65,6 +65,32 @@ def _rotating(fn_of_index):
     return run
 
 
+def _graph_ms(fn, device, reps: int) -> float:
+    """Median milliseconds of ``fn`` captured once in a CUDA graph and replayed: the GPU time alone,
+    without the host's per-launch cost (what ``torch.compile(mode="reduce-overhead")`` or a graphed
+    training loop sees). NaN where capture is impossible (the CPU, or an op that cannot be captured)."""
+    if device.type != "cuda":
+        return float("nan")
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+    except RuntimeError as err:
+        print(f"CUDA graph capture failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return float("nan")
+    ms = _time_ms(graph.replay, device, reps)
+    del graph
+    return ms
+
+
 def _peak_mb(fn, device) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -121,8 +147,10 @@ def bench_adapter(shape, dtype, device, reps, variants, backends):
                                                                retain_graph=True)), device, reps)
         outs.clear()  # free the three retained graphs before measuring peak memory
         peak = _peak_mb(lambda: fwd_bwd(0), device)
+        graphed = _graph_ms(lambda: fwd_bwd(0), device, reps) if name != "compiled" else float("nan")
         rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
-                         fwd_bwd_ms=both, peak_mb=peak, err_out=err_out, err_grad=err_grad))
+                         fwd_bwd_ms=both, graph_fwd_bwd_ms=graphed, peak_mb=peak, err_out=err_out,
+                         err_grad=err_grad))
     return rows
 
 
@@ -153,7 +181,8 @@ def bench_dwconv(shape, dtype, device, reps, backends, d=64):
         fwd = _time_ms(_rotating(fn), device, reps)
         both = _time_ms(_rotating(grads_of), device, reps)
         rows.append(dict(op="multiscale_dwconv", variant=name, shape=f"{B}x{H}x{W}x{d}", fwd_ms=fwd,
-                         bwd_ms=both - fwd, fwd_bwd_ms=both, peak_mb=float("nan"), err_out=err,
+                         bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_bwd_ms=float("nan"),
+                         peak_mb=float("nan"), err_out=err,
                          err_grad=float("nan")))
     return rows
 
@@ -174,7 +203,8 @@ def bench_ln_scale(shape, dtype, device, reps, backends):
         fwd = _time_ms(_rotating(fn), device, reps)
         both = _time_ms(_rotating(lambda i: torch.autograd.grad(fn(i), [xs[i], *params], gs[i])), device, reps)
         rows.append(dict(op="ln_scale", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd,
-                         bwd_ms=both - fwd, fwd_bwd_ms=both, peak_mb=float("nan"), err_out=_rel(fn(0), out_ref),
+                         bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_bwd_ms=float("nan"),
+                         peak_mb=float("nan"), err_out=_rel(fn(0), out_ref),
                          err_grad=float("nan")))
     return rows
 
@@ -184,6 +214,7 @@ def _add_ratios(rows, bandwidth, elem_bytes):
         ref = next(x for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"] and x["variant"] == "reference")
         r["speedup_fwd"] = ref["fwd_ms"] / r["fwd_ms"]
         r["speedup_fwd_bwd"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        r["speedup_graph"] = ref["graph_fwd_bwd_ms"] / r["graph_fwd_bwd_ms"]
         n = 1
         for s in r["shape"].split("x"):
             n *= int(s)
@@ -195,7 +226,7 @@ def _add_ratios(rows, bandwidth, elem_bytes):
 def _print_table(rows, header):
     print(header)
     cols = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "speedup_fwd", "speedup_fwd_bwd",
-            "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "err_out", "err_grad"]
+            "graph_fwd_bwd_ms", "speedup_graph", "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "err_out", "err_grad"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
