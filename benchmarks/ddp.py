@@ -75,13 +75,16 @@ def adapter_grads(model):
     return grads
 
 
-def wrap(model, mode):
+def wrap(model, mode, device):
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    # An explicit mesh on the model's device: without one, FSDP2 moves CPU models to a visible GPU.
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for blk in model.blocks:
-        fully_shard(blk)
-    return fully_shard(model)
+        fully_shard(blk, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def check_gradients(mode, fused, dtype, device, batch, backend=None):
@@ -93,7 +96,7 @@ def check_gradients(mode, fused, dtype, device, batch, backend=None):
     single = copy.deepcopy(model)
     nn.functional.cross_entropy(single(x), y).backward()
     expected = adapter_grads(single)
-    wrapped = wrap(model, mode)
+    wrapped = wrap(model, mode, device)
     shard = slice(rank * batch // world, (rank + 1) * batch // world)
     nn.functional.cross_entropy(wrapped(x[shard]), y[shard]).backward()
     got = adapter_grads(wrapped)
@@ -103,7 +106,7 @@ def check_gradients(mode, fused, dtype, device, batch, backend=None):
 
 def time_steps(mode, fused, dtype, device, batch, steps):
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = wrap(make_model(fused, dtype, device), mode)
+    model = wrap(make_model(fused, dtype, device), mode, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = global_batch(batch, dtype, device)
     shard = slice(rank * batch // world, (rank + 1) * batch // world)
