@@ -87,6 +87,19 @@ def main():
             torch.autograd.grad(m(x, (H, W)), params, g)
         print(f"| {name} | {kernels_per_call(fwd)} | {kernels_per_call(both)} | {wall_ms(fwd):.3f} | "
               f"{wall_ms(both):.3f} |")
+    if "fused[triton]" in models:
+        import cProfile
+        import pstats
+        m = models["fused[triton]"]
+        params = [x, *m.parameters()]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            torch.autograd.grad(m(x, (H, W)), params, g)
+        torch.cuda.synchronize()
+        prof.disable()
+        print("\nhost profile of 50 fused[triton] forward+backward calls, by own time:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     print("\n| Triton kernel | registers | spills |")
     print("|---|---|---|")
     for name, regs, spills in triton_kernel_info():

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .utils import acc_dtype, call_op, check_tensor, next_pow2, num_workers
+from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2, num_workers
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
 ROW_BLOCK_ELEMS = 4096
@@ -94,6 +94,10 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
     tl.store(partial_ptr + 3 * stride + base, acc_dy * gamma, mask=cmask)
 
 
+_ln_scale_fwd_launch = Launcher(_ln_scale_fwd_kernel)
+_ln_scale_bwd_launch = Launcher(_ln_scale_bwd_kernel)
+
+
 def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -112,7 +116,7 @@ def _fwd_triton(x, w, b, gamma, gammax, eps):
     mean = torch.empty(M, device=x.device, dtype=acc)
     rstd = torch.empty(M, device=x.device, dtype=acc)
     rows, block_c, warps = _row_block(C)
-    _ln_scale_fwd_kernel[(triton.cdiv(M, rows),)](
+    _ln_scale_fwd_launch[(triton.cdiv(M, rows),)](
         x, w, b, gamma, gammax, y, mean, rstd, M, C, eps,
         ROWS=rows, BLOCK_C=block_c, ACC=_tl_acc(x.dtype), num_warps=warps)
     return y, mean, rstd
@@ -124,7 +128,7 @@ def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     n_prog = max(1, min(num_workers(x.device), triton.cdiv(M, rows)))
     dx = torch.empty_like(x)
     partial = torch.empty(4, n_prog, C, device=x.device, dtype=mean.dtype)
-    _ln_scale_bwd_kernel[(n_prog,)](
+    _ln_scale_bwd_launch[(n_prog,)](
         x, dy, w, b, gamma, gammax, mean, rstd, residual if residual is not None else dy, dx, partial, M, C,
         HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_C=block_c, ACC=_tl_acc(x.dtype), num_warps=warps)
     return dx, partial.sum(dim=1)

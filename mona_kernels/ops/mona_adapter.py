@@ -22,7 +22,7 @@ import triton.language as tl
 from .. import backend as _backend
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
 from .multiscale_dwconv import CONV, TAPS, WGRAD
-from .utils import acc_dtype, call_op, next_pow2, num_workers
+from .utils import Launcher, acc_dtype, call_op, next_pow2, num_workers
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -37,7 +37,7 @@ def _keep(seed, offs, p):
     return tl.rand(seed, offs) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed, p, scale, HAS_DROPOUT: tl.constexpr,
                              BLOCK: tl.constexpr, ACC: tl.constexpr):
     """a' = gelu(h3) * m over N flat elements, m the dropout multiplier (0 or 1/(1-p))."""
@@ -50,7 +50,7 @@ def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed, p, scale, HAS_DROPOUT: tl.c
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "seed"])
 def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, dh3_ptr, partial_ptr, M, D, seed, p, scale,
                              HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                              ACC: tl.constexpr):
@@ -76,6 +76,10 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, dh3_ptr, partial_ptr, M, D, seed, p
     tl.store(partial_ptr + pid.to(tl.int64) * D + cols, acc, mask=cmask)
 
 
+_gelu_dropout_fwd_launch = Launcher(_gelu_dropout_fwd_kernel)
+_gelu_dropout_bwd_launch = Launcher(_gelu_dropout_bwd_kernel)
+
+
 def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -83,7 +87,7 @@ def _tl_acc(dtype):
 def _gelu_fwd_triton(h3, seed, p):
     a = torch.empty_like(h3)
     N = h3.numel()
-    _gelu_dropout_fwd_kernel[(triton.cdiv(N, GELU_BLOCK),)](
+    _gelu_dropout_fwd_launch[(triton.cdiv(N, GELU_BLOCK),)](
         h3, a, N, int(seed.item()), p, 1.0 / (1.0 - p), HAS_DROPOUT=p > 0, BLOCK=GELU_BLOCK,
         ACC=_tl_acc(h3.dtype), num_warps=4)
     return a
@@ -94,7 +98,7 @@ def _gelu_bwd_triton(da, h3, seed, p):
     dh3 = torch.empty_like(h3)
     n_prog = max(1, min(num_workers(h3.device), triton.cdiv(M, GELU_BWD_ROWS)))
     partial = torch.empty(n_prog, D, device=h3.device, dtype=acc_dtype(h3.dtype))
-    _gelu_dropout_bwd_kernel[(n_prog,)](
+    _gelu_dropout_bwd_launch[(n_prog,)](
         da, h3, dh3, partial, M, D, int(seed.item()), p, 1.0 / (1.0 - p), HAS_DROPOUT=p > 0,
         ROWS=GELU_BWD_ROWS, BLOCK_D=next_pow2(D), ACC=_tl_acc(h3.dtype), num_warps=4)
     return dh3, partial.sum(0)
