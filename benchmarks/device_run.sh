@@ -2,14 +2,15 @@
 # One call on the GPU machine runs the chosen stages, each under its own time limit, with its log
 # streamed under $OUT, so a slow stage cannot swallow the others' results.
 #   bash benchmarks/device_run.sh [stages...] [-- benchmark args...]
-# Stages (default: all, in this order): build tests memcheck launch swin bench.
+# Stages (default: all, in this order): build tests memcheck launch swin sweep bench.
 #   build     build the CUDA extension (ninja) in the background while the others start
 #   tests     the whole pytest suite (GPU tests and the rest in two parallel processes)
 #   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
 #   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/launch_profile.py)
+#   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py)
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
-# Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) BENCH_S (240);
+# Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) SWEEP_S (150) BENCH_S (240);
 # MEMCHECK_BACKENDS (cuda) names the backends the memcheck stage runs.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -19,7 +20,7 @@ export PYTHONPATH=$PWD  # the GPU machine has no network for an editable install
 stages=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
-[ ${#stages[@]} -eq 0 ] && stages=(build tests memcheck launch swin bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build tests memcheck launch swin sweep bench)
 has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 SUMMARY="$OUT/summary.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$SUMMARY"
@@ -32,11 +33,20 @@ fi
 wait_build() { [ -n "${BUILD_PID:-}" ] && { wait "$BUILD_PID"; echo "build: exit $?" >> "$SUMMARY"; BUILD_PID=; }; }
 if has tests; then
   wait_build
-  timeout "${TESTS_S:-300}" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs > "$OUT/tests_gpu.log" 2>&1 &
-  GPU_PID=$!
+  # test_gpu.py in four processes (Triton compiles on the CPU, one kernel at a time per process)
+  groups=("ln_scale" "multiscale_dwconv" "adapter" "not ln_scale and not multiscale_dwconv and not adapter")
+  pids=()
+  for k in 0 1 2 3; do
+    timeout "${TESTS_S:-300}" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs -k "${groups[$k]}" \
+      > "/tmp/tests_gpu_$k.log" 2>&1 &
+    pids+=($!)
+  done
   timeout "${TESTS_S:-300}" python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/test_gpu.py > "$OUT/tests.log" 2>&1
   echo "tests (non-GPU files): exit $?" >> "$SUMMARY"
-  wait "$GPU_PID"; echo "tests (test_gpu.py): exit $?" >> "$SUMMARY"
+  for k in 0 1 2 3; do
+    wait "${pids[$k]}"; echo "tests (test_gpu.py -k '${groups[$k]}'): exit $?" >> "$SUMMARY"
+    cat "/tmp/tests_gpu_$k.log" >> "$OUT/tests_gpu.log"
+  done
 fi
 wait_build
 if has memcheck; then
@@ -54,6 +64,10 @@ if has swin; then
   timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py > "$OUT/swin.log" 2>&1
   echo "swin_step: exit $?" >> "$SUMMARY"
 fi
+if has sweep; then
+  timeout "${SWEEP_S:-150}" python3 benchmarks/sweep_dwconv.py > "$OUT/sweep.log" 2>&1
+  echo "sweep_dwconv: exit $?" >> "$SUMMARY"
+fi
 if has bench; then
   timeout "${BENCH_S:-240}" python3 -m mona_kernels.benchmark --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
   echo "benchmark: exit $?" >> "$SUMMARY"
@@ -63,5 +77,6 @@ for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E
 [ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|worst|passed|Error" "$OUT/memcheck.log" | head -12; }
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
 [ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
+[ -f "$OUT/sweep.log" ] && { echo "== sweep"; cat "$OUT/sweep.log" | grep -v -i warn; }
 [ -f "$OUT/bench.log" ] && { echo "== bench"; grep "^| adapter\|^| multi\|^| ln" "$OUT/bench.log" | grep -v "fused\[torch\]" | cut -c1-200; }
 exit 0

@@ -89,8 +89,9 @@ class Launcher:
 
     def __init__(self, fn):
         self.fn = fn
-        self.params = [(p.name, p.is_constexpr, p.do_not_specialize) for p in fn.params]
-        self.names = {p.name for p in fn.params}
+        params = getattr(fn, "params", None) or []  # the interpreter's functions have none
+        self.params = [(p.name, p.is_constexpr, p.do_not_specialize) for p in params]
+        self.names = {p.name for p in params}
         self.cache = {}
 
     def __getitem__(self, grid):
@@ -121,7 +122,7 @@ class Launcher:
         return tuple(key), full
 
     def _launch(self, grid, *args, **kwargs):
-        if Launcher._disabled or interpreting():
+        if Launcher._disabled or interpreting() or not self.params:
             return self.fn[grid](*args, **kwargs)
         try:
             key, full = self._key(args, kwargs)
