@@ -100,6 +100,8 @@ def main():
         prof.disable()
         print("\nhost profile of 50 fused[triton] forward+backward calls, by own time:")
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    from mona_kernels.ops.utils import Launcher
+    print(f"\nTriton launches by path: {Launcher.stats}")
     print("\n| Triton kernel | registers | spills |")
     print("|---|---|---|")
     for name, regs, spills in triton_kernel_info():

@@ -95,7 +95,11 @@ def main():
     # Parity of the implementation in float64, where rounding cannot hide a bug. Then how far each
     # fp32 and bf16-autocast run lies from that float64 truth: 24 random-init blocks amplify rounding,
     # so the fused and the reference adapters are compared by their distance to the truth.
+    # eval() turns off the backbone's stochastic depth, which would draw a new mask for every call;
+    # gradients still flow. The training steps below run in train mode.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model.eval()
     m64 = copy.deepcopy(model).double()
     truth = adapter_grads(m64, x.double(), y, autocast=False)
     install(m64, [tuple(mk.convert(copy.deepcopy(m))[0].double() for m in pair) for pair in reference])
@@ -106,6 +110,8 @@ def main():
     install(model, fused)
     fused_fp32 = adapter_grads(model, x, y, autocast=False)
     fused_bf16 = adapter_grads(model, x, y)
+    model.train()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     def errors(grads):
         errs = sorted(((grads[n].double() - g).norm() / g.norm().clamp_min(1e-300)).item() for n, g in truth.items())

@@ -15,6 +15,9 @@ class FakeKernel:
         self.log, self.tag = log, tag
         self.function, self.packed_metadata = object(), object()
 
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
     def run(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
         self.log.append(("fast", self.tag, (g0, g1, g2), stream, args))
 
@@ -45,7 +48,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(cuda_stream=77))
-    monkeypatch.setattr(utils, "_launch_hook", lambda: None)
+    monkeypatch.setattr(utils, "_launch_hooks", lambda: (None, None))
     monkeypatch.setattr(Launcher, "_disabled", False)
 
 

@@ -55,13 +55,10 @@ def call_op(op, impl, *args):
     return (op if torch.compiler.is_compiling() else impl)(*args)
 
 
-def _launch_hook():
-    """Triton's launch-enter hook (set by profilers); launches then go through Triton's own path."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return True
-    return knobs.runtime.launch_enter_hook
+def _launch_hooks():
+    """Triton's launch enter/exit hooks (profilers set them), passed on to every launch."""
+    from triton import knobs
+    return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
 
 
 class _NotCacheable(Exception):
@@ -81,11 +78,12 @@ class Launcher:
     The cache key is at least as fine as Triton's own: the device, every constexpr and option, each
     tensor's dtype and 16-byte alignment, the exact value of every specialised integer, and the
     32/64-bit width of the others. So the kernel it calls is the one Triton would have chosen.
-    Anything it cannot key (an unknown argument type, a launch hook, the interpreter) takes
-    Triton's path.
+    Anything it cannot key (an unknown argument type, the interpreter) takes Triton's path, and a
+    Triton whose compiled kernels launch differently turns the fast path off for the process.
     """
 
     _disabled = not _FAST_LAUNCH
+    stats = {"fast": 0, "triton": 0, "uncacheable": 0}  # launch counts, for diagnosis
 
     def __init__(self, fn):
         self.fn = fn
@@ -105,8 +103,8 @@ class Launcher:
             full.append(kwargs[name])
         key = []
         for (_, constexpr, nospec), a in zip(self.params, full):
-            if constexpr:
-                key.append(a)
+            if constexpr:  # Triton dtypes need not be hashable: key them by name
+                key.append(a if isinstance(a, (bool, int, float, str, type(None))) else (type(a).__name__, str(a)))
             elif isinstance(a, torch.Tensor):
                 key.append((a.dtype, a.data_ptr() % 16 == 0))
             elif isinstance(a, bool) or a is None:
@@ -127,9 +125,11 @@ class Launcher:
         try:
             key, full = self._key(args, kwargs)
             kernel = self.cache.get(key)
-        except (_NotCacheable, TypeError):  # TypeError: an unhashable constexpr
+        except (_NotCacheable, TypeError):  # TypeError: an unhashable argument
+            Launcher.stats["uncacheable"] += 1
             return self.fn[grid](*args, **kwargs)
-        if kernel is None or _launch_hook() is not None:
+        if kernel is None:
+            Launcher.stats["triton"] += 1
             kernel = self.fn[grid](*args, **kwargs)
             if len(self.cache) >= 256:
                 self.cache.clear()
@@ -137,9 +137,13 @@ class Launcher:
             return kernel
         g = tuple(grid) + (1, 1)
         stream = torch.cuda.current_stream().cuda_stream
-        try:
-            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *full)
-        except TypeError:  # a Triton whose launcher takes other arguments: use its own path from now on
+        try:  # exactly what Triton's own launch does once it has found the kernel
+            enter, leave = _launch_hooks()
+            meta = kernel.launch_metadata(g, stream, *full) if enter is not None else None
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *full)
+        except (TypeError, AttributeError, ImportError) as err:  # a Triton whose kernels launch differently
             Launcher._disabled = True
+            Launcher.stats["disabled_by"] = repr(err)
             return self.fn[grid](*args, **kwargs)
+        Launcher.stats["fast"] += 1
         return kernel
