@@ -40,6 +40,8 @@ def ln_scale_fwd(x, w, b, gamma, gammax, eps):
 
 def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     dx, dparams = load().ln_scale_bwd(dy.to(x.dtype).contiguous(), x, w, b, gamma, gammax, mean, rstd, residual)
+    if residual is not None:  # the same contract as the other backends: a fifth row, sum of residual
+        dparams = torch.cat([dparams, residual.sum(0, dtype=dparams.dtype)[None]])
     return dx, dparams
 
 

@@ -49,7 +49,8 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
                          res_ptr, dx_ptr, partial_ptr, M, C, HAS_RESIDUAL: tl.constexpr,
                          ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """Writes dx (plus the residual gradient ``res`` when given) and, per program, partial sums of
-    (dgamma, dgammax, dw_ln, db_ln) into ``partial`` (4, programs, C); the host sums them in order."""
+    (dgamma, dgammax, dw_ln, db_ln) into ``partial`` (4, programs, C), with a fifth row of column sums
+    of ``res`` when given (the adapter's output-bias gradient); the host sums them in order."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
@@ -62,6 +63,7 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
     acc_dgammax = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
     acc_dy_xn = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
     acc_dy = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
+    acc_res = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
     for blk in range(pid, tl.cdiv(M, ROWS), n_prog):
         rows = blk * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
@@ -77,7 +79,9 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
         mean_txn = tl.sum(t * xn, axis=1) / C
         dx = dy * gammax[None, :] + rstd[:, None] * (t - mean_t[:, None] - xn * mean_txn[:, None])
         if HAS_RESIDUAL:
-            dx += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+            res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+            dx += res
+            acc_res += res
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         acc_dy_xn += dy * xn
         acc_dy += dy
@@ -92,6 +96,8 @@ def _ln_scale_bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, gamma_ptr, gammax_ptr, mea
     tl.store(partial_ptr + stride + base, acc_dgammax, mask=cmask)
     tl.store(partial_ptr + 2 * stride + base, acc_dy_xn * gamma, mask=cmask)
     tl.store(partial_ptr + 3 * stride + base, acc_dy * gamma, mask=cmask)
+    if HAS_RESIDUAL:
+        tl.store(partial_ptr + 4 * stride + base, tl.sum(acc_res, axis=0), mask=cmask)
 
 
 _ln_scale_fwd_launch = Launcher(_ln_scale_fwd_kernel)
@@ -127,7 +133,7 @@ def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     rows, block_c, warps = _row_block(C, BWD_ROW_BLOCK_ELEMS)
     n_prog = max(1, min(num_workers(x.device), triton.cdiv(M, rows)))
     dx = torch.empty_like(x)
-    partial = torch.empty(4, n_prog, C, device=x.device, dtype=mean.dtype)
+    partial = torch.empty(4 + (residual is not None), n_prog, C, device=x.device, dtype=mean.dtype)
     _ln_scale_bwd_launch[(n_prog,)](
         x, dy, w, b, gamma, gammax, mean, rstd, residual if residual is not None else dy, dx, partial, M, C,
         HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_C=block_c, ACC=_tl_acc(x.dtype), num_warps=warps)
@@ -156,7 +162,10 @@ def _bwd_torch(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
         dx = dx + residual.to(acc)
     dy_xn = (dyf * xn).sum(0)
     dy_sum = dyf.sum(0)
-    return dx.to(x.dtype), torch.stack([dy_xn * w + dy_sum * b, (dyf * xf).sum(0), dy_xn * gamma, dy_sum * gamma])
+    rows = [dy_xn * w + dy_sum * b, (dyf * xf).sum(0), dy_xn * gamma, dy_sum * gamma]
+    if residual is not None:
+        rows.append(residual.to(acc).sum(0))
+    return dx.to(x.dtype), torch.stack(rows)
 
 
 FORWARD = {"triton": _fwd_triton, "cuda": cuda_ext.ln_scale_fwd, "torch": _fwd_torch}

@@ -39,36 +39,42 @@ def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
 
 
 @triton.jit
-def dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-                 ACC: tl.constexpr):
+def dwconv7_tile(h_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                 ACC: tl.constexpr, FLIP: tl.constexpr = False):
     """sum_{u,v} K[u*7+v, ch] * h[i+u-3, j+v-3, ch] for one tile; ``offs`` are the tile's own
-    element offsets (pixel * D + channel), zero outside the image."""
+    element offsets (pixel * D + channel), zero outside the image; pixels past the last (``inside``
+    false) read nothing. FLIP uses the kernel rotated by 180 degrees, K[48 - t] (the input gradient)."""
     center = h_ptr + offs
     acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
     # Rows of taps in a real loop, columns unrolled: unrolling all 49 lets the scheduler hoist every
     # load and spill (measured: 255 registers and 178 spilled words at 64 px x 64 channels).
     for u in range(7):
         ii = i + (u - 3)
-        row_ok = (ii >= 0) & (ii < H)
+        row_ok = inside & (ii >= 0) & (ii < H)
         for v in tl.static_range(7):
             jj = j + (v - 3)
             ok = row_ok & (jj >= 0) & (jj < W)
             # One scalar offset per tap: the pixel grid is row-major with D channels per pixel.
             hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
-            kv = tl.load(k_ptr + (u * 7 + v) * D + ch, mask=cmask, other=0.0)
+            if FLIP:
+                kv = tl.load(k_ptr + (48 - (u * 7 + v)) * D + ch, mask=cmask, other=0.0)
+            else:
+                kv = tl.load(k_ptr + (u * 7 + v) * D + ch, mask=cmask, other=0.0)
             acc += hv.to(ACC) * kv[None, :]
     return acc
 
 
 @triton.jit(do_not_specialize=["H", "W", "n_pix"])
 def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
-                    HAS_BIAS: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image."""
+                    HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ACC: tl.constexpr):
+    """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image;
+    FLIP convolves with K[48 - t] instead (the input gradient)."""
     pix, i, j, inside = tile_coords(tl.program_id(0), H, W, n_pix, TILE)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
     offs = pix[:, None] * D + ch[None, :]
-    acc = dwconv7_tile(h_ptr, k_ptr, offs, i, j, H, W, D, ch, cmask, TILE, BLOCK_D, ACC)
+    acc = dwconv7_tile(h_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, ACC, FLIP)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & cmask[None, :])
@@ -129,14 +135,14 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4):
+def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4, flip: bool = False):
     B, H, W, D = h.shape
     out = torch.empty_like(h)
     block_d = min(next_pow2(D), MAX_BLOCK_D)
     n_pix = B * H * W
     grid = (triton.cdiv(n_pix, pixels), triton.cdiv(D, block_d))
     _dwconv7_launch[grid](h, K, bias if bias is not None else K, out, H, W, D, n_pix,
-                          HAS_BIAS=bias is not None, TILE=pixels, BLOCK_D=block_d,
+                          HAS_BIAS=bias is not None, FLIP=flip, TILE=pixels, BLOCK_D=block_d,
                           ACC=_tl_acc(K.dtype), num_warps=num_warps)
     return out
 
@@ -172,6 +178,13 @@ def _wgrad_torch(h, dout):
 
 
 CONV = {"triton": _conv_triton, "cuda": cuda_ext.dwconv7_fwd, "torch": _conv_torch}
+
+
+def conv_flipped(name: str, dout: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """The input gradient of the merged conv: ``dout`` convolved with K rotated by 180 degrees."""
+    if name == "triton":
+        return _conv_triton(dout, K, None, flip=True)
+    return CONV[name](dout, K.flip(0).contiguous(), None)
 WGRAD = {"triton": _wgrad_triton, "cuda": cuda_ext.dwconv7_wgrad, "torch": _wgrad_torch}
 
 
@@ -193,8 +206,7 @@ def _dwconv7_bwd(dout: torch.Tensor, h: torch.Tensor, K: torch.Tensor,
     """``(dh, dKb)``: dh is the conv of dout with the flipped kernel; dKb (50, d) in K's dtype holds
     dK in rows 0..48 and the bias gradient in row 49."""
     name = _backend.resolve(h.device, backend)
-    dh = CONV[name](dout, K.flip(0).contiguous(), None)
-    return dh, WGRAD[name](h, dout).to(K.dtype)
+    return conv_flipped(name, dout, K), WGRAD[name](h, dout).to(K.dtype)
 
 
 dwconv7_bwd = torch.library.custom_op("mona_kernels::dwconv7_bwd", _dwconv7_bwd, mutates_args=())
