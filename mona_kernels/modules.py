@@ -6,7 +6,7 @@ import torch
 from . import reference
 from .functional import mona, mona_merged
 from .ops.multiscale_dwconv import merge_kernels
-from .ops.utils import acc_dtype
+from .ops.utils import acc_dtype, cast
 
 
 class Mona(reference.Mona):
@@ -77,6 +77,6 @@ class Mona(reference.Mona):
         d = K.shape[1]
         conv = self.adapter_conv
         return mona_merged(x, (B, H, W), self.norm.weight, self.norm.bias, self.gamma, self.gammax,
-                           self.project1.weight, self.project1.bias, K.to(acc_dtype(x.dtype)), bias.to(acc_dtype(x.dtype)),
+                           self.project1.weight, self.project1.bias, cast(K, acc_dtype(x.dtype)), cast(bias, acc_dtype(x.dtype)),
                            conv.projector.weight.view(d, d), conv.projector.bias,
                            self.project2.weight, self.project2.bias, 0.0, self.norm.eps, self.backend)

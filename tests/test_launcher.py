@@ -47,7 +47,7 @@ class FakeJit:
 def fake_gpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(cuda_stream=77))
+    monkeypatch.setattr(utils, "_current_raw_stream", lambda: 77)
     monkeypatch.setattr(utils, "_launch_hooks", lambda: (None, None))
     monkeypatch.setattr(Launcher, "_disabled", False)
 

@@ -22,7 +22,7 @@ import triton.language as tl
 from .. import backend as _backend
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
 from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, tile_coords
-from .utils import Launcher, acc_dtype, call_op, next_pow2, num_workers
+from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -215,11 +215,6 @@ def _head(name, x, w_ln, b_ln, gamma, gammax, W1, b1, eps, cdt):
     """``(h1, mean, rstd)``: the LN-scaling op, then the down projection."""
     y, mean, rstd = LN_FORWARD[name](x, w_ln, b_ln, gamma, gammax, eps)
     return F.linear(_cast(y, cdt), _cast(W1, cdt), _cast(b1, cdt)), mean, rstd
-
-
-def _cast(t, dtype):
-    """``t.to(dtype)`` without a dispatcher call when it is already ``dtype`` (host time counts here)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=True):

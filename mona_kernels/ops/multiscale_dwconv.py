@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2
+from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
@@ -206,7 +206,7 @@ def _dwconv7_bwd(dout: torch.Tensor, h: torch.Tensor, K: torch.Tensor,
     """``(dh, dKb)``: dh is the conv of dout with the flipped kernel; dKb (50, d) in K's dtype holds
     dK in rows 0..48 and the bias gradient in row 49."""
     name = _backend.resolve(h.device, backend)
-    return conv_flipped(name, dout, K), WGRAD[name](h, dout).to(K.dtype)
+    return conv_flipped(name, dout, K), cast(WGRAD[name](h, dout), K.dtype)
 
 
 dwconv7_bwd = torch.library.custom_op("mona_kernels::dwconv7_bwd", _dwconv7_bwd, mutates_args=())
@@ -269,7 +269,7 @@ class MergeKernels(torch.autograd.Function):
         dK = dK.t().reshape(d, 1, KSIZE, KSIZE) / 3.0
         db = dbias / 3.0
         grads = (dK[..., 2:5, 2:5], db, dK[..., 1:6, 1:6], db, dK, db)
-        return tuple(g.to(t) for g, t in zip(grads, ctx.dtypes)) + (None,)
+        return tuple(cast(g, t) for g, t in zip(grads, ctx.dtypes)) + (None,)
 
 
 def merge_kernels(w3, b3, w5, b5, w7, b7, dtype: torch.dtype = torch.float32):

@@ -32,6 +32,16 @@ def check_tensor(name: str, t, ndim: int | None = None, size: tuple | None = Non
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a dispatcher call when it already is ``dtype`` (host time counts)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _current_raw_stream():
+    """The current CUDA stream's handle, as Triton's own launcher obtains it."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in: float64 stays float64, everything else uses float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -136,7 +146,7 @@ class Launcher:
             self.cache[key] = kernel
             return kernel
         g = tuple(grid) + (1, 1)
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _current_raw_stream()
         try:  # exactly what Triton's own launch does once it has found the kernel
             enter, leave = _launch_hooks()
             meta = kernel.launch_metadata(g, stream, *full) if enter is not None else None
