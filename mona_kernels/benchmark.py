@@ -107,7 +107,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def bench_adapter(shape, dtype, device, reps, variants, backends):
+def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
     """Rows of timings for one (B, H, W, C) shape."""
     B, H, W, C = shape
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def bench_adapter(shape, dtype, device, reps, variants, backends):
                                                                retain_graph=True)), device, reps)
         outs.clear()  # free the three retained graphs before measuring peak memory
         peak = _peak_mb(lambda: fwd_bwd(0), device)
-        graphed = _graph_ms(lambda: fwd_bwd(0), device, reps) if name != "compiled" else float("nan")
+        graphed = _graph_ms(lambda: fwd_bwd(0), device, reps) if graphs and name != "compiled" else float("nan")
         rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
                          fwd_bwd_ms=both, graph_fwd_bwd_ms=graphed, peak_mb=peak, err_out=err_out,
                          err_grad=err_grad))
@@ -269,6 +269,8 @@ def main(argv=None):
     ap.add_argument("--ops", nargs="*", default=["adapter", "multiscale_dwconv", "ln_scale"],
                     choices=["adapter", "multiscale_dwconv", "ln_scale"])
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time forward+backward replayed from a CUDA graph (GPU time alone; experimental)")
     ap.add_argument("--reps", type=int, default=200, help="milliseconds of timed repeats per case")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the CSV and the plot")
     args = ap.parse_args(argv)
@@ -295,7 +297,7 @@ def main(argv=None):
         print(f"[{k}/{len(jobs)}] {op} {shape}", file=sys.stderr, flush=True)
         if op == "adapter":
             variants = () if args.no_compile else ("compiled",)
-            rows += bench_adapter(shape, dtype, device, args.reps, variants, backends)
+            rows += bench_adapter(shape, dtype, device, args.reps, variants, backends, args.graphs)
         elif op == "multiscale_dwconv":
             rows += bench_dwconv(shape, dtype, device, args.reps, backends)
         else:
