@@ -1,10 +1,11 @@
 """The one place where a backend is chosen for a call.
 
 ``auto`` takes Triton on GPUs that run it (compute capability 8.0 and newer) and on the CPU when
-``TRITON_INTERPRET=1``, and PyTorch everywhere else. ``MONA_KERNELS_BACKEND=triton|cuda|torch`` or a
-``backend=`` argument forces one. The compiled CUDA extension (``cuda``) runs only when forced: its
-kernels compile for every architecture but have not yet passed the GPU parity tests, and ``auto``
-must never give a wrong answer.
+``TRITON_INTERPRET=1``; the compiled CUDA extension (``cuda``) on other GPUs (Turing, or no Triton),
+building it on first use if setup.py did not; and PyTorch everywhere else (the CPU, or a GPU where
+the extension cannot be had). ``MONA_KERNELS_BACKEND=triton|cuda|torch`` or a ``backend=`` argument
+forces one, with a clear error if it is unavailable. The CUDA kernels passed the same GPU parity
+tests as Triton's and a compute-sanitizer memcheck (H200, session 2).
 """
 from __future__ import annotations
 
@@ -72,4 +73,8 @@ def resolve(device: torch.device, backend: str | None = None) -> str:
         if reason is not None:
             raise RuntimeError(f"backend {choice!r} is unavailable: {reason}")
         return choice
-    return "triton" if _can_run("triton", device) is None else "torch"
+    if _can_run("triton", device) is None:
+        return "triton"
+    if device.type == "cuda" and _can_run("cuda", device) is None:
+        return "cuda"
+    return "torch"

@@ -114,3 +114,4 @@ def test_interpreter_always_uses_triton(monkeypatch):
     for _ in range(2):
         Launcher(fn)[(1,)](x, x, 1, 8, BLOCK=8)
     assert [e[0] for e in fn.log] == ["triton", "triton"]
+
