@@ -73,8 +73,7 @@ def resolve(device: torch.device, backend: str | None = None) -> str:
         if reason is not None:
             raise RuntimeError(f"backend {choice!r} is unavailable: {reason}")
         return choice
-    if _can_run("triton", device) is None:
-        return "triton"
-    if device.type == "cuda" and _can_run("cuda", device) is None:
-        return "cuda"
+    for candidate in ("triton", "cuda"):
+        if _can_run(candidate, device) is None:
+            return candidate
     return "torch"

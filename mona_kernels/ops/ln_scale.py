@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2, num_workers
+from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2, num_workers, tl_acc
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
 ROW_BLOCK_ELEMS = 4096
@@ -104,10 +104,6 @@ _ln_scale_fwd_launch = Launcher(_ln_scale_fwd_kernel)
 _ln_scale_bwd_launch = Launcher(_ln_scale_bwd_kernel)
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _row_block(C: int, elems: int = ROW_BLOCK_ELEMS):
     block_c = next_pow2(C)
     rows = max(1, min(64, elems // block_c))
@@ -124,7 +120,7 @@ def _fwd_triton(x, w, b, gamma, gammax, eps):
     rows, block_c, warps = _row_block(C)
     _ln_scale_fwd_launch[(triton.cdiv(M, rows),)](
         x, w, b, gamma, gammax, y, mean, rstd, M, C, eps,
-        ROWS=rows, BLOCK_C=block_c, ACC=_tl_acc(x.dtype), num_warps=warps)
+        ROWS=rows, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps)
     return y, mean, rstd
 
 
@@ -136,7 +132,7 @@ def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     partial = torch.empty(4 + (residual is not None), n_prog, C, device=x.device, dtype=mean.dtype)
     _ln_scale_bwd_launch[(n_prog,)](
         x, dy, w, b, gamma, gammax, mean, rstd, residual if residual is not None else dy, dx, partial, M, C,
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_C=block_c, ACC=_tl_acc(x.dtype), num_warps=warps)
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps)
     return dx, partial.sum(dim=1)
 
 

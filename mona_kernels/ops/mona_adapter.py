@@ -22,7 +22,7 @@ import triton.language as tl
 from .. import backend as _backend
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
 from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, tile_coords
-from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers
+from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers, tl_acc
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -82,7 +82,7 @@ def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed, p, scale, HAS_DROPOUT: tl.c
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
     h = tl.load(h3_ptr + offs, mask=inside, other=0.0).to(ACC)
-    a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    a = _gelu(h)
     if HAS_DROPOUT:
         a = tl.where(_keep(seed, offs, p), a * scale, 0.0)
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside)
@@ -127,16 +127,12 @@ _gelu_dropout_fwd_launch = Launcher(_gelu_dropout_fwd_kernel)
 _gelu_dropout_bwd_launch = Launcher(_gelu_dropout_bwd_kernel)
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _gelu_fwd_triton(h3, seed, p):
     a = torch.empty_like(h3)
     N = h3.numel()
     _gelu_dropout_fwd_launch[(triton.cdiv(N, GELU_BLOCK),)](
         h3, a, N, int(seed.item()), p, 1.0 / (1.0 - p), HAS_DROPOUT=p > 0, BLOCK=GELU_BLOCK,
-        ACC=_tl_acc(h3.dtype), num_warps=4)
+        ACC=tl_acc(h3.dtype), num_warps=4)
     return a
 
 
@@ -155,7 +151,7 @@ def _gelu_bwd_triton(da, h3, seed, p, Wp=None):
     _gelu_dropout_bwd_launch[(n_prog,)](
         da, h3, Wp if Wp is not None else h3, dh3, dh2, partial, M, D, int(seed.item()), p, 1.0 / (1.0 - p),
         HAS_DROPOUT=p > 0, PROJECT=Wp is not None, ROWS=GELU_BWD_ROWS, BLOCK_D=max(16, next_pow2(D)),
-        ACC=_tl_acc(h3.dtype), PRECISION=_precision(h3.dtype), num_warps=4)
+        ACC=tl_acc(h3.dtype), PRECISION=_precision(h3.dtype), num_warps=4)
     return (dh3, partial.sum(0)) if Wp is None else (dh3, partial.sum(0), dh2)
 
 

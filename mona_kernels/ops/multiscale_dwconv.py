@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2
+from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, tl_acc
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
@@ -131,10 +131,6 @@ _dwconv7_wgrad_launch = Launcher(_dwconv7_wgrad_kernel)
 _merge_launch = Launcher(_merge_kernel)
 
 
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4, flip: bool = False):
     B, H, W, D = h.shape
     out = torch.empty_like(h)
@@ -143,7 +139,7 @@ def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4, flip
     grid = (triton.cdiv(n_pix, pixels), triton.cdiv(D, block_d))
     _dwconv7_launch[grid](h, K, bias if bias is not None else K, out, H, W, D, n_pix,
                           HAS_BIAS=bias is not None, FLIP=flip, TILE=pixels, BLOCK_D=block_d,
-                          ACC=_tl_acc(K.dtype), num_warps=num_warps)
+                          ACC=tl_acc(K.dtype), num_warps=num_warps)
     return out
 
 
@@ -158,7 +154,7 @@ def _wgrad_triton(h, dout, pixels: int | None = None, num_warps: int = 4):
     partial = torch.empty(count, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
     _dwconv7_wgrad_launch[(count, triton.cdiv(D, block_d))](
         h, dout, partial, H, W, D, n_pix, TILE=pixels, BLOCK_D=block_d,
-        ACC=_tl_acc(acc), num_warps=num_warps)
+        ACC=tl_acc(acc), num_warps=num_warps)
     return partial.sum(dim=0)
 
 

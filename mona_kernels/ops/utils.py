@@ -32,6 +32,12 @@ def check_tensor(name: str, t, ndim: int | None = None, size: tuple | None = Non
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
+def tl_acc(dtype: torch.dtype):
+    """:func:`acc_dtype` as a Triton dtype, for the kernels' ``ACC`` constexpr."""
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without a dispatcher call when it already is ``dtype`` (host time counts)."""
     return t if t.dtype == dtype else t.to(dtype)
