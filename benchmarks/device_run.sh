@@ -7,6 +7,7 @@
 #   tests     the whole pytest suite (GPU tests and the rest in two parallel processes)
 #   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
 #   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/launch_profile.py)
+#   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py)
 #   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py)
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
@@ -60,6 +61,10 @@ if has launch; then
   timeout "${LAUNCH_S:-120}" python3 benchmarks/launch_profile.py >> "$OUT/launch.log" 2>&1
   echo "launch_profile: exit $?" >> "$SUMMARY"
 fi
+if has profile; then
+  timeout "${PROFILE_S:-180}" python3 benchmarks/profile_adapter.py > "$OUT/profile.log" 2>&1
+  echo "profile_adapter: exit $?" >> "$SUMMARY"
+fi
 if has swin; then
   timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py > "$OUT/swin.log" 2>&1
   echo "swin_step: exit $?" >> "$SUMMARY"
@@ -76,6 +81,7 @@ cat "$SUMMARY"
 for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
 [ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|worst|passed|Error" "$OUT/memcheck.log" | head -12; }
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
+[ -f "$OUT/profile.log" ] && { echo "== profile"; grep -v -i warn "$OUT/profile.log" | cut -c1-160; }
 [ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
 [ -f "$OUT/sweep.log" ] && { echo "== sweep"; cat "$OUT/sweep.log" | grep -v -i warn; }
 [ -f "$OUT/bench.log" ] && { echo "== bench"; grep "^| adapter\|^| multi\|^| ln" "$OUT/bench.log" | grep -v "fused\[torch\]" | cut -c1-200; }

@@ -1,34 +1,98 @@
-"""Where the fused adapter's forward+backward time goes: torch.profiler, top kernels by GPU time.
+"""Where forward+backward GPU time goes, per kernel, and whether the step captures in a CUDA graph.
 
     python benchmarks/profile_adapter.py [B,H,W,C ...]
+
+For the eager reference and each fused backend that runs here: torch.profiler's GPU time per kernel
+(microseconds per step, top rows) and the step's total GPU time; then a CUDA-graph capture of the
+step, printing the whole traceback where capture fails.
 """
+import collections
 import sys
+import traceback
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mona_kernels as mk
+from mona_kernels import reference
+from mona_kernels.backend import _can_run
 
 SHAPES = [(2, 200, 336, 128), (32, 56, 56, 128)]
+STEPS = 5
+
+
+def variants(C, dtype):
+    torch.manual_seed(0)
+    ref = reference.Mona(C).cuda().to(dtype)
+    ref.dropout.p = 0.0
+    out = {"reference": ref}
+    for b in ("triton", "cuda"):
+        if _can_run(b, torch.device("cuda")):
+            m = mk.Mona(C, dropout=0.0, backend=b).cuda().to(dtype)
+            m.load_state_dict(ref.state_dict())
+            out[f"fused[{b}]"] = m
+    return out
+
+
+def kernel_table(step):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+    per = collections.Counter()
+    count = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:70]] += e.device_time / STEPS
+            count[e.name[:70]] += 1 / STEPS
+    return per, count
+
+
+def try_graph(step):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return f"captured; replay {start.elapsed_time(end) / 20 * 1e3:.1f} us per step"
+    except Exception:
+        return "capture FAILED:\n" + traceback.format_exc(limit=12)
 
 
 def main():
     shapes = [tuple(map(int, s.split(","))) for s in sys.argv[1:]] or SHAPES
     for B, H, W, C in shapes:
-        torch.manual_seed(0)
-        fused = mk.Mona(C, dropout=0.1).cuda().bfloat16()
-        x = torch.randn(B, H * W, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn_like(x)
-        params = [x, *fused.parameters()]
-        for _ in range(3):
-            torch.autograd.grad(fused(x, (H, W)), params, g)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                torch.autograd.grad(fused(x, (H, W)), params, g)
-            torch.cuda.synchronize()
-        print(f"\n=== fused adapter fwd+bwd, {B}x{H}x{W}x{C} bf16, 5 steps ===")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        for name, model in variants(C, torch.bfloat16).items():
+            x = torch.randn(B, H * W, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            g = torch.randn_like(x)
+            params = [x, *model.parameters()]
+
+            def step():
+                return torch.autograd.grad(model(x, (H, W)), params, g)
+
+            per, count = kernel_table(step)
+            print(f"\n=== {name} fwd+bwd {B}x{H}x{W}x{C} bf16: {sum(per.values()):.1f} us GPU per step, "
+                  f"{sum(count.values()):.0f} kernels ===")
+            for k, us in per.most_common(16):
+                print(f"{us:9.1f} us  x{count[k]:.0f}  {k}")
+            print(try_graph(step))
 
 
 if __name__ == "__main__":
