@@ -1,4 +1,8 @@
 // CUDA fallback kernels for GPUs where the Triton path cannot run (see mona_kernels.h).
+//
+// Channels are the fastest dimension everywhere, so a thread owns VEC consecutive channels (one 8- or
+// 16-byte access when the tensor allows it, else VEC = 1) and neighbouring threads own neighbouring
+// channel groups: every warp access is contiguous. All arithmetic is fp32.
 #include "mona_kernels.h"
 
 #include <cuda_bf16.h>
@@ -7,9 +11,12 @@
 namespace mona {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kTaps = 49;
 constexpr int kKernel = 7;
+constexpr int kHalo = kKernel / 2;
+constexpr int kConvRows = 8;       // output rows one conv thread computes (register blocking)
+constexpr int kThreads = 256;
+constexpr int kWgradRows = 7;      // threadIdx.y of the wgrad kernel: the tap row it accumulates
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -20,195 +27,669 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Sum of v over the block; every thread gets the result. `scratch` holds one float per warp.
-__device__ float block_sum(float v, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = v;
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
+  const Vec<T, N> raw = *reinterpret_cast<const Vec<T, N>*>(p);
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = to_float(raw.v[k]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
+  Vec<T, N> raw;
+#pragma unroll
+  for (int k = 0; k < N; ++k) raw.v[k] = from_float<T>(in[k]);
+  *reinterpret_cast<Vec<T, N>*>(p) = raw;
+}
+
+template <int N>
+__device__ __forceinline__ void load_floats(const float* p, float (&out)[N]) {
+  if constexpr (N == 4) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = __ldg(p + k);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&a)[N]) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) a[k] = 0.f;
+}
+
+bool aligned(const void* p, size_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm-scaling. Block = (bx threads over the row's channels) x (R row slots); a row's sums are
+// warp shuffles, then one shared-memory pass across the row's warps, in a fixed order.
+
+struct RowShape {
+  int vec, chunks, bx, slots_per_block;
+};
+
+RowShape row_shape(int64_t C, int vec) {
+  RowShape s;
+  s.vec = vec;
+  const int64_t groups = cdiv(C, s.vec);
+  s.chunks = groups <= 512 ? 1 : groups <= 1024 ? 2 : 4;
+  s.bx = (int)cdiv(cdiv(groups, s.chunks), 32) * 32;
+  s.slots_per_block = s.bx >= kThreads ? 1 : kThreads / s.bx;
+  return s;
+}
+
+// Sums of a and b over the bx threads of this row slot; every thread of the slot gets them.
+__device__ __forceinline__ void row_sums(float& a, float& b, float2* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  const int warps = blockDim.x / 32;
+  float2* mine = scratch + threadIdx.y * warps;
+  if (threadIdx.x % 32 == 0) mine[threadIdx.x / 32] = make_float2(a, b);
   __syncthreads();
-  float total = 0.f;
-  for (int i = 0; i < (int)(blockDim.x / 32); ++i) total += scratch[i];
-  return total;
+  a = 0.f;
+  b = 0.f;
+  for (int k = 0; k < warps; ++k) {
+    a += mine[k].x;
+    b += mine[k].y;
+  }
+  __syncthreads();  // the scratch is reused by the next call
 }
 
-// One block per row: two passes for mean and variance, a third writes y.
-template <typename T>
-__global__ void ln_scale_fwd_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                                    const float* __restrict__ gamma, const float* __restrict__ gammax, T* __restrict__ y,
-                                    float* __restrict__ mean, float* __restrict__ rstd, int64_t C, float eps) {
-  __shared__ float scratch[kThreads / 32];
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * C;
-  float s = 0.f;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) s += to_float(xr[c]);
-  const float mu = block_sum(s, scratch) / C;
-  float q = 0.f;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const float d = to_float(xr[c]) - mu;
-    q += d * d;
-  }
-  const float rs = rsqrtf(block_sum(q, scratch) / C + eps);
-  T* yr = y + row * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    const float xv = to_float(xr[c]);
-    yr[c] = from_float<T>(((xv - mu) * rs * w[c] + b[c]) * gamma[c] + xv * gammax[c]);
-  }
-  if (threadIdx.x == 0) {
-    mean[row] = mu;
-    rstd[row] = rs;
+template <typename T, int VEC, int CH>
+__global__ void __launch_bounds__(512) ln_scale_fwd_kernel(
+    const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    const float* __restrict__ gamma, const float* __restrict__ gammax, T* __restrict__ y, float* __restrict__ mean,
+    float* __restrict__ rstd, int64_t M, int C, float eps) {
+  extern __shared__ float2 scratch[];
+  const int slots = blockDim.y;
+  for (int64_t base = (int64_t)blockIdx.x * slots; base < M; base += (int64_t)gridDim.x * slots) {
+    const int64_t row = base + threadIdx.y;
+    const bool row_ok = row < M;
+    float xv[CH][VEC];
+    float s = 0.f, unused = 0.f;
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (row_ok && c < C) {
+        load_vec<T, VEC>(x + row * C + c, xv[k]);
+      } else {
+        zero(xv[k]);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s += xv[k][e];
+    }
+    row_sums(s, unused, scratch);
+    const float mu = s / C;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (c < C) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) q += (xv[k][e] - mu) * (xv[k][e] - mu);
+      }
+    }
+    row_sums(q, unused, scratch);
+    const float rs = rsqrtf(q / C + eps);
+    if (!row_ok) continue;
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (c >= C) continue;
+      float wv[VEC], bv[VEC], gv[VEC], gxv[VEC], out[VEC];
+      load_floats(w + c, wv);
+      load_floats(b + c, bv);
+      load_floats(gamma + c, gv);
+      load_floats(gammax + c, gxv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = ((xv[k][e] - mu) * rs * wv[e] + bv[e]) * gv[e] + xv[k][e] * gxv[e];
+      store_vec<T, VEC>(y + row * C + c, out);
+    }
+    if (threadIdx.x == 0) {
+      mean[row] = mu;
+      rstd[row] = rs;
+    }
   }
 }
 
-// Grid-stride over rows; thread t owns columns t, t + blockDim, ... of this program's partial row, so
-// its read-modify-writes never race and the sums are deterministic.
-template <typename T>
-__global__ void ln_scale_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w,
-                                    const float* __restrict__ b, const float* __restrict__ gamma,
-                                    const float* __restrict__ gammax, const float* __restrict__ mean,
-                                    const float* __restrict__ rstd, const T* __restrict__ residual, T* __restrict__ dx,
-                                    float* __restrict__ partial, int64_t M, int64_t C) {
-  __shared__ float scratch[kThreads / 32];
-  const int64_t stride = (int64_t)gridDim.x * C;
-  float* p_gamma = partial + (int64_t)blockIdx.x * C;
-  float* p_gammax = p_gamma + stride;
-  float* p_w = p_gammax + stride;
-  float* p_b = p_w + stride;
-  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
-    const T* xr = x + row * C;
-    const T* dyr = dy + row * C;
-    const float mu = mean[row], rs = rstd[row];
+template <typename T, int VEC, int CH>
+__global__ void __launch_bounds__(512) ln_scale_bwd_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    const float* __restrict__ gamma, const float* __restrict__ gammax, const float* __restrict__ mean,
+    const float* __restrict__ rstd, const T* __restrict__ residual, T* __restrict__ dx, float* __restrict__ partial,
+    int64_t M, int C) {
+  extern __shared__ float2 scratch[];
+  const int slots = blockDim.y;
+  // acc[k][0..4][e]: the five column sums of this thread's channels over the rows of its slot
+  float acc[CH][5][VEC];
+#pragma unroll
+  for (int k = 0; k < CH; ++k)
+#pragma unroll
+    for (int r = 0; r < 5; ++r) zero(acc[k][r]);
+  for (int64_t base = (int64_t)blockIdx.x * slots; base < M; base += (int64_t)gridDim.x * slots) {
+    const int64_t row = base + threadIdx.y;
+    const bool row_ok = row < M;
+    const float mu = row_ok ? mean[row] : 0.f, rs = row_ok ? rstd[row] : 0.f;
+    float xv[CH][VEC], gv[CH][VEC];
     float st = 0.f, stx = 0.f;
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      const float xn = (to_float(xr[c]) - mu) * rs;
-      const float t = to_float(dyr[c]) * gamma[c] * w[c];
-      st += t;
-      stx += t * xn;
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (row_ok && c < C) {
+        load_vec<T, VEC>(x + row * C + c, xv[k]);
+        load_vec<T, VEC>(dy + row * C + c, gv[k]);
+        float gm[VEC], wv[VEC];
+        load_floats(gamma + c, gm);
+        load_floats(w + c, wv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float t = gv[k][e] * gm[e] * wv[e];
+          st += t;
+          stx += t * (xv[k][e] - mu) * rs;
+        }
+      } else {
+        zero(xv[k]);
+        zero(gv[k]);
+      }
     }
-    const float mean_t = block_sum(st, scratch) / C;
-    const float mean_txn = block_sum(stx, scratch) / C;
-    T* dxr = dx + row * C;
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      const float xv = to_float(xr[c]), g = to_float(dyr[c]);
-      const float xn = (xv - mu) * rs;
-      float v = g * gammax[c] + rs * (g * gamma[c] * w[c] - mean_t - xn * mean_txn);
-      if (residual != nullptr) v += to_float(residual[row * C + c]);
-      dxr[c] = from_float<T>(v);
-      p_gamma[c] += g * (xn * w[c] + b[c]);
-      p_gammax[c] += g * xv;
-      p_w[c] += g * gamma[c] * xn;
-      p_b[c] += g * gamma[c];
+    row_sums(st, stx, scratch);
+    if (!row_ok) continue;
+    const float mean_t = st / C, mean_txn = stx / C;
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = (k * blockDim.x + threadIdx.x) * VEC;
+      if (c >= C) continue;
+      float wv[VEC], bv[VEC], gm[VEC], gxv[VEC], res[VEC], out[VEC];
+      load_floats(w + c, wv);
+      load_floats(b + c, bv);
+      load_floats(gamma + c, gm);
+      load_floats(gammax + c, gxv);
+      if (residual != nullptr) {
+        load_vec<T, VEC>(residual + row * C + c, res);
+      } else {
+        zero(res);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float g = gv[k][e], xe = xv[k][e], xn = (xe - mu) * rs;
+        out[e] = g * gxv[e] + rs * (g * gm[e] * wv[e] - mean_t - xn * mean_txn) + res[e];
+        acc[k][0][e] += g * (xn * wv[e] + bv[e]);
+        acc[k][1][e] += g * xe;
+        acc[k][2][e] += g * gm[e] * xn;
+        acc[k][3][e] += g * gm[e];
+        acc[k][4][e] += res[e];
+      }
+      store_vec<T, VEC>(dx + row * C + c, out);
     }
+  }
+  // One partial slot per block: row slot 0's threads add the other slots' sums in slot order. A block
+  // has several row slots only when bx < 256, hence CH == 1 and slots * C <= 256 * VEC floats a row.
+  float* red = reinterpret_cast<float*>(scratch + slots * (blockDim.x / 32));
+  float* out = partial + (int64_t)blockIdx.x * 5 * C;
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const int c = (k * blockDim.x + threadIdx.x) * VEC;
+    if (c >= C) continue;
+    if (slots > 1) {
+#pragma unroll
+      for (int r = 0; r < 5; ++r)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) red[((int64_t)threadIdx.y * 5 + r) * C + c + e] = acc[k][r][e];
+    }
+  }
+  if (slots > 1) __syncthreads();
+  if (threadIdx.y != 0) return;
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const int c = (k * blockDim.x + threadIdx.x) * VEC;
+    if (c >= C) continue;
+#pragma unroll
+    for (int r = 0; r < 5; ++r)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        float v = acc[k][r][e];
+        for (int q = 1; q < slots; ++q) v += red[((int64_t)q * 5 + r) * C + c + e];
+        out[(int64_t)r * C + c + e] = v;
+      }
   }
 }
 
-// One thread per (pixel, channel); consecutive threads read consecutive channels.
-template <typename T>
-__global__ void dwconv7_fwd_kernel(const T* __restrict__ h, const float* __restrict__ K, const float* __restrict__ bias,
-                                   T* __restrict__ out, int64_t H, int64_t W, int64_t D, int64_t total) {
-  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= total) return;
-  const int64_t ch = idx % D;
-  const int64_t pix = idx / D;
-  const int64_t j = pix % W, i = (pix / W) % H;
-  float acc = bias != nullptr ? bias[ch] : 0.f;
-#pragma unroll
-  for (int u = 0; u < kKernel; ++u) {
-    const int64_t ii = i + u - kKernel / 2;
-    if (ii < 0 || ii >= H) continue;
-#pragma unroll
-    for (int v = 0; v < kKernel; ++v) {
-      const int64_t jj = j + v - kKernel / 2;
-      if (jj < 0 || jj >= W) continue;
-      acc += K[(u * kKernel + v) * D + ch] * to_float(h[idx + ((ii - i) * W + (jj - j)) * D]);
-    }
-  }
-  out[idx] = from_float<T>(acc);
+// Blocks (and partial slots) of the LN kernels: independent of the layout, so that callers can size
+// the partial buffer without knowing it.
+int ln_blocks(int64_t M, int sms) { return (int)std::max<int64_t>(1, std::min<int64_t>(cdiv(M, 8), 4 * (int64_t)sms)); }
+
+RowShape ln_layout(int64_t C, bool vectorisable) { return row_shape(C, vectorisable && C % 4 == 0 ? 4 : 1); }
+
+size_t ln_smem(const RowShape& s, int64_t C, bool reduce) {
+  size_t bytes = sizeof(float2) * s.slots_per_block * (s.bx / 32);
+  if (reduce && s.slots_per_block > 1) bytes += sizeof(float) * s.slots_per_block * 5 * C;
+  return bytes;
 }
 
-// Block = (channel chunk of blockDim.x threads) x one tile of `tile_pixels` consecutive pixels; each
-// thread keeps the 49 tap sums of its channel in registers (compile-time indices) and writes them once.
-template <typename T>
-__global__ void dwconv7_wgrad_kernel(const T* __restrict__ h, const T* __restrict__ dout, float* __restrict__ partial,
-                                     int64_t H, int64_t W, int64_t D, int64_t n_pix, int64_t tile_pixels) {
-  const int64_t ch = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
-  if (ch >= D) return;
-  const int64_t tile = blockIdx.x;
-  float acc[kTaps + 1];
+// ---------------------------------------------------------------------------------------------
+// The merged 7x7 depthwise conv. A thread computes kConvRows output rows of one column for VEC
+// channels: for each tap column v it loads the kConvRows + 6 inputs of column j + v - 3 once and
+// applies them to every tap row, so an input is loaded (R + 6) / R times per tap column instead of
+// seven, and the 49 weights of its channels are read once per strip.
+
+template <typename T, int VEC, bool FLIP>
+__global__ void __launch_bounds__(kThreads, 2) dwconv7_kernel(
+    const T* __restrict__ h, const float* __restrict__ K, const float* __restrict__ bias, T* __restrict__ out,
+    int H, int W, int D, int col_tiles, int row_tiles) {
+  constexpr int R = kConvRows;
+  const int groups = D / VEC;
+  const int g = blockIdx.y * blockDim.x + threadIdx.x;
+  int64_t t = blockIdx.x;
+  const int ct = (int)(t % col_tiles);
+  t /= col_tiles;
+  const int rt = (int)(t % row_tiles);
+  const int64_t img = t / row_tiles;
+  const int j = ct * blockDim.y + threadIdx.y;
+  if (g >= groups || j >= W) return;
+  const int c = g * VEC;
+  const int i0 = rt * R;
+  float acc[R][VEC];
+  float bv[VEC];
+  if (bias != nullptr) {
+    load_floats(bias + c, bv);
+  } else {
+    zero(bv);
+  }
 #pragma unroll
-  for (int t = 0; t <= kTaps; ++t) acc[t] = 0.f;
-  const int64_t end = min(n_pix, (tile + 1) * tile_pixels);
-  for (int64_t pix = tile * tile_pixels; pix < end; ++pix) {
-    const int64_t j = pix % W, i = (pix / W) % H;
-    const float g = to_float(dout[pix * D + ch]);
-    acc[kTaps] += g;
+  for (int o = 0; o < R; ++o)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[o][e] = bv[e];
+  const T* plane = h + img * H * (int64_t)W * D + c;
+#pragma unroll
+  for (int v = 0; v < kKernel; ++v) {
+    const int jj = j + v - kHalo;
+    if (jj < 0 || jj >= W) continue;
+    float col[R + kKernel - 1][VEC];
+#pragma unroll
+    for (int r = 0; r < R + kKernel - 1; ++r) {
+      const int ii = i0 + r - kHalo;
+      if (ii >= 0 && ii < H) {
+        load_vec<T, VEC>(plane + ((int64_t)ii * W + jj) * D, col[r]);
+      } else {
+        zero(col[r]);
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kKernel; ++u) {
-      const int64_t ii = i + u - kKernel / 2;
+      const int tap = FLIP ? kTaps - 1 - (u * kKernel + v) : u * kKernel + v;
+      float wv[VEC];
+      load_floats(K + (int64_t)tap * D + c, wv);
 #pragma unroll
-      for (int v = 0; v < kKernel; ++v) {
-        const int64_t jj = j + v - kKernel / 2;
-        if (ii >= 0 && ii < H && jj >= 0 && jj < W)
-          acc[u * kKernel + v] += g * to_float(h[(pix + (ii - i) * W + (jj - j)) * D + ch]);
+      for (int o = 0; o < R; ++o)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[o][e] += col[o + u][e] * wv[e];
+    }
+  }
+  T* dst = out + img * H * (int64_t)W * D + c;
+#pragma unroll
+  for (int o = 0; o < R; ++o) {
+    if (i0 + o < H) store_vec<T, VEC>(dst + ((int64_t)(i0 + o) * W + j) * D, acc[o]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel gradient. Thread (channel group, tap row u = threadIdx.y) walks segments of image rows;
+// along a segment it slides a 7-wide window over input row i + u - 3, so each step loads one h
+// vector and one dout vector for 7 * VEC multiply-adds. The window lives in registers with
+// rotating compile-time indices (steps unrolled by 7). Each block writes one slot of partials.
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWgradRows * 32) dwconv7_wgrad_kernel(
+    const T* __restrict__ h, const T* __restrict__ dout, float* __restrict__ partial, int H, int W, int D,
+    int seg_len, int segs_per_row, int64_t units) {
+  const int groups = D / VEC;
+  const int g = blockIdx.y * blockDim.x + threadIdx.x;
+  const int u = threadIdx.y;
+  const int64_t slot = blockIdx.x;
+  if (g >= groups) return;
+  const int c = g * VEC;
+  float acc[kKernel][VEC], dsum[VEC];
+#pragma unroll
+  for (int v = 0; v < kKernel; ++v) zero(acc[v]);
+  zero(dsum);
+  for (int64_t unit = slot; unit < units; unit += gridDim.x) {
+    const int seg = (int)(unit % segs_per_row);
+    const int64_t row = unit / segs_per_row;  // b * H + i
+    const int i = (int)(row % H);
+    const int ii = i + u - kHalo;
+    if (ii < 0 || ii >= H) continue;
+    const int j0 = seg * seg_len;
+    const T* hrow = h + (row + u - kHalo) * (int64_t)W * D + c;
+    const T* grow = dout + row * (int64_t)W * D + c;
+    float win[kKernel][VEC];
+#pragma unroll
+    for (int s = 0; s < kKernel - 1; ++s) {
+      const int col = j0 - kHalo + s;
+      if (col >= 0 && col < W) {
+        load_vec<T, VEC>(hrow + (int64_t)col * D, win[s]);
+      } else {
+        zero(win[s]);
+      }
+    }
+    for (int jb = 0; jb < seg_len; jb += kKernel) {
+#pragma unroll
+      for (int s = 0; s < kKernel; ++s) {
+        const int j = j0 + jb + s;
+        const int col = j + kHalo;
+        // window slot of column j + v - 3 is (jb + s + v) % 7 == (s + v) % 7: jb is a multiple of 7
+        if (col < W) {
+          load_vec<T, VEC>(hrow + (int64_t)col * D, win[(s + kKernel - 1) % kKernel]);
+        } else {
+          zero(win[(s + kKernel - 1) % kKernel]);
+        }
+        if (j < W) {
+          float gv[VEC];
+          load_vec<T, VEC>(grow + (int64_t)j * D, gv);
+          if (u == kHalo) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) dsum[e] += gv[e];
+          }
+#pragma unroll
+          for (int v = 0; v < kKernel; ++v)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[v][e] += gv[e] * win[(s + v) % kKernel][e];
+        }
       }
     }
   }
-  float* out = partial + tile * (kTaps + 1) * D + ch;
+  float* mine = partial + slot * (kTaps + 1) * D + c;
 #pragma unroll
-  for (int t = 0; t <= kTaps; ++t) out[t * D] = acc[t];
+  for (int v = 0; v < kKernel; ++v)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) mine[(int64_t)(u * kKernel + v) * D + e] = acc[v][e];
+  if (u == kHalo) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) mine[(int64_t)kTaps * D + e] = dsum[e];
+  }
+}
+
+struct WgradShape {
+  int seg_len, segs_per_row;
+  int64_t units;
+};
+
+WgradShape wgrad_shape(int64_t B, int64_t H, int64_t W) {
+  WgradShape s;
+  s.seg_len = (int)cdiv(std::min<int64_t>(W, 63), kKernel) * kKernel;
+  s.segs_per_row = (int)cdiv(W, s.seg_len);
+  s.units = B * H * s.segs_per_row;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (exact erf form) and dropout. The mask is a hash of (seed, flat element index): splitmix64,
+// whose 24 top bits give a uniform draw in [0, 1); kept when the draw is >= p.
+
+__device__ __forceinline__ float keep_scale(uint64_t seed, uint64_t idx, float p, float scale) {
+  uint64_t z = seed + (idx + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const float draw = (float)(z >> 40) * (1.0f / 16777216.0f);
+  return draw >= p ? scale : 0.f;
+}
+
+__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
+
+__device__ __forceinline__ float gelu_grad(float v) {
+  return 0.5f * (1.f + erff(v * 0.70710678118654752f)) + v * __expf(-0.5f * v * v) * 0.3989422804014327f;
+}
+
+template <typename T, int VEC>
+__global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, T* __restrict__ a, int64_t n_vec, uint64_t seed,
+                                        float p, float scale) {
+  for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < n_vec; q += (int64_t)gridDim.x * blockDim.x) {
+    float v[VEC];
+    load_vec<T, VEC>(h3 + q * VEC, v);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      v[e] = gelu(v[e]);
+      if (p > 0.f) v[e] *= keep_scale(seed, (uint64_t)(q * VEC + e), p, scale);
+    }
+    store_vec<T, VEC>(a + q * VEC, v);
+  }
+}
+
+// Block = (bx channel groups) x (by row lanes); each thread sums dh3 of its channels over its rows,
+// then lane 0 adds the other lanes' sums in lane order: one partial slot per block.
+template <typename T, int VEC>
+__global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __restrict__ h3, T* __restrict__ dh3,
+                                        float* __restrict__ partial, int64_t M, int D, uint64_t seed, float p,
+                                        float scale) {
+  __shared__ float lanes[kThreads * 4];
+  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+  const bool active = c < D;
+  float acc[VEC];
+  zero(acc);
+  for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; active && row < M;
+       row += (int64_t)gridDim.x * blockDim.y) {
+    const int64_t off = row * D + c;
+    float g[VEC], hv[VEC];
+    load_vec<T, VEC>(da + off, g);
+    load_vec<T, VEC>(h3 + off, hv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      g[e] *= gelu_grad(hv[e]);
+      if (p > 0.f) g[e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
+      acc[e] += g[e];
+    }
+    store_vec<T, VEC>(dh3 + off, g);
+  }
+  float* mine = lanes + (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) mine[e] = acc[e];
+  __syncthreads();
+  if (threadIdx.y != 0 || !active) return;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    float v = acc[e];
+    for (int q = 1; q < (int)blockDim.y; ++q) v += lanes[(q * blockDim.x + threadIdx.x) * VEC + e];
+    partial[(int64_t)blockIdx.x * D + c + e] = v;
+  }
+}
+
+struct ColShape {
+  int vec, bx, by;
+};
+
+ColShape col_shape(int64_t D, int elem_bytes, const void* a, const void* b, const void* c) {
+  ColShape s;
+  s.vec = D % 4 == 0 && aligned(a, 4 * elem_bytes) && aligned(b, 4 * elem_bytes) && aligned(c, 4 * elem_bytes) ? 4 : 1;
+  const int64_t groups = D / s.vec;
+  s.bx = (int)std::min<int64_t>(groups, 64);
+  s.by = std::max(1, kThreads / s.bx);
+  return s;
+}
+
+
+
+// ---------------------------------------------------------------------------------------------
+// out[k] = sum over slots of partial[s][k]: block = 32 columns x 16 slot lanes; lane l sums slots
+// l, l + 16, ... in order, then lane 0 adds the 16 lane sums in order.
+__global__ void sum_slots_kernel(const float* __restrict__ partial, float* __restrict__ out, int64_t slots, int64_t n) {
+  __shared__ float lanes[16][33];
+  const int64_t k = (int64_t)blockIdx.x * 32 + threadIdx.x;
+  float s = 0.f;
+  if (k < n) {
+    for (int64_t q = threadIdx.y; q < slots; q += 16) s += partial[q * n + k];
+  }
+  lanes[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && k < n) {
+    float total = 0.f;
+    for (int l = 0; l < 16; ++l) total += lanes[l][threadIdx.x];
+    out[k] = total;
+  }
 }
 
 }  // namespace
 
+int64_t ln_max_channels(int64_t) { return 2048; }
+
 template <typename T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax, T* y,
-                         float* mean, float* rstd, int64_t M, int64_t C, float eps, cudaStream_t stream) {
+                         float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  ln_scale_fwd_kernel<T><<<(unsigned)M, kThreads, 0, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, C, eps);
+  const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(y, 4 * sizeof(T)) && aligned(w, 16) &&
+                                      aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16));
+  const dim3 block(s.bx, s.slots_per_block);
+  const size_t smem = ln_smem(s, C, false);
+  const int blocks = ln_blocks(M, sms);
+#define MONA_LN_FWD(V, CHN) \
+  ln_scale_fwd_kernel<T, V, CHN><<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, M, (int)C, eps)
+  if (s.vec == 4) {  // C <= ln_max_channels: one chunk of at most 512 threads
+    MONA_LN_FWD(4, 1);
+  } else {
+    if (s.chunks == 1) MONA_LN_FWD(1, 1); else if (s.chunks == 2) MONA_LN_FWD(1, 2); else MONA_LN_FWD(1, 4);
+  }
+#undef MONA_LN_FWD
   return cudaGetLastError();
 }
+
+int ln_bwd_slots(int64_t M, int64_t C, int sms) { return ln_blocks(M, sms); }
 
 template <typename T>
 cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b, const float* gamma,
                          const float* gammax, const float* mean, const float* rstd, const T* residual, T* dx,
-                         float* partial, int programs, int64_t M, int64_t C, cudaStream_t stream) {
+                         float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  ln_scale_bwd_kernel<T><<<programs, kThreads, 0, stream>>>(dy, x, w, b, gamma, gammax, mean, rstd, residual, dx,
-                                                            partial, M, C);
+  const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(dy, 4 * sizeof(T)) &&
+                                      aligned(dx, 4 * sizeof(T)) && aligned(residual, 4 * sizeof(T)) &&
+                                      aligned(w, 16) && aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16));
+  const int blocks = slots;  // one partial slot per block
+  const dim3 block(s.bx, s.slots_per_block);
+  const size_t smem = ln_smem(s, C, true);
+#define MONA_LN_BWD(V, CHN)                                                                                     \
+  ln_scale_bwd_kernel<T, V, CHN><<<blocks, block, smem, stream>>>(dy, x, w, b, gamma, gammax, mean, rstd,      \
+                                                                  residual, dx, partial, M, (int)C)
+  if (s.vec == 4) {  // C <= ln_max_channels: one chunk of at most 512 threads
+    MONA_LN_BWD(4, 1);
+  } else {
+    if (s.chunks == 1) MONA_LN_BWD(1, 1); else if (s.chunks == 2) MONA_LN_BWD(1, 2); else MONA_LN_BWD(1, 4);
+  }
+#undef MONA_LN_BWD
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
-                        int64_t D, cudaStream_t stream) {
-  const int64_t total = B * H * W * D;
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  dwconv7_fwd_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(h, K, bias, out, H, W, D, total);
+                        int64_t D, bool flip, cudaStream_t stream) {
+  if (B * H * W * D == 0) return cudaSuccess;
+  const int vec = D % 4 == 0 && aligned(h, 4 * sizeof(T)) && aligned(out, 4 * sizeof(T)) && aligned(K, 16) &&
+                          aligned(bias, 16) ? 4 : 1;
+  const int64_t groups = D / vec;
+  const int bx = (int)std::min<int64_t>(groups, 32);
+  const int by = kThreads / bx;
+  const int col_tiles = (int)cdiv(W, by), row_tiles = (int)cdiv(H, kConvRows);
+  const dim3 grid((unsigned)(B * col_tiles * row_tiles), (unsigned)cdiv(groups, bx));
+  const dim3 block(bx, by);
+#define MONA_CONV(V, F) \
+  dwconv7_kernel<T, V, F><<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, col_tiles, row_tiles)
+  if (vec == 4) {
+    if (flip) MONA_CONV(4, true); else MONA_CONV(4, false);
+  } else {
+    if (flip) MONA_CONV(1, true); else MONA_CONV(1, false);
+  }
+#undef MONA_CONV
+  return cudaGetLastError();
+}
+
+int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms) {
+  const WgradShape s = wgrad_shape(B, H, W);
+  return (int)std::max<int64_t>(1, std::min<int64_t>(s.units, 8 * (int64_t)sms));
+}
+
+template <typename T>
+cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
+                          int64_t D, cudaStream_t stream) {
+  const WgradShape s = wgrad_shape(B, H, W);
+  if (D == 0) return cudaSuccess;
+  const int vec = D % 4 == 0 && aligned(h, 4 * sizeof(T)) && aligned(dout, 4 * sizeof(T)) ? 4 : 1;
+  const int64_t groups = D / vec;
+  const int bx = (int)std::min<int64_t>(groups, 32);
+  const dim3 grid((unsigned)slots, (unsigned)cdiv(groups, bx));  // one partial slot per block
+  const dim3 block(bx, kWgradRows);
+  if (vec == 4) {
+    dwconv7_wgrad_kernel<T, 4><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
+                                                           s.segs_per_row, s.units);
+  } else {
+    dwconv7_wgrad_kernel<T, 1><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
+                                                           s.segs_per_row, s.units);
+  }
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int64_t B, int64_t H, int64_t W, int64_t D,
-                          int64_t tile_pixels, cudaStream_t stream) {
-  const int64_t n_pix = B * H * W;
-  if (n_pix == 0) return cudaSuccess;
-  const int threads = D < 128 ? (int)((D + 31) / 32 * 32) : 128;
-  const dim3 grid((unsigned)((n_pix + tile_pixels - 1) / tile_pixels), (unsigned)((D + threads - 1) / threads));
-  dwconv7_wgrad_kernel<T><<<grid, threads, 0, stream>>>(h, dout, partial, H, W, D, n_pix, tile_pixels);
+cudaError_t gelu_dropout_fwd(const T* h3, T* a, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream) {
+  const int64_t n = M * D;
+  if (n == 0) return cudaSuccess;
+  const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
+  const bool v4 = n % 4 == 0 && aligned(h3, 4 * sizeof(T)) && aligned(a, 4 * sizeof(T));
+  const int64_t n_vec = v4 ? n / 4 : n;
+  const unsigned blocks = (unsigned)std::min<int64_t>(cdiv(n_vec, kThreads), 65535);
+  if (v4) {
+    gelu_dropout_fwd_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(h3, a, n_vec, seed, p, scale);
+  } else {
+    gelu_dropout_fwd_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(h3, a, n_vec, seed, p, scale);
+  }
+  return cudaGetLastError();
+}
+
+int gelu_bwd_slots(int64_t M, int64_t, int sms) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>(cdiv(M, 16), 2 * (int64_t)sms));
+}
+
+template <typename T>
+cudaError_t gelu_dropout_bwd(const T* da, const T* h3, T* dh3, float* partial, int slots, int64_t M, int64_t D,
+                             uint64_t seed, float p, cudaStream_t stream) {
+  if (M * D == 0) return cudaSuccess;
+  const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
+  const ColShape s = col_shape(D, sizeof(T), da, h3, dh3);
+  const dim3 grid((unsigned)slots, (unsigned)cdiv(D / s.vec, s.bx));  // one partial slot per block
+  const dim3 block(s.bx, s.by);
+  if (s.vec == 4) {
+    gelu_dropout_bwd_kernel<T, 4><<<grid, block, 0, stream>>>(da, h3, dh3, partial, M, (int)D, seed, p, scale);
+  } else {
+    gelu_dropout_bwd_kernel<T, 1><<<grid, block, 0, stream>>>(da, h3, dh3, partial, M, (int)D, seed, p, scale);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t sum_slots(const float* partial, float* out, int64_t slots, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  sum_slots_kernel<<<(unsigned)cdiv(n, 32), dim3(32, 16), 0, stream>>>(partial, out, slots, n);
   return cudaGetLastError();
 }
 
 #define MONA_INSTANTIATE(T)                                                                                      \
   template cudaError_t ln_scale_fwd<T>(const T*, const float*, const float*, const float*, const float*, T*,    \
-                                       float*, float*, int64_t, int64_t, float, cudaStream_t);                   \
+                                       float*, float*, int64_t, int64_t, float, int, cudaStream_t);              \
   template cudaError_t ln_scale_bwd<T>(const T*, const T*, const float*, const float*, const float*,            \
                                        const float*, const float*, const float*, const T*, T*, float*, int,      \
                                        int64_t, int64_t, cudaStream_t);                                          \
   template cudaError_t dwconv7_fwd<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t,      \
-                                      int64_t, cudaStream_t);                                                    \
-  template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int64_t, int64_t, int64_t, int64_t,         \
-                                        int64_t, cudaStream_t);
+                                      int64_t, bool, cudaStream_t);                                              \
+  template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int, int64_t, int64_t, int64_t, int64_t,    \
+                                        cudaStream_t);                                                           \
+  template cudaError_t gelu_dropout_fwd<T>(const T*, T*, int64_t, int64_t, uint64_t, float, cudaStream_t);       \
+  template cudaError_t gelu_dropout_bwd<T>(const T*, const T*, T*, float*, int, int64_t, int64_t, uint64_t,     \
+                                           float, cudaStream_t);
 
 MONA_INSTANTIATE(float)
 MONA_INSTANTIATE(__half)

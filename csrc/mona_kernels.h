@@ -1,32 +1,57 @@
 // Launchers of the CUDA fallback kernels. Plain CUDA (no torch headers), so that every
 // architecture in the build list can be compile-checked on a machine without a GPU.
 // Layout contract: rows/tokens row-major, channels last and contiguous; T is float, __half or
-// __nv_bfloat16; parameter vectors, mean/rstd, merged kernel K (49, D) and partials are float.
+// __nv_bfloat16; parameter vectors, mean/rstd, the merged kernel K (49, D) and partial sums are float.
+// Weight and bias gradients are written as per-slot partial sums (slots, rows, n) that sum_slots
+// reduces in a fixed order, so every result is deterministic. `*_slots` give the slot count to
+// allocate for a problem on a GPU with `sms` multiprocessors.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
 
 namespace mona {
 
+// Widest row the LN-scaling kernels take: C / 4 * 4 channels per thread chunk, at most 4 chunks of
+// 512 threads (C <= 8192 when C % 4 == 0, else C <= 2048).
+int64_t ln_max_channels(int64_t C);
+
 template <typename T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax,
-                         T* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, cudaStream_t stream);
+                         T* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms,
+                         cudaStream_t stream);
 
-// dx = LN-scaling backward (+ residual when not null); partial (4, programs, C) must be zeroed and
-// receives per-program column sums of (dy*(xn*w+b), dy*x, dy*gamma*xn, dy*gamma).
+// dx = LN-scaling backward (+ residual when not null); partial (slots, 5, C) receives column sums of
+// (dy*(xn*w+b), dy*x, dy*gamma*xn, dy*gamma, residual) per slot (the fifth row 0 without residual).
+int ln_bwd_slots(int64_t M, int64_t C, int sms);
 template <typename T>
 cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b, const float* gamma,
                          const float* gammax, const float* mean, const float* rstd, const T* residual, T* dx,
-                         float* partial, int programs, int64_t M, int64_t C, cudaStream_t stream);
+                         float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream);
 
-// out = conv7(h, K) (+ bias when not null), zero "same" padding, depthwise over (H, W).
+// out = conv7(h, K or K rotated by 180 degrees when flip) (+ bias when not null), zero "same"
+// padding, depthwise over (H, W).
 template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
-                        int64_t D, cudaStream_t stream);
+                        int64_t D, bool flip, cudaStream_t stream);
 
-// partial (tiles, 50, D): rows 0..48 sum over a tile of dout * h shifted by the tap, row 49 sum of dout.
+// partial (slots, 50, D): rows 0..48 sum dout * h shifted by the tap, row 49 sums dout.
+int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms);
 template <typename T>
-cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int64_t B, int64_t H, int64_t W, int64_t D,
-                          int64_t tile_pixels, cudaStream_t stream);
+cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
+                          int64_t D, cudaStream_t stream);
+
+// a = gelu(h3) * m over (M, D), m the dropout multiplier for flat element index and seed (0 or
+// 1/(1-p); 1 when p == 0).
+template <typename T>
+cudaError_t gelu_dropout_fwd(const T* h3, T* a, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream);
+
+// dh3 = da * m * gelu'(h3); partial (slots, 1, D) receives per-slot column sums of dh3 (fp32).
+int gelu_bwd_slots(int64_t M, int64_t D, int sms);
+template <typename T>
+cudaError_t gelu_dropout_bwd(const T* da, const T* h3, T* dh3, float* partial, int slots, int64_t M, int64_t D,
+                             uint64_t seed, float p, cudaStream_t stream);
+
+// out[k] = sum over s of partial[s * n + k], in slot order.
+cudaError_t sum_slots(const float* partial, float* out, int64_t slots, int64_t n, cudaStream_t stream);
 
 }  // namespace mona

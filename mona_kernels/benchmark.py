@@ -82,8 +82,9 @@ def _graph_ms(fn, device, reps: int) -> float:
         with torch.cuda.graph(graph):
             fn()
         torch.cuda.synchronize()
-    except RuntimeError as err:
-        print(f"CUDA graph capture failed: {str(err).splitlines()[0]}", file=sys.stderr)
+    except RuntimeError:
+        import traceback
+        print(f"CUDA graph capture failed:\n{traceback.format_exc(limit=8)}", file=sys.stderr)
         torch.cuda.synchronize()
         return float("nan")
     ms = _time_ms(graph.replay, device, reps)

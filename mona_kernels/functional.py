@@ -65,6 +65,10 @@ def mona_merged(x, bhw, norm_weight, norm_bias, gamma, gammax, project1_weight, 
     """:func:`mona` with the depthwise convs already merged into a taps-major (49, d) kernel."""
     B, H, W = bhw
     C = x.shape[-1]
+    if dropout > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # the seed is drawn on the host, so a replayed graph would apply one mask on every step
+        raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph (every replay would reuse one "
+                           "dropout mask); capture with dropout=0 or in eval mode")
     seed = torch.randint(0, 2**62, (1,)) if dropout > 0 else torch.zeros(1, dtype=torch.int64)
     out = MonaFunction.apply(
         x.reshape(B * H * W, C).contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,

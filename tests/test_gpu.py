@@ -138,3 +138,79 @@ def test_mixed_devices_name_the_argument():
     fused = mk.Mona(32, 16).cuda()
     with pytest.raises(ValueError, match="device|cpu"):
         fused(torch.randn(1, 4, 32), (2, 2))
+
+
+class _Mask(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, a):
+        return a * self.scale.to(a.dtype).view(a.shape)
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_dropout_rate_scale_and_backward_mask(backend):
+    p = 0.3
+    seed = torch.tensor([987654321])
+    scale = mk.ops.mona_adapter.dropout_scale(seed, torch.empty(3000, 64, device="cuda"), p, backend)
+    kept = scale != 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.01
+    assert torch.allclose(scale[kept], torch.full_like(scale[kept], 1 / (1 - p)))
+    # The backward applies exactly the forward's mask: compare with the reference given that mask.
+    ref, fused = _adapter_pair(48, torch.float32, d=16)
+    fused.backend, fused.dropout.p = backend, 0.4
+    x = torch.randn(2, 6 * 7, 48, device="cuda", requires_grad=True)
+    torch.manual_seed(11)
+    out = fused(x, (6, 7))
+    torch.manual_seed(11)
+    seed = torch.randint(0, 2**62, (1,))
+    ref.dropout = _Mask(mk.ops.mona_adapter.dropout_scale(seed, torch.empty(84, 16, device="cuda"), 0.4, backend))
+    x_ref = x.detach().double().requires_grad_()
+    out_ref = ref(x_ref, (6, 7))
+    assert_close(out, out_ref, torch.float32, "out", scale=CHAIN_SCALE[torch.float32])
+    g = torch.randn_like(out)
+    for name, a, b in zip(["x"] + [n for n, _ in fused.named_parameters()],
+                          _grads(out, [x, *fused.parameters()], g),
+                          _grads(out_ref, [x_ref, *ref.parameters()], g.double())):
+        assert_close(a, b, torch.float32, name, scale=CHAIN_SCALE[torch.float32])
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_cuda_graph_replay_matches_eager(backend):
+    _, fused = _adapter_pair(64, torch.bfloat16)
+    fused.backend = backend
+    static_x = torch.randn(2, 9 * 10, 64, device="cuda").to(torch.bfloat16).requires_grad_()
+    static_g = torch.randn_like(static_x)
+    params = [static_x, *fused.parameters()]
+
+    def step():
+        return torch.autograd.grad(fused(static_x, (9, 10)), params, static_g)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_grads = step()
+    with torch.no_grad():  # new data in the captured buffers, then replay
+        static_x.copy_(torch.randn_like(static_x))
+        static_g.copy_(torch.randn_like(static_g))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(static_grads, eager):
+        assert torch.equal(a, b)
+
+
+def test_dropout_refuses_graph_capture():
+    fused = mk.Mona(32, 16, dropout=0.1).cuda()
+    x = torch.randn(1, 16, 32, device="cuda")
+    fused(x, (4, 4))
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(graph):
+            fused(x, (4, 4))

@@ -34,20 +34,42 @@ def load():
                               extra_cuda_cflags=_build.NVCC_FLAGS, verbose=False)
 
 
+# Widest row the CUDA LN-scaling kernels take (csrc: ln_max_channels).
+MAX_CHANNELS = 2048
+
+
+def _check_channels(x):
+    if x.shape[-1] > MAX_CHANNELS:
+        raise ValueError(f"x has {x.shape[-1]} channels; the CUDA backend takes at most {MAX_CHANNELS} "
+                         "(use backend='triton' or 'torch')")
+
+
 def ln_scale_fwd(x, w, b, gamma, gammax, eps):
+    _check_channels(x)
     return tuple(load().ln_scale_fwd(x, w, b, gamma, gammax, eps))
 
 
 def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
-    dx, dparams = load().ln_scale_bwd(dy.to(x.dtype).contiguous(), x, w, b, gamma, gammax, mean, rstd, residual)
-    if residual is not None:  # the same contract as the other backends: a fifth row, sum of residual
-        dparams = torch.cat([dparams, residual.sum(0, dtype=dparams.dtype)[None]])
-    return dx, dparams
+    """``(dx, rows)``: rows (4, C), or (5, C) with the residual's column sums when it is given."""
+    _check_channels(x)
+    dx, rows = load().ln_scale_bwd(dy.to(x.dtype).contiguous(), x, w, b, gamma, gammax, mean, rstd, residual)
+    return dx, (rows if residual is not None else rows[:4])
 
 
-def dwconv7_fwd(h, K, bias):
-    return load().dwconv7_fwd(h.contiguous(), K, bias)
+def dwconv7_fwd(h, K, bias, flip=False):
+    return load().dwconv7_fwd(h.contiguous(), K, bias, flip)
 
 
 def dwconv7_wgrad(h, dout):
     return load().dwconv7_wgrad(h.contiguous(), dout.contiguous())
+
+
+def gelu_dropout_fwd(h3, seed, p):
+    """gelu(h3) with dropout drawn from ``seed`` (a CPU int64 tensor) by the extension's own hash."""
+    return load().gelu_dropout_fwd(h3.contiguous(), int(seed.item()), float(p))
+
+
+def gelu_dropout_bwd(da, h3, seed, p):
+    """``(dh3, dbp)`` for :func:`gelu_dropout_fwd`'s mask; dbp in fp32."""
+    dh3, dbp = load().gelu_dropout_bwd(da.to(h3.dtype).contiguous(), h3.contiguous(), int(seed.item()), float(p))
+    return dh3, dbp

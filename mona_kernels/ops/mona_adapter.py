@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
+from . import cuda_ext
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
 from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, tile_coords
 from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers, tl_acc
@@ -194,9 +195,9 @@ def _gelu_bwd_torch(da, h3, seed, p):
     return dh.to(h3.dtype), dh.sum(0)
 
 
-# The two backends draw different (equally distributed) masks; each pairs its forward with its backward.
-GELU_FWD = {"triton": _gelu_fwd_triton, "cuda": _gelu_fwd_torch, "torch": _gelu_fwd_torch}
-GELU_BWD = {"triton": _gelu_bwd_triton, "cuda": _gelu_bwd_torch, "torch": _gelu_bwd_torch}
+# The backends draw different (equally distributed) masks; each pairs its forward with its backward.
+GELU_FWD = {"triton": _gelu_fwd_triton, "cuda": cuda_ext.gelu_dropout_fwd, "torch": _gelu_fwd_torch}
+GELU_BWD = {"triton": _gelu_bwd_triton, "cuda": cuda_ext.gelu_dropout_bwd, "torch": _gelu_bwd_torch}
 
 
 def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float, backend: str | None = None) -> torch.Tensor:

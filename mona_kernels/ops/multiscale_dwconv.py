@@ -182,6 +182,8 @@ def conv_flipped(name: str, dout: torch.Tensor, K: torch.Tensor) -> torch.Tensor
     """The input gradient of the merged conv: ``dout`` convolved with K rotated by 180 degrees."""
     if name == "triton":
         return _conv_triton(dout, K, None, flip=True)
+    if name == "cuda":
+        return cuda_ext.dwconv7_fwd(dout, K, None, flip=True)
     return CONV[name](dout, K.flip(0).contiguous(), None)
 WGRAD = {"triton": _wgrad_triton, "cuda": cuda_ext.dwconv7_wgrad, "torch": _wgrad_torch}
 
