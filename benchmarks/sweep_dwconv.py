@@ -20,8 +20,11 @@ def us(fn):
 def main():
     torch.manual_seed(0)
     has_cuda_ext = _can_run("cuda", torch.device("cuda")) is None
-    print("| shape | floor fwd us | cuDNN 7x7 fwd | cuDNN wgrad | triton conv | triton wgrad | cuda conv | cuda conv flip | cuda wgrad |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    # CUDA variants: conv 0 (8 rows a thread, 2 blocks an SM), 1 (4 rows, 3), 2 (4 rows, 4), 3 (6 rows, 2);
+    # wgrad 0 (4 channels a thread), 1 (2 channels)
+    print("| shape | floor fwd us | cuDNN 7x7 fwd | cuDNN wgrad | triton conv | triton wgrad | cuda conv v0 | v1 | v2 | v3 "
+          "| cuda conv flip | cuda wgrad v0 | v1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for B, H, W, d in SHAPES:
         h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
         g = torch.randn_like(h)
@@ -34,8 +37,9 @@ def main():
                us(lambda: torch.nn.grad.conv2d_weight(hc, conv.weight.shape, gc, padding=3, groups=d)),
                us(lambda: _conv_triton(h, K, bias)), us(lambda: _wgrad_triton(h, g))]
         if has_cuda_ext:
-            row += [us(lambda: cuda_ext.dwconv7_fwd(h, K, bias)), us(lambda: cuda_ext.dwconv7_fwd(g, K, None, True)),
-                    us(lambda: cuda_ext.dwconv7_wgrad(h, g))]
+            row += [us(lambda: cuda_ext.dwconv7_fwd(h, K, bias, False, v)) for v in range(4)]
+            row += [us(lambda: cuda_ext.dwconv7_fwd(g, K, None, True))]
+            row += [us(lambda: cuda_ext.dwconv7_wgrad(h, g, v)) for v in range(2)]
         print("| " + " | ".join(v if isinstance(v, str) else f"{v:.1f}" for v in row) + " |")
 
 

@@ -119,7 +119,8 @@ std::vector<torch::Tensor> ln_scale_bwd(torch::Tensor dy, torch::Tensor x, torch
   return {dx, sum_slots(partial)};
 }
 
-torch::Tensor dwconv7_fwd(torch::Tensor h, torch::Tensor K, c10::optional<torch::Tensor> bias, bool flip) {
+torch::Tensor dwconv7_fwd(torch::Tensor h, torch::Tensor K, c10::optional<torch::Tensor> bias, bool flip,
+                          int64_t variant) {
   check_input(h, "h", 4);
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t B = h.size(0), H = h.size(1), W = h.size(2), D = h.size(3);
@@ -132,13 +133,13 @@ torch::Tensor dwconv7_fwd(torch::Tensor h, torch::Tensor K, c10::optional<torch:
   dispatch(h.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::dwconv7_fwd<T>(ptr<T>(h), ptr<float>(Kf), bf.defined() ? ptr<float>(bf) : nullptr, ptr<T>(out),
-                                    B, H, W, D, flip, current_stream()),
+                                    B, H, W, D, flip, (int)variant, current_stream()),
                "dwconv7_fwd");
   });
   return out;
 }
 
-torch::Tensor dwconv7_wgrad(torch::Tensor h, torch::Tensor dout) {
+torch::Tensor dwconv7_wgrad(torch::Tensor h, torch::Tensor dout, int64_t variant) {
   check_input(h, "h", 4);
   check_input(dout, "dout", 4);
   TORCH_CHECK(dout.sizes() == h.sizes() && dout.scalar_type() == h.scalar_type(), "dout must match h");
@@ -149,7 +150,7 @@ torch::Tensor dwconv7_wgrad(torch::Tensor h, torch::Tensor dout) {
   dispatch(h.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::dwconv7_wgrad<T>(ptr<T>(h), ptr<T>(dout), ptr<float>(partial), slots, B, H, W, D,
-                                      current_stream()),
+                                      (int)variant, current_stream()),
                "dwconv7_wgrad");
   });
   return sum_slots(partial);

@@ -14,7 +14,6 @@ namespace {
 constexpr int kTaps = 49;
 constexpr int kKernel = 7;
 constexpr int kHalo = kKernel / 2;
-constexpr int kConvRows = 8;       // output rows one conv thread computes (register blocking)
 constexpr int kThreads = 256;
 constexpr int kWgradRows = 7;      // threadIdx.y of the wgrad kernel: the tap row it accumulates
 
@@ -283,11 +282,12 @@ size_t ln_smem(const RowShape& s, int64_t C, bool reduce) {
 // applies them to every tap row, so an input is loaded (R + 6) / R times per tap column instead of
 // seven, and the 49 weights of its channels are read once per strip.
 
-template <typename T, int VEC, bool FLIP>
-__global__ void __launch_bounds__(kThreads, 2) dwconv7_kernel(
+// R rows a thread and MIN_BLOCKS resident blocks an SM (the register budget) are tuning choices,
+// measured by benchmarks/sweep_dwconv.py.
+template <typename T, int VEC, bool FLIP, int R, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) dwconv7_kernel(
     const T* __restrict__ h, const float* __restrict__ K, const float* __restrict__ bias, T* __restrict__ out,
     int H, int W, int D, int col_tiles, int row_tiles) {
-  constexpr int R = kConvRows;
   const int groups = D / VEC;
   const int g = blockIdx.y * blockDim.x + threadIdx.x;
   int64_t t = blockIdx.x;
@@ -587,20 +587,20 @@ cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
+template <typename T, int R, int MIN_BLOCKS>
+cudaError_t launch_conv(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
                         int64_t D, bool flip, cudaStream_t stream) {
-  if (B * H * W * D == 0) return cudaSuccess;
   const int vec = D % 4 == 0 && aligned(h, 4 * sizeof(T)) && aligned(out, 4 * sizeof(T)) && aligned(K, 16) &&
                           aligned(bias, 16) ? 4 : 1;
   const int64_t groups = D / vec;
   const int bx = (int)std::min<int64_t>(groups, 32);
   const int by = kThreads / bx;
-  const int col_tiles = (int)cdiv(W, by), row_tiles = (int)cdiv(H, kConvRows);
+  const int col_tiles = (int)cdiv(W, by), row_tiles = (int)cdiv(H, R);
   const dim3 grid((unsigned)(B * col_tiles * row_tiles), (unsigned)cdiv(groups, bx));
   const dim3 block(bx, by);
-#define MONA_CONV(V, F) \
-  dwconv7_kernel<T, V, F><<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, col_tiles, row_tiles)
+#define MONA_CONV(V, F)                                                                                   \
+  dwconv7_kernel<T, V, F, R, MIN_BLOCKS><<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, \
+                                                                     col_tiles, row_tiles)
   if (vec == 4) {
     if (flip) MONA_CONV(4, true); else MONA_CONV(4, false);
   } else {
@@ -610,6 +610,18 @@ cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, i
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
+                        int64_t D, bool flip, int variant, cudaStream_t stream) {
+  if (B * H * W * D == 0) return cudaSuccess;
+  switch (variant) {
+    case 1: return launch_conv<T, 4, 3>(h, K, bias, out, B, H, W, D, flip, stream);
+    case 2: return launch_conv<T, 4, 4>(h, K, bias, out, B, H, W, D, flip, stream);
+    case 3: return launch_conv<T, 6, 2>(h, K, bias, out, B, H, W, D, flip, stream);
+    default: return launch_conv<T, 8, 2>(h, K, bias, out, B, H, W, D, flip, stream);
+  }
+}
+
 int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms) {
   const WgradShape s = wgrad_shape(B, H, W);
   return (int)std::max<int64_t>(1, std::min<int64_t>(s.units, 8 * (int64_t)sms));
@@ -617,16 +629,20 @@ int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms) {
 
 template <typename T>
 cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
-                          int64_t D, cudaStream_t stream) {
+                          int64_t D, int variant, cudaStream_t stream) {
   const WgradShape s = wgrad_shape(B, H, W);
   if (D == 0) return cudaSuccess;
-  const int vec = D % 4 == 0 && aligned(h, 4 * sizeof(T)) && aligned(dout, 4 * sizeof(T)) ? 4 : 1;
+  const int want = variant == 1 ? 2 : 4;  // channels a thread: 4 (default) or 2 (fewer registers)
+  const int vec = D % want == 0 && aligned(h, want * sizeof(T)) && aligned(dout, want * sizeof(T)) ? want : 1;
   const int64_t groups = D / vec;
   const int bx = (int)std::min<int64_t>(groups, 32);
   const dim3 grid((unsigned)slots, (unsigned)cdiv(groups, bx));  // one partial slot per block
   const dim3 block(bx, kWgradRows);
   if (vec == 4) {
     dwconv7_wgrad_kernel<T, 4><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
+                                                           s.segs_per_row, s.units);
+  } else if (vec == 2) {
+    dwconv7_wgrad_kernel<T, 2><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
                                                            s.segs_per_row, s.units);
   } else {
     dwconv7_wgrad_kernel<T, 1><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
@@ -684,9 +700,9 @@ cudaError_t sum_slots(const float* partial, float* out, int64_t slots, int64_t n
                                        const float*, const float*, const float*, const T*, T*, float*, int,      \
                                        int64_t, int64_t, cudaStream_t);                                          \
   template cudaError_t dwconv7_fwd<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t,      \
-                                      int64_t, bool, cudaStream_t);                                              \
+                                      int64_t, bool, int, cudaStream_t);                                         \
   template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int, int64_t, int64_t, int64_t, int64_t,    \
-                                        cudaStream_t);                                                           \
+                                        int, cudaStream_t);                                                      \
   template cudaError_t gelu_dropout_fwd<T>(const T*, T*, int64_t, int64_t, uint64_t, float, cudaStream_t);       \
   template cudaError_t gelu_dropout_bwd<T>(const T*, const T*, T*, float*, int, int64_t, int64_t, uint64_t,     \
                                            float, cudaStream_t);

@@ -29,16 +29,18 @@ cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b
                          float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream);
 
 // out = conv7(h, K or K rotated by 180 degrees when flip) (+ bias when not null), zero "same"
-// padding, depthwise over (H, W).
+// padding, depthwise over (H, W). `variant` picks a tiling (0: the default; 1-3: the alternatives
+// benchmarks/sweep_dwconv.py measures); every variant computes the same result.
 template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
-                        int64_t D, bool flip, cudaStream_t stream);
+                        int64_t D, bool flip, int variant, cudaStream_t stream);
 
-// partial (slots, 50, D): rows 0..48 sum dout * h shifted by the tap, row 49 sums dout.
+// partial (slots, 50, D): rows 0..48 sum dout * h shifted by the tap, row 49 sums dout. `variant`:
+// 0 (default) four channels a thread, 1 two.
 int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms);
 template <typename T>
 cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
-                          int64_t D, cudaStream_t stream);
+                          int64_t D, int variant, cudaStream_t stream);
 
 // a = gelu(h3) * m over (M, D), m the dropout multiplier for flat element index and seed (0 or
 // 1/(1-p); 1 when p == 0).

@@ -214,3 +214,17 @@ def test_dropout_refuses_graph_capture():
     with pytest.raises(RuntimeError, match="CUDA graph"):
         with torch.cuda.graph(graph):
             fused(x, (4, 4))
+
+
+@pytest.mark.skipif("cuda" not in DEVICE_BACKENDS, reason="the CUDA extension is not available")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_tilings_give_identical_results(dtype):
+    from mona_kernels.ops import cuda_ext
+    h = torch.randn(2, 13, 19, 64, device="cuda").to(dtype)
+    g = torch.randn_like(h)
+    K, bias = torch.randn(49, 64, device="cuda"), torch.randn(64, device="cuda")
+    for flip in (False, True):
+        base = cuda_ext.dwconv7_fwd(h, K, bias, flip, 0)
+        for variant in (1, 2, 3):
+            assert torch.equal(cuda_ext.dwconv7_fwd(h, K, bias, flip, variant), base), (flip, variant)
+    assert torch.equal(cuda_ext.dwconv7_wgrad(h, g, 1), cuda_ext.dwconv7_wgrad(h, g, 0))

@@ -56,12 +56,18 @@ def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     return dx, (rows if residual is not None else rows[:4])
 
 
-def dwconv7_fwd(h, K, bias, flip=False):
-    return load().dwconv7_fwd(h.contiguous(), K, bias, flip)
+# Tilings of the conv and wgrad kernels (csrc: dwconv7_fwd / dwconv7_wgrad `variant`), chosen from
+# benchmarks/sweep_dwconv.py on the H200; all compute the same result.
+CONV_VARIANT = 0
+WGRAD_VARIANT = 0
 
 
-def dwconv7_wgrad(h, dout):
-    return load().dwconv7_wgrad(h.contiguous(), dout.contiguous())
+def dwconv7_fwd(h, K, bias, flip=False, variant=None):
+    return load().dwconv7_fwd(h.contiguous(), K, bias, flip, CONV_VARIANT if variant is None else variant)
+
+
+def dwconv7_wgrad(h, dout, variant=None):
+    return load().dwconv7_wgrad(h.contiguous(), dout.contiguous(), WGRAD_VARIANT if variant is None else variant)
 
 
 def gelu_dropout_fwd(h3, seed, p):
