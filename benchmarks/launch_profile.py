@@ -100,6 +100,21 @@ def main():
         prof.disable()
         print("\nhost profile of 50 fused[triton] forward+backward calls, by own time:")
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+        print("\nthe same, by cumulative time:")
+        pstats.Stats(prof).sort_stats("cumtime").print_stats(30)
+    for name in ("fused[triton]", "fused[cuda]"):
+        if name not in models:
+            continue
+        m = models[name]
+        params = [x, *m.parameters()]
+        torch.autograd.grad(m(x, (H, W)), params, g)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                torch.autograd.grad(m(x, (H, W)), params, g)
+            torch.cuda.synchronize()
+        print(f"\nhost time by torch op, {name}, 20 forward+backward calls:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
     from mona_kernels.ops.utils import Launcher
     print(f"\nTriton launches by path: {Launcher.stats}")
     print("\n| Triton kernel | registers | spills |")

@@ -20,7 +20,7 @@ def us(fn):
 def main():
     torch.manual_seed(0)
     has_cuda_ext = _can_run("cuda", torch.device("cuda")) is None
-    # CUDA variants: conv 0 (8 rows a thread, 2 blocks an SM), 1 (4 rows, 3), 2 (4 rows, 4), 3 (6 rows, 2);
+    # CUDA variants: conv 0 (4 rows a thread, 3 blocks an SM; the default), 1 (8 rows, 2), 2 (4 rows, 4), 3 (6 rows, 2);
     # wgrad 0 (4 channels a thread), 1 (2 channels)
     print("| shape | floor fwd us | cuDNN 7x7 fwd | cuDNN wgrad | triton conv | triton wgrad | cuda conv v0 | v1 | v2 | v3 "
           "| cuda conv flip | cuda wgrad v0 | v1 |")
