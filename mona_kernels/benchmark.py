@@ -56,6 +56,12 @@ def measure_bandwidth(device) -> float:
     return 2 * n / (ms * 1e-3)
 
 
+def _randn(shape, device, dtype):
+    """Normal samples drawn on the CPU: the CUDA generator stays untouched by the benchmark, so a
+    failed CUDA-graph capture (which can leave it in capture state) does not stop later cases."""
+    return torch.randn(shape, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
 def _rotating(fn_of_index):
     state = {"i": 0}
 
@@ -115,10 +121,10 @@ def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
     ref = reference.Mona(C).to(device=device, dtype=dtype)
     with torch.no_grad():
         for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.5 / (p[0].numel() ** 0.5 if p.dim() > 1 else 1))
+            p.copy_(_randn(p.shape, p.device, p.dtype) * 0.5 / (p[0].numel() ** 0.5 if p.dim() > 1 else 1))
     ref.dropout.p = 0.0
-    xs = [torch.randn(B, H * W, C, device=device, dtype=dtype, requires_grad=True) for _ in range(INPUT_SETS)]
-    gs = [torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(INPUT_SETS)]
+    xs = [_randn((B, H * W, C), device, dtype).requires_grad_() for _ in range(INPUT_SETS)]
+    gs = [_randn((B, H * W, C), device, dtype) for _ in range(INPUT_SETS)]
     hw = (H, W)
     models = {"reference": ref}
     if "compiled" in variants and device.type == "cuda":
@@ -131,6 +137,9 @@ def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
 
     out_ref = ref(xs[0], hw)
     grads_ref = torch.autograd.grad(out_ref, [xs[0], *params], gs[0])
+    # Keep no autograd graph alive: a live graph pins the leaves' gradient-accumulation nodes to the
+    # stream they were made on, and CUDA-graph capture on another stream then fails.
+    out_ref = out_ref.detach()
     rows = []
     for name, model in models.items():
         mparams = list(model.parameters())
@@ -138,6 +147,7 @@ def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
         grads = torch.autograd.grad(out, [xs[0], *mparams], gs[0])
         err_out = _rel(out, out_ref)
         err_grad = max(_rel(a, b) for a, b in zip(grads, grads_ref))
+        del out, grads
         fwd = _time_ms(_rotating(lambda i: model(xs[i], hw)), device, reps)
 
         def fwd_bwd(i):
@@ -148,7 +158,10 @@ def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
                                                                retain_graph=True)), device, reps)
         outs.clear()  # free the three retained graphs before measuring peak memory
         peak = _peak_mb(lambda: fwd_bwd(0), device)
-        graphed = _graph_ms(lambda: fwd_bwd(0), device, reps) if graphs and name != "compiled" else float("nan")
+        graphed = float("nan")
+        if graphs and name != "compiled":
+            xg = xs[0].detach().clone().requires_grad_()  # a fresh leaf, first used on the capture side stream
+            graphed = _graph_ms(lambda: torch.autograd.grad(model(xg, hw), [xg, *mparams], gs[0]), device, reps)
         rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
                          fwd_bwd_ms=both, graph_fwd_bwd_ms=graphed, peak_mb=peak, err_out=err_out,
                          err_grad=err_grad))
@@ -161,8 +174,8 @@ def bench_dwconv(shape, dtype, device, reps, backends, d=64):
     torch.manual_seed(0)
     conv = reference.MonaOp(d).to(device=device, dtype=dtype)
     ws = [conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.conv3.weight, conv.conv3.bias]
-    hs = [torch.randn(B, H, W, d, device=device, dtype=dtype, requires_grad=True) for _ in range(INPUT_SETS)]
-    gs = [torch.randn(B, H, W, d, device=device, dtype=dtype) for _ in range(INPUT_SETS)]
+    hs = [_randn((B, H, W, d), device, dtype).requires_grad_() for _ in range(INPUT_SETS)]
+    gs = [_randn((B, H, W, d), device, dtype) for _ in range(INPUT_SETS)]
     hs_nhwc = [h.detach().permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
                for h in hs]
     single = torch.nn.Conv2d(d, d, 7, padding=3, groups=d).to(device=device, dtype=dtype,
@@ -192,9 +205,9 @@ def bench_ln_scale(shape, dtype, device, reps, backends):
     from .ops.ln_scale import ln_scale
     B, H, W, C = shape
     torch.manual_seed(0)
-    xs = [torch.randn(B, H * W, C, device=device, dtype=dtype, requires_grad=True) for _ in range(INPUT_SETS)]
-    gs = [torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(INPUT_SETS)]
-    params = [torch.randn(C, device=device, dtype=dtype, requires_grad=True) for _ in range(4)]
+    xs = [_randn((B, H * W, C), device, dtype).requires_grad_() for _ in range(INPUT_SETS)]
+    gs = [_randn((B, H * W, C), device, dtype) for _ in range(INPUT_SETS)]
+    params = [_randn((C,), device, dtype).requires_grad_() for _ in range(4)]
     fns = {"reference": lambda i: reference.ln_scale_ref(xs[i], *params)}
     for backend in backends:
         fns[f"fused[{backend}]"] = (lambda b: lambda i: ln_scale(xs[i], *params, backend=b))(backend)
