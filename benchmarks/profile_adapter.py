@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 import mona_kernels as mk
 from mona_kernels import reference
 from mona_kernels.backend import _can_run
+from mona_kernels.benchmark import capture_graph
 
 SHAPES = [(2, 200, 336, 128), (32, 56, 56, 128)]
 STEPS = 5
@@ -52,17 +53,8 @@ def kernel_table(step):
 
 
 def try_graph(step):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            step()
-        torch.cuda.synchronize()
+        graph, _ = capture_graph(step)
         graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

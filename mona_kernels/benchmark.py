@@ -71,6 +71,23 @@ def _rotating(fn_of_index):
     return run
 
 
+def capture_graph(fn, warmup: int = 3):
+    """``(graph, result)``: ``fn`` run ``warmup`` times on a side stream (as CUDA-graph capture
+    requires), then captured once; ``result`` is what the captured call returned (its tensors are
+    the graph's static outputs, rewritten by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    torch.cuda.synchronize()
+    return graph, result
+
+
 def _graph_ms(fn, device, reps: int) -> float:
     """Median milliseconds of ``fn`` captured once in a CUDA graph and replayed: the GPU time alone,
     without the host's per-launch cost (what ``torch.compile(mode="reduce-overhead")`` or a graphed
@@ -78,16 +95,7 @@ def _graph_ms(fn, device, reps: int) -> float:
     if device.type != "cuda":
         return float("nan")
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
+        graph, _ = capture_graph(fn)
     except RuntimeError:
         import traceback
         print(f"CUDA graph capture failed:\n{traceback.format_exc(limit=8)}", file=sys.stderr)

@@ -5,6 +5,7 @@ import torch
 
 from conftest import DEVICE_BACKENDS, assert_close, assert_parity, needs_cuda, randomize_
 import mona_kernels as mk
+from mona_kernels.benchmark import capture_graph
 from mona_kernels.reference import Mona as RefMona, ln_scale_ref, multiscale_dwconv_ref
 
 pytestmark = needs_cuda
@@ -187,15 +188,7 @@ def test_cuda_graph_replay_matches_eager(backend):
     def step():
         return torch.autograd.grad(fused(static_x, (9, 10)), params, static_g)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_grads = step()
+    graph, static_grads = capture_graph(step, warmup=2)
     with torch.no_grad():  # new data in the captured buffers, then replay
         static_x.copy_(torch.randn_like(static_x))
         static_g.copy_(torch.randn_like(static_g))
