@@ -8,6 +8,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+#include <utility>
+
 namespace mona {
 namespace {
 
@@ -66,6 +69,22 @@ __device__ __forceinline__ void zero(float (&a)[N]) {
 bool aligned(const void* p, size_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <int V>
+using IntC = std::integral_constant<int, V>;
+
+// Calls fn(IntC<V>{}) for the V among (V, Rest...) equal to v, the last one when none is: a runtime
+// choice among a few compile-time values, each its own kernel instantiation.
+template <int V, int... Rest, typename Fn>
+void pick(int v, Fn&& fn) {
+  if constexpr (sizeof...(Rest) == 0) {
+    fn(IntC<V>{});
+  } else if (v == V) {
+    fn(IntC<V>{});
+  } else {
+    pick<Rest...>(v, std::forward<Fn>(fn));
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm-scaling. Block = (bx threads over the row's channels) x (R row slots); a row's sums are
@@ -269,6 +288,16 @@ __global__ void __launch_bounds__(512) ln_scale_bwd_kernel(
 int ln_blocks(int64_t M, int sms) { return (int)std::max<int64_t>(1, std::min<int64_t>(cdiv(M, 8), 4 * (int64_t)sms)); }
 
 RowShape ln_layout(int64_t C, bool vectorisable) { return row_shape(C, vectorisable && C % 4 == 0 ? 4 : 1); }
+
+// Calls fn(IntC<VEC>{}, IntC<CH>{}) for the layout's vector width and chunk count.
+template <typename Fn>
+void pick_row_layout(const RowShape& s, Fn&& fn) {
+  if (s.vec == 4) {
+    fn(IntC<4>{}, IntC<1>{});  // C <= ln_max_channels: one chunk of at most 512 threads
+  } else {
+    pick<1, 2, 4>(s.chunks, [&](auto ch) { fn(IntC<1>{}, ch); });
+  }
+}
 
 size_t ln_smem(const RowShape& s, int64_t C, bool reduce) {
   size_t bytes = sizeof(float2) * s.slots_per_block * (s.bx / 32);
@@ -551,14 +580,10 @@ cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float
   const dim3 block(s.bx, s.slots_per_block);
   const size_t smem = ln_smem(s, C, false);
   const int blocks = ln_blocks(M, sms);
-#define MONA_LN_FWD(V, CHN) \
-  ln_scale_fwd_kernel<T, V, CHN><<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, M, (int)C, eps)
-  if (s.vec == 4) {  // C <= ln_max_channels: one chunk of at most 512 threads
-    MONA_LN_FWD(4, 1);
-  } else {
-    if (s.chunks == 1) MONA_LN_FWD(1, 1); else if (s.chunks == 2) MONA_LN_FWD(1, 2); else MONA_LN_FWD(1, 4);
-  }
-#undef MONA_LN_FWD
+  pick_row_layout(s, [&](auto vec, auto ch) {
+    ln_scale_fwd_kernel<T, decltype(vec)::value, decltype(ch)::value>
+        <<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, M, (int)C, eps);
+  });
   return cudaGetLastError();
 }
 
@@ -575,15 +600,10 @@ cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b
   const int blocks = slots;  // one partial slot per block
   const dim3 block(s.bx, s.slots_per_block);
   const size_t smem = ln_smem(s, C, true);
-#define MONA_LN_BWD(V, CHN)                                                                                     \
-  ln_scale_bwd_kernel<T, V, CHN><<<blocks, block, smem, stream>>>(dy, x, w, b, gamma, gammax, mean, rstd,      \
-                                                                  residual, dx, partial, M, (int)C)
-  if (s.vec == 4) {  // C <= ln_max_channels: one chunk of at most 512 threads
-    MONA_LN_BWD(4, 1);
-  } else {
-    if (s.chunks == 1) MONA_LN_BWD(1, 1); else if (s.chunks == 2) MONA_LN_BWD(1, 2); else MONA_LN_BWD(1, 4);
-  }
-#undef MONA_LN_BWD
+  pick_row_layout(s, [&](auto vec, auto ch) {
+    ln_scale_bwd_kernel<T, decltype(vec)::value, decltype(ch)::value><<<blocks, block, smem, stream>>>(
+        dy, x, w, b, gamma, gammax, mean, rstd, residual, dx, partial, M, (int)C);
+  });
   return cudaGetLastError();
 }
 
@@ -598,15 +618,16 @@ cudaError_t launch_conv(const T* h, const float* K, const float* bias, T* out, i
   const int col_tiles = (int)cdiv(W, by), row_tiles = (int)cdiv(H, R);
   const dim3 grid((unsigned)(B * col_tiles * row_tiles), (unsigned)cdiv(groups, bx));
   const dim3 block(bx, by);
-#define MONA_CONV(V, F)                                                                                   \
-  dwconv7_kernel<T, V, F, R, MIN_BLOCKS><<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, \
-                                                                     col_tiles, row_tiles)
-  if (vec == 4) {
-    if (flip) MONA_CONV(4, true); else MONA_CONV(4, false);
-  } else {
-    if (flip) MONA_CONV(1, true); else MONA_CONV(1, false);
-  }
-#undef MONA_CONV
+  pick<4, 1>(vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (flip) {
+      dwconv7_kernel<T, V, true, R, MIN_BLOCKS>
+          <<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, col_tiles, row_tiles);
+    } else {
+      dwconv7_kernel<T, V, false, R, MIN_BLOCKS>
+          <<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, col_tiles, row_tiles);
+    }
+  });
   return cudaGetLastError();
 }
 
@@ -639,16 +660,10 @@ cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, 
   const int bx = (int)std::min<int64_t>(groups, 32);
   const dim3 grid((unsigned)slots, (unsigned)cdiv(groups, bx));  // one partial slot per block
   const dim3 block(bx, kWgradRows);
-  if (vec == 4) {
-    dwconv7_wgrad_kernel<T, 4><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
-                                                           s.segs_per_row, s.units);
-  } else if (vec == 2) {
-    dwconv7_wgrad_kernel<T, 2><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
-                                                           s.segs_per_row, s.units);
-  } else {
-    dwconv7_wgrad_kernel<T, 1><<<grid, block, 0, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, s.seg_len,
-                                                           s.segs_per_row, s.units);
-  }
+  pick<4, 2, 1>(vec, [&](auto v) {
+    dwconv7_wgrad_kernel<T, decltype(v)::value><<<grid, block, 0, stream>>>(
+        h, dout, partial, (int)H, (int)W, (int)D, s.seg_len, s.segs_per_row, s.units);
+  });
   return cudaGetLastError();
 }
 
@@ -657,14 +672,12 @@ cudaError_t gelu_dropout_fwd(const T* h3, T* a, int64_t M, int64_t D, uint64_t s
   const int64_t n = M * D;
   if (n == 0) return cudaSuccess;
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
-  const bool v4 = n % 4 == 0 && aligned(h3, 4 * sizeof(T)) && aligned(a, 4 * sizeof(T));
-  const int64_t n_vec = v4 ? n / 4 : n;
+  const int vec = n % 4 == 0 && aligned(h3, 4 * sizeof(T)) && aligned(a, 4 * sizeof(T)) ? 4 : 1;
+  const int64_t n_vec = n / vec;
   const unsigned blocks = (unsigned)std::min<int64_t>(cdiv(n_vec, kThreads), 65535);
-  if (v4) {
-    gelu_dropout_fwd_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(h3, a, n_vec, seed, p, scale);
-  } else {
-    gelu_dropout_fwd_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(h3, a, n_vec, seed, p, scale);
-  }
+  pick<4, 1>(vec, [&](auto v) {
+    gelu_dropout_fwd_kernel<T, decltype(v)::value><<<blocks, kThreads, 0, stream>>>(h3, a, n_vec, seed, p, scale);
+  });
   return cudaGetLastError();
 }
 
@@ -680,11 +693,10 @@ cudaError_t gelu_dropout_bwd(const T* da, const T* h3, T* dh3, float* partial, i
   const ColShape s = col_shape(D, sizeof(T), da, h3, dh3);
   const dim3 grid((unsigned)slots, (unsigned)cdiv(D / s.vec, s.bx));  // one partial slot per block
   const dim3 block(s.bx, s.by);
-  if (s.vec == 4) {
-    gelu_dropout_bwd_kernel<T, 4><<<grid, block, 0, stream>>>(da, h3, dh3, partial, M, (int)D, seed, p, scale);
-  } else {
-    gelu_dropout_bwd_kernel<T, 1><<<grid, block, 0, stream>>>(da, h3, dh3, partial, M, (int)D, seed, p, scale);
-  }
+  pick<4, 1>(s.vec, [&](auto v) {
+    gelu_dropout_bwd_kernel<T, decltype(v)::value>
+        <<<grid, block, 0, stream>>>(da, h3, dh3, partial, M, (int)D, seed, p, scale);
+  });
   return cudaGetLastError();
 }
 

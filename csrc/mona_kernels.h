@@ -11,8 +11,8 @@
 
 namespace mona {
 
-// Widest row the LN-scaling kernels take: C / 4 * 4 channels per thread chunk, at most 4 chunks of
-// 512 threads (C <= 8192 when C % 4 == 0, else C <= 2048).
+// Widest row the LN-scaling kernels take (2048: one chunk of 512 threads with 4 channels each, or
+// four chunks of 512 threads with one channel each).
 int64_t ln_max_channels(int64_t C);
 
 template <typename T>

@@ -14,6 +14,7 @@ import datetime
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -97,7 +98,6 @@ def _graph_ms(fn, device, reps: int) -> float:
     try:
         graph, _ = capture_graph(fn)
     except RuntimeError:
-        import traceback
         print(f"CUDA graph capture failed:\n{traceback.format_exc(limit=8)}", file=sys.stderr)
         torch.cuda.synchronize()
         return float("nan")

@@ -56,18 +56,14 @@ def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     return dx, (rows if residual is not None else rows[:4])
 
 
-# Tilings of the conv and wgrad kernels (csrc: dwconv7_fwd / dwconv7_wgrad `variant`), chosen from
-# benchmarks/sweep_dwconv.py on the H200; all compute the same result.
-CONV_VARIANT = 0
-WGRAD_VARIANT = 0
+# `variant` picks a tiling of the conv / wgrad kernel (csrc: dwconv7_fwd / dwconv7_wgrad); 0 is the one
+# benchmarks/sweep_dwconv.py measured fastest on the H200, and every variant computes the same result.
+def dwconv7_fwd(h, K, bias, flip=False, variant=0):
+    return load().dwconv7_fwd(h.contiguous(), K, bias, flip, variant)
 
 
-def dwconv7_fwd(h, K, bias, flip=False, variant=None):
-    return load().dwconv7_fwd(h.contiguous(), K, bias, flip, CONV_VARIANT if variant is None else variant)
-
-
-def dwconv7_wgrad(h, dout, variant=None):
-    return load().dwconv7_wgrad(h.contiguous(), dout.contiguous(), WGRAD_VARIANT if variant is None else variant)
+def dwconv7_wgrad(h, dout, variant=0):
+    return load().dwconv7_wgrad(h.contiguous(), dout.contiguous(), variant)
 
 
 def gelu_dropout_fwd(h3, seed, p):
@@ -77,5 +73,4 @@ def gelu_dropout_fwd(h3, seed, p):
 
 def gelu_dropout_bwd(da, h3, seed, p):
     """``(dh3, dbp)`` for :func:`gelu_dropout_fwd`'s mask; dbp in fp32."""
-    dh3, dbp = load().gelu_dropout_bwd(da.to(h3.dtype).contiguous(), h3.contiguous(), int(seed.item()), float(p))
-    return dh3, dbp
+    return tuple(load().gelu_dropout_bwd(da.to(h3.dtype).contiguous(), h3.contiguous(), int(seed.item()), float(p)))
