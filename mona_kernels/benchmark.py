@@ -75,7 +75,15 @@ def _rotating(fn_of_index):
 def capture_graph(fn, warmup: int = 3):
     """``(graph, result)``: ``fn`` run ``warmup`` times on a side stream (as CUDA-graph capture
     requires), then captured once; ``result`` is what the captured call returned (its tensors are
-    the graph's static outputs, rewritten by every replay)."""
+    the graph's static outputs, rewritten by every replay).
+
+    Example (a fused adapter step; dropout must be 0 under capture)::
+
+        x = torch.randn(2, 64, 128, device="cuda", requires_grad=True)
+        mona = mona_kernels.Mona(128, dropout=0.0).cuda()
+        graph, grads = capture_graph(lambda: torch.autograd.grad(mona(x, (8, 8)).sum(), [x]))
+        graph.replay()  # grads now hold the gradients for x's current contents
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
