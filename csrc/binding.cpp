@@ -1,70 +1,10 @@
 // PyTorch binding of the CUDA fallback: argument checks, dtype dispatch, allocation. The kernels are
 // in mona_kernels.cu and know nothing of torch.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <torch/extension.h>
-
-#include "mona_kernels.h"
+#include "glue.h"
 
 namespace {
 
-constexpr int64_t kTaps = 49;
-
-void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == dim, name, " must have rank ", dim, ", got ", t.dim());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
-              " must be float32, float16 or bfloat16 for the CUDA backend, got ", s);
-}
-
-torch::Tensor as_float_vector(const torch::Tensor& p, const char* name, int64_t n, const torch::Tensor& like) {
-  TORCH_CHECK(p.device() == like.device(), name, " is on ", p.device(), " but the input is on ", like.device());
-  TORCH_CHECK(p.numel() == n, name, " must have ", n, " elements, got ", p.numel());
-  return p.to(at::kFloat).contiguous();
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
-
-// Calls fn with a null pointer of the kernel element type matching `s`.
-template <typename Fn>
-void dispatch(at::ScalarType s, Fn&& fn) {
-  switch (s) {
-    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
-    case at::kHalf: fn(static_cast<__half*>(nullptr)); break;
-    case at::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", s);
-  }
-}
-
-template <typename T>
-T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
-
-int sm_count(const torch::Tensor& t) {
-  int sms = 1;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.device().index()), "device query");
-  return sms;
-}
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-// The (rows, n) sum over slots of a (slots, rows, n) partial buffer, in slot order.
-torch::Tensor sum_slots(const torch::Tensor& partial) {
-  const int64_t slots = partial.size(0);
-  auto out = torch::empty(partial.sizes().slice(1), partial.options());
-  check_cuda(mona::sum_slots(ptr<float>(partial), ptr<float>(out), slots, out.numel(), current_stream()), "sum_slots");
-  return out;
-}
-
-void check_channels(int64_t C) {
-  TORCH_CHECK(C <= mona::ln_max_channels(C), "x has ", C, " channels; the CUDA backend takes at most ",
-              mona::ln_max_channels(C));
-}
+using namespace mona_glue;
 
 std::vector<torch::Tensor> ln_scale_fwd(torch::Tensor x, torch::Tensor w, torch::Tensor b, torch::Tensor gamma,
                                         torch::Tensor gammax, double eps) {
@@ -162,7 +102,7 @@ torch::Tensor gelu_dropout_fwd(torch::Tensor h3, int64_t seed, double p) {
   auto a = torch::empty_like(h3);
   dispatch(h3.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_cuda(mona::gelu_dropout_fwd<T>(ptr<T>(h3), ptr<T>(a), h3.size(0), h3.size(1), (uint64_t)seed, (float)p,
+    check_cuda(mona::gelu_dropout_fwd<T>(ptr<T>(h3), nullptr, ptr<T>(a), h3.size(0), h3.size(1), (uint64_t)seed, (float)p,
                                          current_stream()),
                "gelu_dropout_fwd");
   });
@@ -181,7 +121,7 @@ std::vector<torch::Tensor> gelu_dropout_bwd(torch::Tensor da, torch::Tensor h3, 
   auto partial = torch::empty({slots, D}, h3.options().dtype(at::kFloat));
   dispatch(h3.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(h3), ptr<T>(dh3), ptr<float>(partial), slots, M, D,
+    check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(h3), nullptr, ptr<T>(dh3), ptr<float>(partial), slots, M, D,
                                          (uint64_t)seed, (float)p, current_stream()),
                "gelu_dropout_bwd");
   });
@@ -198,4 +138,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv7_wgrad", &dwconv7_wgrad, "merged kernel and bias gradient, (50, D)");
   m.def("gelu_dropout_fwd", &gelu_dropout_fwd, "gelu(h3) times the dropout multiplier of (seed, p)");
   m.def("gelu_dropout_bwd", &gelu_dropout_bwd, "(dh3, column sums of dh3) of gelu_dropout_fwd");
+  m.def("mona_adapter", &mona_adapter,
+        "the whole adapter on (M, C) tokens, forward and backward in C++ (one autograd node)");
 }

@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(512) ln_scale_fwd_kernel(
       for (int e = 0; e < VEC; ++e) out[e] = ((xv[k][e] - mu) * rs * wv[e] + bv[e]) * gv[e] + xv[k][e] * gxv[e];
       store_vec<T, VEC>(y + row * C + c, out);
     }
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && mean != nullptr) {
       mean[row] = mu;
       rstd[row] = rs;
     }
@@ -480,12 +480,18 @@ __device__ __forceinline__ float gelu_grad(float v) {
   return 0.5f * (1.f + erff(v * 0.70710678118654752f)) + v * __expf(-0.5f * v * v) * 0.3989422804014327f;
 }
 
+// h3 is the projector output before its bias: the kernels add bias[channel] (when not null) first.
 template <typename T, int VEC>
-__global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, T* __restrict__ a, int64_t n_vec, uint64_t seed,
-                                        float p, float scale) {
+__global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* __restrict__ bias, T* __restrict__ a,
+                                        int64_t n_vec, int D, uint64_t seed, float p, float scale) {
   for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < n_vec; q += (int64_t)gridDim.x * blockDim.x) {
     float v[VEC];
     load_vec<T, VEC>(h3 + q * VEC, v);
+    if (bias != nullptr) {
+      const int c = (int)((q * VEC) % D);  // VEC divides D, so the VEC channels are c .. c + VEC - 1
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v[e] += __ldg(bias + c + e);
+    }
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       v[e] = gelu(v[e]);
@@ -498,14 +504,20 @@ __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, T* __restrict_
 // Block = (bx channel groups) x (by row lanes); each thread sums dh3 of its channels over its rows,
 // then lane 0 adds the other lanes' sums in lane order: one partial slot per block.
 template <typename T, int VEC>
-__global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __restrict__ h3, T* __restrict__ dh3,
+__global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __restrict__ h3,
+                                        const float* __restrict__ bias, T* __restrict__ dh3,
                                         float* __restrict__ partial, int64_t M, int D, uint64_t seed, float p,
                                         float scale) {
   __shared__ float lanes[kThreads * 4];
   const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   const bool active = c < D;
-  float acc[VEC];
+  float acc[VEC], bv[VEC];
   zero(acc);
+  zero(bv);
+  if (active && bias != nullptr) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) bv[e] = __ldg(bias + c + e);
+  }
   for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; active && row < M;
        row += (int64_t)gridDim.x * blockDim.y) {
     const int64_t off = row * D + c;
@@ -514,7 +526,7 @@ __global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __res
     load_vec<T, VEC>(h3 + off, hv);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      g[e] *= gelu_grad(hv[e]);
+      g[e] *= gelu_grad(hv[e] + bv[e]);
       if (p > 0.f) g[e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
       acc[e] += g[e];
     }
@@ -547,6 +559,66 @@ ColShape col_shape(int64_t D, int elem_bytes, const void* a, const void* b, cons
 }
 
 
+
+// ---------------------------------------------------------------------------------------------
+// The merge of the three depthwise convs (SPEC §1) and the split of its gradient. Conv weights are
+// (D, 1, k, k); a 7x7 tap t = u * 7 + v lies in the centre 5x5 when 1 <= u, v <= 5 and in the centre
+// 3x3 when 2 <= u, v <= 4. Divisions are IEEE (the build uses fast math).
+
+__device__ __forceinline__ bool in_centre(int u, int v, int k) {
+  const int lo = (kKernel - k) / 2;
+  return u >= lo && u < lo + k && v >= lo && v < lo + k;
+}
+
+__device__ __forceinline__ int centre_index(int u, int v, int k) {
+  const int lo = (kKernel - k) / 2;
+  return (u - lo) * k + (v - lo);
+}
+
+// Block y = output row: taps 0..48 of K, then the merged bias, then bp as float.
+template <typename T>
+__global__ void merge_kernels_kernel(const T* __restrict__ w3, const T* __restrict__ b3, const T* __restrict__ w5,
+                                     const T* __restrict__ b5, const T* __restrict__ w7, const T* __restrict__ b7,
+                                     const T* __restrict__ bp, float* __restrict__ out, int D) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int t = blockIdx.y;
+  if (c >= D) return;
+  float v;
+  if (t < kTaps) {
+    const int u = t / kKernel, w = t % kKernel;
+    float s = 0.f;
+    if (in_centre(u, w, 3)) s += to_float(w3[(int64_t)c * 9 + centre_index(u, w, 3)]);
+    if (in_centre(u, w, 5)) s += to_float(w5[(int64_t)c * 25 + centre_index(u, w, 5)]);
+    s += to_float(w7[(int64_t)c * kTaps + t]);
+    v = __fdiv_rn(s, 3.f) + (t == kTaps / 2 ? 1.f : 0.f);
+  } else if (t == kTaps) {
+    v = __fdiv_rn(to_float(b3[c]) + to_float(b5[c]) + to_float(b7[c]), 3.f);
+  } else {
+    v = to_float(bp[c]);
+  }
+  out[(int64_t)t * D + c] = v;
+}
+
+// dKb (50, D): rows 0..48 the merged kernel's gradient, row 49 its bias's. Block y = tap, or 49: biases.
+template <typename T>
+__global__ void split_kernel_grad_kernel(const float* __restrict__ dKb, T* __restrict__ dw3, T* __restrict__ db3,
+                                         T* __restrict__ dw5, T* __restrict__ db5, T* __restrict__ dw7,
+                                         T* __restrict__ db7, int D) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int t = blockIdx.y;
+  if (c >= D) return;
+  const T g = from_float<T>(__fdiv_rn(dKb[(int64_t)t * D + c], 3.f));
+  if (t == kTaps) {
+    db3[c] = g;
+    db5[c] = g;
+    db7[c] = g;
+    return;
+  }
+  const int u = t / kKernel, w = t % kKernel;
+  dw7[(int64_t)c * kTaps + t] = g;
+  if (in_centre(u, w, 5)) dw5[(int64_t)c * 25 + centre_index(u, w, 5)] = g;
+  if (in_centre(u, w, 3)) dw3[(int64_t)c * 9 + centre_index(u, w, 3)] = g;
+}
 
 // ---------------------------------------------------------------------------------------------
 // out[k] = sum over slots of partial[s][k]: block = 32 columns x 16 slot lanes; lane l sums slots
@@ -593,7 +665,7 @@ template <typename T>
 cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b, const float* gamma,
                          const float* gammax, const float* mean, const float* rstd, const T* residual, T* dx,
                          float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream) {
-  if (M == 0) return cudaSuccess;
+  if (M == 0) return cudaMemsetAsync(partial, 0, sizeof(float) * slots * 5 * C, stream);
   const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(dy, 4 * sizeof(T)) &&
                                       aligned(dx, 4 * sizeof(T)) && aligned(residual, 4 * sizeof(T)) &&
                                       aligned(w, 16) && aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16));
@@ -668,15 +740,17 @@ cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, 
 }
 
 template <typename T>
-cudaError_t gelu_dropout_fwd(const T* h3, T* a, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream) {
+cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed, float p,
+                             cudaStream_t stream) {
   const int64_t n = M * D;
   if (n == 0) return cudaSuccess;
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
-  const int vec = n % 4 == 0 && aligned(h3, 4 * sizeof(T)) && aligned(a, 4 * sizeof(T)) ? 4 : 1;
+  const int vec = D % 4 == 0 && aligned(h3, 4 * sizeof(T)) && aligned(a, 4 * sizeof(T)) ? 4 : 1;
   const int64_t n_vec = n / vec;
   const unsigned blocks = (unsigned)std::min<int64_t>(cdiv(n_vec, kThreads), 65535);
   pick<4, 1>(vec, [&](auto v) {
-    gelu_dropout_fwd_kernel<T, decltype(v)::value><<<blocks, kThreads, 0, stream>>>(h3, a, n_vec, seed, p, scale);
+    gelu_dropout_fwd_kernel<T, decltype(v)::value>
+        <<<blocks, kThreads, 0, stream>>>(h3, bias, a, n_vec, (int)D, seed, p, scale);
   });
   return cudaGetLastError();
 }
@@ -686,17 +760,35 @@ int gelu_bwd_slots(int64_t M, int64_t, int sms) {
 }
 
 template <typename T>
-cudaError_t gelu_dropout_bwd(const T* da, const T* h3, T* dh3, float* partial, int slots, int64_t M, int64_t D,
-                             uint64_t seed, float p, cudaStream_t stream) {
-  if (M * D == 0) return cudaSuccess;
+cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, float* partial, int slots, int64_t M,
+                             int64_t D, uint64_t seed, float p, cudaStream_t stream) {
+  if (M * D == 0) return cudaMemsetAsync(partial, 0, sizeof(float) * slots * D, stream);
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   const ColShape s = col_shape(D, sizeof(T), da, h3, dh3);
   const dim3 grid((unsigned)slots, (unsigned)cdiv(D / s.vec, s.bx));  // one partial slot per block
   const dim3 block(s.bx, s.by);
   pick<4, 1>(s.vec, [&](auto v) {
     gelu_dropout_bwd_kernel<T, decltype(v)::value>
-        <<<grid, block, 0, stream>>>(da, h3, dh3, partial, M, (int)D, seed, p, scale);
+        <<<grid, block, 0, stream>>>(da, h3, bias, dh3, partial, M, (int)D, seed, p, scale);
   });
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t merge_kernels(const T* w3, const T* b3, const T* w5, const T* b5, const T* w7, const T* b7, const T* bp,
+                          float* out, int64_t D, cudaStream_t stream) {
+  if (D == 0) return cudaSuccess;
+  merge_kernels_kernel<T><<<dim3((unsigned)cdiv(D, 64), kTaps + 2), 64, 0, stream>>>(w3, b3, w5, b5, w7, b7, bp, out,
+                                                                                     (int)D);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t split_kernel_grad(const float* dKb, T* dw3, T* db3, T* dw5, T* db5, T* dw7, T* db7, int64_t D,
+                              cudaStream_t stream) {
+  if (D == 0) return cudaSuccess;
+  split_kernel_grad_kernel<T><<<dim3((unsigned)cdiv(D, 64), kTaps + 1), 64, 0, stream>>>(dKb, dw3, db3, dw5, db5,
+                                                                                         dw7, db7, (int)D);
   return cudaGetLastError();
 }
 
@@ -716,9 +808,13 @@ cudaError_t sum_slots(const float* partial, float* out, int64_t slots, int64_t n
                                       int64_t, bool, int, cudaStream_t);                                         \
   template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int, int64_t, int64_t, int64_t, int64_t,    \
                                         int, cudaStream_t);                                                      \
-  template cudaError_t gelu_dropout_fwd<T>(const T*, T*, int64_t, int64_t, uint64_t, float, cudaStream_t);       \
-  template cudaError_t gelu_dropout_bwd<T>(const T*, const T*, T*, float*, int, int64_t, int64_t, uint64_t,     \
-                                           float, cudaStream_t);
+  template cudaError_t gelu_dropout_fwd<T>(const T*, const float*, T*, int64_t, int64_t, uint64_t, float,       \
+                                           cudaStream_t);                                                        \
+  template cudaError_t gelu_dropout_bwd<T>(const T*, const T*, const float*, T*, float*, int, int64_t, int64_t, \
+                                           uint64_t, float, cudaStream_t);                                       \
+  template cudaError_t merge_kernels<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,   \
+                                        float*, int64_t, cudaStream_t);                                          \
+  template cudaError_t split_kernel_grad<T>(const float*, T*, T*, T*, T*, T*, T*, int64_t, cudaStream_t);
 
 MONA_INSTANTIATE(float)
 MONA_INSTANTIATE(__half)

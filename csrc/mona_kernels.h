@@ -15,6 +15,7 @@ namespace mona {
 // four chunks of 512 threads with one channel each).
 int64_t ln_max_channels(int64_t C);
 
+// mean and rstd may be null (a recompute that wants y only).
 template <typename T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax,
                          T* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms,
@@ -42,16 +43,29 @@ template <typename T>
 cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
                           int64_t D, int variant, cudaStream_t stream);
 
-// a = gelu(h3) * m over (M, D), m the dropout multiplier for flat element index and seed (0 or
-// 1/(1-p); 1 when p == 0).
+// a = gelu(h3 + bias) * m over (M, D), m the dropout multiplier for flat element index and seed (0 or
+// 1/(1-p); 1 when p == 0); bias (D) may be null.
 template <typename T>
-cudaError_t gelu_dropout_fwd(const T* h3, T* a, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream);
+cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed, float p,
+                             cudaStream_t stream);
 
-// dh3 = da * m * gelu'(h3); partial (slots, 1, D) receives per-slot column sums of dh3 (fp32).
+// dh3 = da * m * gelu'(h3 + bias); partial (slots, 1, D) receives per-slot column sums of dh3 (fp32).
 int gelu_bwd_slots(int64_t M, int64_t D, int sms);
 template <typename T>
-cudaError_t gelu_dropout_bwd(const T* da, const T* h3, T* dh3, float* partial, int slots, int64_t M, int64_t D,
-                             uint64_t seed, float p, cudaStream_t stream);
+cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, float* partial, int slots, int64_t M,
+                             int64_t D, uint64_t seed, float p, cudaStream_t stream);
+
+// out (51, D) float: rows 0..48 the merged kernel delta + (pad(w3) + pad(w5) + w7) / 3 taps-major, row
+// 49 the merged bias (b3 + b5 + b7) / 3, row 50 bp. Weights (D, 1, k, k), biases (D).
+template <typename T>
+cudaError_t merge_kernels(const T* w3, const T* b3, const T* w5, const T* b5, const T* w7, const T* b7, const T* bp,
+                          float* out, int64_t D, cudaStream_t stream);
+
+// The six conv weight and bias gradients from dKb (50, D) (merged kernel rows, then its bias):
+// dw7 = dK / 3, dw5 and dw3 its centre 5x5 and 3x3 / 3, each db = dbias / 3.
+template <typename T>
+cudaError_t split_kernel_grad(const float* dKb, T* dw3, T* db3, T* dw5, T* db5, T* dw7, T* db7, int64_t D,
+                              cudaStream_t stream);
 
 // out[k] = sum over s of partial[s * n + k], in slot order.
 cudaError_t sum_slots(const float* partial, float* out, int64_t slots, int64_t n, cudaStream_t stream);

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import backend as _backend
+from .ops import cuda_ext
 from .ops.ln_scale import check_ln_params, ln_scale
 from .ops.mona_adapter import MonaFunction
 from .ops.multiscale_dwconv import check_dwconv_params, merge_kernels, multiscale_dwconv
@@ -18,6 +20,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _draw_seed(x: torch.Tensor, dropout: float) -> torch.Tensor:
+    """The dropout seed, a CPU int64 tensor drawn from torch's default generator (zero without dropout)."""
+    if dropout == 0:
+        return torch.zeros(1, dtype=torch.int64)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # the seed is drawn on the host, so a replayed graph would apply one mask on every step
+        raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph (every replay would reuse one "
+                           "dropout mask); capture with dropout=0 or in eval mode")
+    return torch.randint(0, 2**62, (1,))
 
 
 def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
@@ -53,6 +66,14 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
+    if _backend.resolve(x.device, backend) == "cuda" and not torch.compiler.is_compiling():
+        # the whole forward and backward in C++, one autograd node (torch.compile takes the custom op below)
+        out = cuda_ext.mona_adapter(
+            x.reshape(B * N, C).contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
+            project1_weight, project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight,
+            conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
+            float(dropout), int(_draw_seed(x, dropout)) if dropout > 0 else 0, _compute_dtype(x))
+        return out.view(B, N, C)
     K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
                               dtype=acc_dtype(x.dtype))
     return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
@@ -65,11 +86,7 @@ def mona_merged(x, bhw, norm_weight, norm_bias, gamma, gammax, project1_weight, 
     """:func:`mona` with the depthwise convs already merged into a taps-major (49, d) kernel."""
     B, H, W = bhw
     C = x.shape[-1]
-    if dropout > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        # the seed is drawn on the host, so a replayed graph would apply one mask on every step
-        raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph (every replay would reuse one "
-                           "dropout mask); capture with dropout=0 or in eval mode")
-    seed = torch.randint(0, 2**62, (1,)) if dropout > 0 else torch.zeros(1, dtype=torch.int64)
+    seed = _draw_seed(x, dropout)
     out = MonaFunction.apply(
         x.reshape(B * H * W, C).contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
         project1_weight, project1_bias, K, bias_k, projector_weight, projector_bias,

@@ -82,12 +82,33 @@ def test_adapter_odd_shape(backend, dtype):
     _check_adapter(fused, ref, x, (37, 23), dtype, CHAIN_SCALE[dtype])
 
 
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", SPEC_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_adapter_spec_shapes_bf16(shape):
+def test_adapter_spec_shapes_bf16(shape, backend):
     B, H, W, C = shape
     ref, fused = _adapter_pair(C, torch.bfloat16)
+    fused.backend = backend
     x = torch.randn(B, H * W, C, device="cuda").to(torch.bfloat16).requires_grad_()
     _check_adapter(fused, ref, x, (H, W), torch.bfloat16, CHAIN_SCALE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_bf16_tokens_with_fp32_parameters(backend):
+    ref, fused = _adapter_pair(96, torch.float32, d=32)
+    fused.backend = backend
+    x = torch.randn(2, 13 * 11, 96, device="cuda").to(torch.bfloat16).requires_grad_()
+    _check_adapter(fused, ref, x, (13, 11), torch.bfloat16, CHAIN_SCALE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_empty_batch_gives_empty_output_and_zero_gradients(backend):
+    _, fused = _adapter_pair(64, torch.float32, d=16)
+    fused.backend = backend
+    x = torch.randn(0, 5 * 6, 64, device="cuda", requires_grad=True)
+    out = fused(x, (5, 6))
+    assert out.shape == x.shape
+    grads = _grads(out.sum(), list(fused.parameters()), None)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 def test_non_contiguous_tokens():
