@@ -5,8 +5,10 @@
 # Stages (default: all, in this order): build tests memcheck launch swin sweep bench.
 #   build     build the CUDA extension (ninja) in the background while the others start
 #   tests     the whole pytest suite (GPU tests and the rest in two parallel processes)
+#   gputests  tests/test_gpu.py alone
 #   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
 #   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/launch_profile.py)
+#   host      host cost by layer at a tiny shape, cuda and triton backends (benchmarks/host_cost.py)
 #   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py)
 #   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py)
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py)
@@ -32,7 +34,7 @@ if has build; then
   BUILD_PID=$!
 fi
 wait_build() { [ -n "${BUILD_PID:-}" ] && { wait "$BUILD_PID"; echo "build: exit $?" >> "$SUMMARY"; BUILD_PID=; }; }
-if has tests; then
+if has tests || has gputests; then
   wait_build
   # test_gpu.py in four processes (Triton compiles on the CPU, one kernel at a time per process)
   groups=("ln_scale" "multiscale_dwconv" "adapter" "not ln_scale and not multiscale_dwconv and not adapter")
@@ -42,8 +44,10 @@ if has tests; then
       > "/tmp/tests_gpu_$k.log" 2>&1 &
     pids+=($!)
   done
-  timeout "${TESTS_S:-300}" python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/test_gpu.py > "$OUT/tests.log" 2>&1
-  echo "tests (non-GPU files): exit $?" >> "$SUMMARY"
+  if has tests; then
+    timeout "${TESTS_S:-300}" python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/test_gpu.py > "$OUT/tests.log" 2>&1
+    echo "tests (non-GPU files): exit $?" >> "$SUMMARY"
+  fi
   for k in 0 1 2 3; do
     wait "${pids[$k]}"; echo "tests (test_gpu.py -k '${groups[$k]}'): exit $?" >> "$SUMMARY"
     cat "/tmp/tests_gpu_$k.log" >> "$OUT/tests_gpu.log"
@@ -60,6 +64,12 @@ fi
 if has launch; then
   timeout "${LAUNCH_S:-120}" python3 benchmarks/launch_profile.py >> "$OUT/launch.log" 2>&1
   echo "launch_profile: exit $?" >> "$SUMMARY"
+fi
+if has host; then
+  for b in cuda triton; do
+    timeout "${HOST_S:-90}" python3 benchmarks/host_cost.py 1,8,8,128 $b >> "$OUT/host.log" 2>&1
+    echo "host_cost $b: exit $?" >> "$SUMMARY"
+  done
 fi
 if has profile; then
   timeout "${PROFILE_S:-180}" python3 benchmarks/profile_adapter.py > "$OUT/profile.log" 2>&1
@@ -81,6 +91,7 @@ cat "$SUMMARY"
 for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
 [ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|worst|passed|Error" "$OUT/memcheck.log" | head -12; }
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
+[ -f "$OUT/host.log" ] && { echo "== host"; grep -E "^\| (ref|fused|torch)" "$OUT/host.log"; }
 [ -f "$OUT/profile.log" ] && { echo "== profile"; grep -v -i warn "$OUT/profile.log" | cut -c1-160; }
 [ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
 [ -f "$OUT/sweep.log" ] && { echo "== sweep"; cat "$OUT/sweep.log" | grep -v -i warn; }

@@ -4,8 +4,10 @@
 // Same math and layout contract as mona_kernels/ops/mona_adapter.py (SPEC §1): x is (M, C) tokens,
 // matmuls run in the compute dtype through cuBLAS with fp32 accumulation, the depthwise, LN-scaling
 // and GELU/dropout kernels are those of mona_kernels.cu. Saved for backward: x, mean, rstd, h1 and the
-// small float parameter buffers; y, h2, h3 and a are recomputed. The projector bias is added inside the
-// GELU kernels, so h3 is kept without it.
+// small float parameter buffers; y, h2, h3 and a are recomputed. Residuals ride on passes that happen
+// anyway: the conv also writes h2 into h3's buffer and the GEMM adds h2 Wp^T in place (likewise dh2 from
+// the GELU backward), and the LN kernel writes x + b2 into out for the up projection to accumulate into.
+// The projector bias is added inside the GELU kernels, so h3 is kept without it.
 #include "glue.h"
 
 #include <torch/csrc/autograd/custom_function.h>
@@ -19,19 +21,25 @@ using torch::autograd::variable_list;
 
 Tensor cast(const Tensor& t, at::ScalarType s) { return t.scalar_type() == s ? t : t.to(s); }
 
-// (4, C) float rows w_ln, b_ln, gamma, gammax for the LN kernels.
-Tensor ln_params(const Tensor& w, const Tensor& b, const Tensor& gamma, const Tensor& gammax) {
-  return cast(at::stack({w, b, gamma, gammax}), at::kFloat);
+// (5, C) float rows w_ln, b_ln, gamma, gammax, b2 for the LN kernels.
+Tensor ln_params(const Tensor& w, const Tensor& b, const Tensor& gamma, const Tensor& gammax, const Tensor& b2) {
+  return cast(at::stack({w, b, gamma, gammax, b2}), at::kFloat);
+}
+
+// The dtype shared by `ts`, or float when they differ.
+at::ScalarType common_dtype(std::initializer_list<const Tensor*> ts) {
+  auto s = (*ts.begin())->scalar_type();
+  for (const Tensor* t : ts) {
+    if (t->scalar_type() != s) return at::kFloat;
+  }
+  return s;
 }
 
 // (51, d) float: the merged 7x7 kernel (49 rows), its bias, then bp (mona::merge_kernels).
 Tensor merged_params(const Tensor& w3, const Tensor& b3, const Tensor& w5, const Tensor& b5, const Tensor& w7,
                      const Tensor& b7, const Tensor& bp) {
   const int64_t d = w7.size(0);
-  auto s = w7.scalar_type();
-  for (const Tensor* t : {&w3, &b3, &w5, &b5, &b7, &bp}) {
-    if (t->scalar_type() != s) s = at::kFloat;  // mixed dtypes merge in float
-  }
+  const auto s = common_dtype({&w3, &b3, &w5, &b5, &w7, &b7, &bp});
   auto out = torch::empty({kTaps + 2, d}, w7.options().dtype(at::kFloat));
   dispatch(s, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -43,26 +51,29 @@ Tensor merged_params(const Tensor& w3, const Tensor& b3, const Tensor& w5, const
   return out;
 }
 
-// y (x's dtype) of the LN-scaling op; mean and rstd written when given.
-Tensor ln_forward(const Tensor& x, const Tensor& lnp, float eps, float* mean, float* rstd) {
+// y (x's dtype) of the LN-scaling op; mean and rstd written when given, x + b2 into res when defined.
+Tensor ln_forward(const Tensor& x, const Tensor& lnp, float eps, float* mean, float* rstd, const Tensor& res = {}) {
   const int64_t M = x.size(0), C = x.size(1);
   auto y = torch::empty_like(x);
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const float* p = ptr<float>(lnp);
-    check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), p, p + C, p + 2 * C, p + 3 * C, ptr<T>(y), mean, rstd, M, C, eps,
-                                     sm_count(x), current_stream()),
+    check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), p, p + C, p + 2 * C, p + 3 * C, ptr<T>(y), mean, rstd, p + 4 * C,
+                                     res.defined() ? ptr<T>(res) : nullptr, M, C, eps, sm_count(x), current_stream()),
                "ln_scale_fwd");
   });
   return y;
 }
 
-// The merged depthwise conv over h (M, d) viewed as (B, H, W, d); bias may be null; flip: the input gradient.
-Tensor conv(const Tensor& h, const float* K, const float* bias, int64_t B, int64_t H, int64_t W, bool flip) {
+// The merged depthwise conv over h (M, d) viewed as (B, H, W, d); bias may be null; flip: the input
+// gradient; copy, when defined, receives the result too.
+Tensor conv(const Tensor& h, const float* K, const float* bias, int64_t B, int64_t H, int64_t W, bool flip,
+            const Tensor& copy = {}) {
   auto out = torch::empty_like(h);
   dispatch(h.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_cuda(mona::dwconv7_fwd<T>(ptr<T>(h), K, bias, ptr<T>(out), B, H, W, h.size(1), flip, 0, current_stream()),
+    check_cuda(mona::dwconv7_fwd<T>(ptr<T>(h), K, bias, ptr<T>(out), copy.defined() ? ptr<T>(copy) : nullptr, B, H,
+                                    W, h.size(1), flip, 0, current_stream()),
                "dwconv7_fwd");
   });
   return out;
@@ -89,16 +100,18 @@ Tail tail(const Tensor& h1, const Tensor& small, const Tensor& Wpc, int64_t B, i
   const int64_t d = h1.size(1);
   const float* s = ptr<float>(small);
   Tail t;
-  t.h2 = conv(h1, s, s + kTaps * d, B, H, W, false);
-  t.h3 = at::addmm(t.h2, t.h2, Wpc.t());
+  t.h3 = torch::empty_like(h1);
+  t.h2 = conv(h1, s, s + kTaps * d, B, H, W, false, t.h3);
+  t.h3.addmm_(t.h2, Wpc.t());
   t.a = gelu_forward(t.h3, s + (kTaps + 1) * d, seed, p);
   return t;
 }
 
-// Column sums of a tall (M, n) matrix in float: cuBLAS's matrix-vector product beats a column reduction.
+// Column sums of a tall (M, n) matrix: cuBLAS's matrix-vector product (fp32 accumulation) beats a
+// column reduction.
 Tensor column_sums(const Tensor& t) {
   if (t.scalar_type() == at::kFloat) return t.sum(0);
-  return cast(at::mv(t.t(), at::ones({t.size(0)}, t.options())), at::kFloat);
+  return at::mv(t.t(), at::ones({t.size(0)}, t.options()));
 }
 
 struct Adapter : public torch::autograd::Function<Adapter> {
@@ -109,14 +122,21 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t M = x.size(0), d = W1.size(0);
-    auto lnp = ln_params(w_ln, b_ln, gamma, gammax);
+    auto lnp = ln_params(w_ln, b_ln, gamma, gammax, b2);
     auto small = merged_params(w3, b3, w5, b5, w7, b7, bp);
     auto stats = torch::empty({2, M}, x.options().dtype(at::kFloat));  // mean, rstd
-    auto y = ln_forward(x, lnp, (float)eps, ptr<float>(stats), ptr<float>(stats) + M);
+    // out = (x + b2) + a W2^T accumulated in place when x is in the compute dtype
+    const bool accumulate = x.scalar_type() == cdt;
+    Tensor out = accumulate ? torch::empty_like(x) : Tensor();
+    auto y = ln_forward(x, lnp, (float)eps, ptr<float>(stats), ptr<float>(stats) + M, out);
     auto h1 = at::addmm(cast(b1, cdt), cast(y, cdt), cast(W1, cdt).t());
     auto Wpc = cast(Wp, cdt).reshape({d, d});
     auto t = tail(h1, small, Wpc, B, H, W, (uint64_t)seed, (float)p);
-    auto out = at::add(x, at::addmm(cast(b2, cdt), t.a, cast(W2, cdt).t()));
+    if (accumulate) {
+      out.addmm_(t.a, cast(W2, cdt).t());
+    } else {
+      out = at::add(x, at::addmm(cast(b2, cdt), t.a, cast(W2, cdt).t()));
+    }
     ctx->save_for_backward({x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2});
     ctx->saved_data["h1"] = h1;
     ctx->saved_data["stats"] = stats;
@@ -155,21 +175,22 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     auto da = at::mm(gc, cast(W2, cdt));
 
     // dh3 and its column sums (the projector bias gradient)
-    const int gslots = mona::gelu_bwd_slots(M, d, sm_count(x));
-    auto dh3 = torch::empty_like(t.h3);
+    const int sms = sm_count(x);
+    const int gslots = mona::gelu_bwd_slots(M, d, sms);
+    auto dh3 = torch::empty_like(t.h3), dh2 = torch::empty_like(t.h3);
     auto gpartial = torch::empty({gslots, d}, x.options().dtype(at::kFloat));
     dispatch(cdt, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(t.h3), s + (kTaps + 1) * d, ptr<T>(dh3),
+      check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(t.h3), s + (kTaps + 1) * d, ptr<T>(dh3), ptr<T>(dh2),
                                            ptr<float>(gpartial), gslots, M, d, seed, p, current_stream()),
                  "gelu_dropout_bwd");
     });
-    auto dbp = sum_slots(gpartial);
-    auto dh2 = at::addmm(dh3, dh3, Wpc);
+    auto dbp = sum_slots(gpartial, bp.scalar_type());
+    dh2.addmm_(dh3, Wpc);  // dh2 = dh3 + dh3 Wp
     auto dWp = at::mm(dh3.t(), t.h2);
 
     auto dh1 = conv(dh2, s, nullptr, B, H, W, true);
-    const int wslots = mona::wgrad_slots(B, H, W, sm_count(x));
+    const int wslots = mona::wgrad_slots(B, H, W, sms);
     auto wpartial = torch::empty({wslots, kTaps + 1, d}, x.options().dtype(at::kFloat));
     dispatch(cdt, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -180,12 +201,12 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     auto dKb = sum_slots(wpartial);
     auto db1 = column_sums(dh1);
 
-    auto y = ln_forward(x, lnp, eps, nullptr, nullptr);
+    auto y = ln_forward(x, lnp, eps, nullptr, nullptr);  // the forward's y again
     auto dW1 = at::mm(dh1.t(), cast(y, cdt));
     auto dy = cast(at::mm(dh1, cast(W1, cdt)), x.scalar_type());
 
     // The LN backward also adds the residual gradient g to dx; its fifth row is sum(g), db2.
-    const int lslots = mona::ln_bwd_slots(M, C, sm_count(x));
+    const int lslots = mona::ln_bwd_slots(M, C, sms);
     auto dx = torch::empty_like(x);
     auto lpartial = torch::empty({lslots, 5, C}, x.options().dtype(at::kFloat));
     auto gx = cast(g, x.scalar_type());
@@ -197,12 +218,10 @@ struct Adapter : public torch::autograd::Function<Adapter> {
                                        ptr<T>(dx), ptr<float>(lpartial), lslots, M, C, current_stream()),
                  "ln_scale_bwd");
     });
-    auto rows = sum_slots(lpartial);  // dgamma, dgammax, dw_ln, db_ln, db2
+    // dgamma, dgammax, dw_ln, db_ln, db2
+    auto rows = sum_slots(lpartial, common_dtype({&w_ln, &b_ln, &gamma, &gammax, &b2}));
 
-    auto ps = w7.scalar_type();
-    for (const Tensor* q : {&w3, &b3, &w5, &b5, &b7}) {
-      if (q->scalar_type() != ps) ps = at::kFloat;
-    }
+    const auto ps = common_dtype({&w3, &b3, &w5, &b5, &w7, &b7});
     auto dw3 = torch::empty(w3.sizes(), w3.options().dtype(ps)), db3 = torch::empty(b3.sizes(), b3.options().dtype(ps));
     auto dw5 = torch::empty(w5.sizes(), w5.options().dtype(ps)), db5 = torch::empty(b5.sizes(), b5.options().dtype(ps));
     auto dw7 = torch::empty(w7.sizes(), w7.options().dtype(ps)), db7 = torch::empty(b7.sizes(), b7.options().dtype(ps));

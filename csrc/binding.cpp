@@ -20,8 +20,8 @@ std::vector<torch::Tensor> ln_scale_fwd(torch::Tensor x, torch::Tensor w, torch:
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), ptr<float>(wf), ptr<float>(bf), ptr<float>(gf), ptr<float>(gxf),
-                                     ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), M, C, (float)eps, sm_count(x),
-                                     current_stream()),
+                                     ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), nullptr, nullptr, M, C, (float)eps,
+                                     sm_count(x), current_stream()),
                "ln_scale_fwd");
   });
   return {y, mean, rstd};
@@ -73,7 +73,7 @@ torch::Tensor dwconv7_fwd(torch::Tensor h, torch::Tensor K, c10::optional<torch:
   dispatch(h.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::dwconv7_fwd<T>(ptr<T>(h), ptr<float>(Kf), bf.defined() ? ptr<float>(bf) : nullptr, ptr<T>(out),
-                                    B, H, W, D, flip, (int)variant, current_stream()),
+                                    nullptr, B, H, W, D, flip, (int)variant, current_stream()),
                "dwconv7_fwd");
   });
   return out;
@@ -102,8 +102,8 @@ torch::Tensor gelu_dropout_fwd(torch::Tensor h3, int64_t seed, double p) {
   auto a = torch::empty_like(h3);
   dispatch(h3.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_cuda(mona::gelu_dropout_fwd<T>(ptr<T>(h3), nullptr, ptr<T>(a), h3.size(0), h3.size(1), (uint64_t)seed, (float)p,
-                                         current_stream()),
+    check_cuda(mona::gelu_dropout_fwd<T>(ptr<T>(h3), nullptr, ptr<T>(a), h3.size(0), h3.size(1), (uint64_t)seed,
+                                         (float)p, current_stream()),
                "gelu_dropout_fwd");
   });
   return a;
@@ -121,8 +121,8 @@ std::vector<torch::Tensor> gelu_dropout_bwd(torch::Tensor da, torch::Tensor h3, 
   auto partial = torch::empty({slots, D}, h3.options().dtype(at::kFloat));
   dispatch(h3.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(h3), nullptr, ptr<T>(dh3), ptr<float>(partial), slots, M, D,
-                                         (uint64_t)seed, (float)p, current_stream()),
+    check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(h3), nullptr, ptr<T>(dh3), nullptr, ptr<float>(partial),
+                                         slots, M, D, (uint64_t)seed, (float)p, current_stream()),
                "gelu_dropout_bwd");
   });
   return {dh3, sum_slots(partial)};

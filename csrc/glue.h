@@ -55,11 +55,15 @@ inline int sm_count(const torch::Tensor& t) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// The (rows, n) sum over slots of a (slots, rows, n) partial buffer, in slot order.
-inline torch::Tensor sum_slots(const torch::Tensor& partial) {
+// The (rows, n) sum over slots of a (slots, rows, n) float partial buffer, in slot order, in dtype `out`.
+inline torch::Tensor sum_slots(const torch::Tensor& partial, at::ScalarType out_dtype = at::kFloat) {
   const int64_t slots = partial.size(0);
-  auto out = torch::empty(partial.sizes().slice(1), partial.options());
-  check_cuda(mona::sum_slots(ptr<float>(partial), ptr<float>(out), slots, out.numel(), current_stream()), "sum_slots");
+  auto out = torch::empty(partial.sizes().slice(1), partial.options().dtype(out_dtype));
+  dispatch(out_dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(mona::sum_slots<T>(ptr<float>(partial), ptr<T>(out), slots, out.numel(), current_stream()),
+               "sum_slots");
+  });
   return out;
 }
 

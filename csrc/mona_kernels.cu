@@ -128,7 +128,7 @@ template <typename T, int VEC, int CH>
 __global__ void __launch_bounds__(512) ln_scale_fwd_kernel(
     const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     const float* __restrict__ gamma, const float* __restrict__ gammax, T* __restrict__ y, float* __restrict__ mean,
-    float* __restrict__ rstd, int64_t M, int C, float eps) {
+    float* __restrict__ rstd, const float* __restrict__ res_bias, T* __restrict__ res, int64_t M, int C, float eps) {
   extern __shared__ float2 scratch[];
   const int slots = blockDim.y;
   for (int64_t base = (int64_t)blockIdx.x * slots; base < M; base += (int64_t)gridDim.x * slots) {
@@ -173,6 +173,12 @@ __global__ void __launch_bounds__(512) ln_scale_fwd_kernel(
 #pragma unroll
       for (int e = 0; e < VEC; ++e) out[e] = ((xv[k][e] - mu) * rs * wv[e] + bv[e]) * gv[e] + xv[k][e] * gxv[e];
       store_vec<T, VEC>(y + row * C + c, out);
+      if (res != nullptr) {
+        load_floats(res_bias + c, bv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out[e] = xv[k][e] + bv[e];
+        store_vec<T, VEC>(res + row * C + c, out);
+      }
     }
     if (threadIdx.x == 0 && mean != nullptr) {
       mean[row] = mu;
@@ -316,7 +322,7 @@ size_t ln_smem(const RowShape& s, int64_t C, bool reduce) {
 template <typename T, int VEC, bool FLIP, int R, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) dwconv7_kernel(
     const T* __restrict__ h, const float* __restrict__ K, const float* __restrict__ bias, T* __restrict__ out,
-    int H, int W, int D, int col_tiles, int row_tiles) {
+    T* __restrict__ out2, int H, int W, int D, int col_tiles, int row_tiles) {
   const int groups = D / VEC;
   const int g = blockIdx.y * blockDim.x + threadIdx.x;
   int64_t t = blockIdx.x;
@@ -365,10 +371,13 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) dwconv7_kernel(
         for (int e = 0; e < VEC; ++e) acc[o][e] += col[o + u][e] * wv[e];
     }
   }
-  T* dst = out + img * H * (int64_t)W * D + c;
+  const int64_t base = img * H * (int64_t)W * D + c;
 #pragma unroll
   for (int o = 0; o < R; ++o) {
-    if (i0 + o < H) store_vec<T, VEC>(dst + ((int64_t)(i0 + o) * W + j) * D, acc[o]);
+    if (i0 + o >= H) continue;
+    const int64_t off = base + ((int64_t)(i0 + o) * W + j) * D;
+    store_vec<T, VEC>(out + off, acc[o]);
+    if (out2 != nullptr) store_vec<T, VEC>(out2 + off, acc[o]);
   }
 }
 
@@ -505,7 +514,7 @@ __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* _
 // then lane 0 adds the other lanes' sums in lane order: one partial slot per block.
 template <typename T, int VEC>
 __global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __restrict__ h3,
-                                        const float* __restrict__ bias, T* __restrict__ dh3,
+                                        const float* __restrict__ bias, T* __restrict__ dh3, T* __restrict__ dh3_copy,
                                         float* __restrict__ partial, int64_t M, int D, uint64_t seed, float p,
                                         float scale) {
   __shared__ float lanes[kThreads * 4];
@@ -531,6 +540,7 @@ __global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __res
       acc[e] += g[e];
     }
     store_vec<T, VEC>(dh3 + off, g);
+    if (dh3_copy != nullptr) store_vec<T, VEC>(dh3_copy + off, g);
   }
   float* mine = lanes + (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
@@ -549,9 +559,10 @@ struct ColShape {
   int vec, bx, by;
 };
 
-ColShape col_shape(int64_t D, int elem_bytes, const void* a, const void* b, const void* c) {
+ColShape col_shape(int64_t D, int elem_bytes, const void* a, const void* b, const void* c, const void* e) {
   ColShape s;
-  s.vec = D % 4 == 0 && aligned(a, 4 * elem_bytes) && aligned(b, 4 * elem_bytes) && aligned(c, 4 * elem_bytes) ? 4 : 1;
+  const int bytes = 4 * elem_bytes;
+  s.vec = D % 4 == 0 && aligned(a, bytes) && aligned(b, bytes) && aligned(c, bytes) && aligned(e, bytes) ? 4 : 1;
   const int64_t groups = D / s.vec;
   s.bx = (int)std::min<int64_t>(groups, 64);
   s.by = std::max(1, kThreads / s.bx);
@@ -623,7 +634,8 @@ __global__ void split_kernel_grad_kernel(const float* __restrict__ dKb, T* __res
 // ---------------------------------------------------------------------------------------------
 // out[k] = sum over slots of partial[s][k]: block = 32 columns x 16 slot lanes; lane l sums slots
 // l, l + 16, ... in order, then lane 0 adds the 16 lane sums in order.
-__global__ void sum_slots_kernel(const float* __restrict__ partial, float* __restrict__ out, int64_t slots, int64_t n) {
+template <typename T>
+__global__ void sum_slots_kernel(const float* __restrict__ partial, T* __restrict__ out, int64_t slots, int64_t n) {
   __shared__ float lanes[16][33];
   const int64_t k = (int64_t)blockIdx.x * 32 + threadIdx.x;
   float s = 0.f;
@@ -635,7 +647,7 @@ __global__ void sum_slots_kernel(const float* __restrict__ partial, float* __res
   if (threadIdx.y == 0 && k < n) {
     float total = 0.f;
     for (int l = 0; l < 16; ++l) total += lanes[l][threadIdx.x];
-    out[k] = total;
+    out[k] = from_float<T>(total);
   }
 }
 
@@ -645,16 +657,18 @@ int64_t ln_max_channels(int64_t) { return 2048; }
 
 template <typename T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax, T* y,
-                         float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms, cudaStream_t stream) {
+                         float* mean, float* rstd, const float* res_bias, T* res, int64_t M, int64_t C, float eps,
+                         int sms, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(y, 4 * sizeof(T)) && aligned(w, 16) &&
-                                      aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16));
+                                      aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16) &&
+                                      aligned(res_bias, 16) && aligned(res, 4 * sizeof(T)));
   const dim3 block(s.bx, s.slots_per_block);
   const size_t smem = ln_smem(s, C, false);
   const int blocks = ln_blocks(M, sms);
   pick_row_layout(s, [&](auto vec, auto ch) {
     ln_scale_fwd_kernel<T, decltype(vec)::value, decltype(ch)::value>
-        <<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, M, (int)C, eps);
+        <<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, res_bias, res, M, (int)C, eps);
   });
   return cudaGetLastError();
 }
@@ -680,10 +694,10 @@ cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b
 }
 
 template <typename T, int R, int MIN_BLOCKS>
-cudaError_t launch_conv(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
-                        int64_t D, bool flip, cudaStream_t stream) {
-  const int vec = D % 4 == 0 && aligned(h, 4 * sizeof(T)) && aligned(out, 4 * sizeof(T)) && aligned(K, 16) &&
-                          aligned(bias, 16) ? 4 : 1;
+cudaError_t launch_conv(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
+                        int64_t W, int64_t D, bool flip, cudaStream_t stream) {
+  const int vec = D % 4 == 0 && aligned(h, 4 * sizeof(T)) && aligned(out, 4 * sizeof(T)) &&
+                          aligned(out2, 4 * sizeof(T)) && aligned(K, 16) && aligned(bias, 16) ? 4 : 1;
   const int64_t groups = D / vec;
   const int bx = (int)std::min<int64_t>(groups, 32);
   const int by = kThreads / bx;
@@ -694,25 +708,25 @@ cudaError_t launch_conv(const T* h, const float* K, const float* bias, T* out, i
     constexpr int V = decltype(v)::value;
     if (flip) {
       dwconv7_kernel<T, V, true, R, MIN_BLOCKS>
-          <<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, col_tiles, row_tiles);
+          <<<grid, block, 0, stream>>>(h, K, bias, out, out2, (int)H, (int)W, (int)D, col_tiles, row_tiles);
     } else {
       dwconv7_kernel<T, V, false, R, MIN_BLOCKS>
-          <<<grid, block, 0, stream>>>(h, K, bias, out, (int)H, (int)W, (int)D, col_tiles, row_tiles);
+          <<<grid, block, 0, stream>>>(h, K, bias, out, out2, (int)H, (int)W, (int)D, col_tiles, row_tiles);
     }
   });
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
-                        int64_t D, bool flip, int variant, cudaStream_t stream) {
+cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
+                        int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream) {
   if (B * H * W * D == 0) return cudaSuccess;
   switch (variant) {
     // measured on the H200 at 2x200x336x64 bf16 (sweep_dwconv.py): 87, 123, 93 and 140 us
-    case 1: return launch_conv<T, 8, 2>(h, K, bias, out, B, H, W, D, flip, stream);
-    case 2: return launch_conv<T, 4, 4>(h, K, bias, out, B, H, W, D, flip, stream);
-    case 3: return launch_conv<T, 6, 2>(h, K, bias, out, B, H, W, D, flip, stream);
-    default: return launch_conv<T, 4, 3>(h, K, bias, out, B, H, W, D, flip, stream);
+    case 1: return launch_conv<T, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 2: return launch_conv<T, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 3: return launch_conv<T, 6, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    default: return launch_conv<T, 4, 3>(h, K, bias, out, out2, B, H, W, D, flip, stream);
   }
 }
 
@@ -760,16 +774,16 @@ int gelu_bwd_slots(int64_t M, int64_t, int sms) {
 }
 
 template <typename T>
-cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, float* partial, int slots, int64_t M,
-                             int64_t D, uint64_t seed, float p, cudaStream_t stream) {
+cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, T* dh3_copy, float* partial,
+                             int slots, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream) {
   if (M * D == 0) return cudaMemsetAsync(partial, 0, sizeof(float) * slots * D, stream);
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
-  const ColShape s = col_shape(D, sizeof(T), da, h3, dh3);
+  const ColShape s = col_shape(D, sizeof(T), da, h3, dh3, dh3_copy);
   const dim3 grid((unsigned)slots, (unsigned)cdiv(D / s.vec, s.bx));  // one partial slot per block
   const dim3 block(s.bx, s.by);
   pick<4, 1>(s.vec, [&](auto v) {
     gelu_dropout_bwd_kernel<T, decltype(v)::value>
-        <<<grid, block, 0, stream>>>(da, h3, bias, dh3, partial, M, (int)D, seed, p, scale);
+        <<<grid, block, 0, stream>>>(da, h3, bias, dh3, dh3_copy, partial, M, (int)D, seed, p, scale);
   });
   return cudaGetLastError();
 }
@@ -792,26 +806,29 @@ cudaError_t split_kernel_grad(const float* dKb, T* dw3, T* db3, T* dw5, T* db5, 
   return cudaGetLastError();
 }
 
-cudaError_t sum_slots(const float* partial, float* out, int64_t slots, int64_t n, cudaStream_t stream) {
+template <typename T>
+cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  sum_slots_kernel<<<(unsigned)cdiv(n, 32), dim3(32, 16), 0, stream>>>(partial, out, slots, n);
+  sum_slots_kernel<T><<<(unsigned)cdiv(n, 32), dim3(32, 16), 0, stream>>>(partial, out, slots, n);
   return cudaGetLastError();
 }
 
 #define MONA_INSTANTIATE(T)                                                                                      \
   template cudaError_t ln_scale_fwd<T>(const T*, const float*, const float*, const float*, const float*, T*,    \
-                                       float*, float*, int64_t, int64_t, float, int, cudaStream_t);              \
+                                       float*, float*, const float*, T*, int64_t, int64_t, float, int,          \
+                                       cudaStream_t);                                                            \
   template cudaError_t ln_scale_bwd<T>(const T*, const T*, const float*, const float*, const float*,            \
                                        const float*, const float*, const float*, const T*, T*, float*, int,      \
                                        int64_t, int64_t, cudaStream_t);                                          \
-  template cudaError_t dwconv7_fwd<T>(const T*, const float*, const float*, T*, int64_t, int64_t, int64_t,      \
+  template cudaError_t dwconv7_fwd<T>(const T*, const float*, const float*, T*, T*, int64_t, int64_t, int64_t,  \
                                       int64_t, bool, int, cudaStream_t);                                         \
   template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int, int64_t, int64_t, int64_t, int64_t,    \
                                         int, cudaStream_t);                                                      \
   template cudaError_t gelu_dropout_fwd<T>(const T*, const float*, T*, int64_t, int64_t, uint64_t, float,       \
                                            cudaStream_t);                                                        \
-  template cudaError_t gelu_dropout_bwd<T>(const T*, const T*, const float*, T*, float*, int, int64_t, int64_t, \
-                                           uint64_t, float, cudaStream_t);                                       \
+  template cudaError_t gelu_dropout_bwd<T>(const T*, const T*, const float*, T*, T*, float*, int, int64_t,      \
+                                           int64_t, uint64_t, float, cudaStream_t);                              \
+  template cudaError_t sum_slots<T>(const float*, T*, int64_t, int64_t, cudaStream_t);                           \
   template cudaError_t merge_kernels<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,   \
                                         float*, int64_t, cudaStream_t);                                          \
   template cudaError_t split_kernel_grad<T>(const float*, T*, T*, T*, T*, T*, T*, int64_t, cudaStream_t);

@@ -15,11 +15,12 @@ namespace mona {
 // four chunks of 512 threads with one channel each).
 int64_t ln_max_channels(int64_t C);
 
-// mean and rstd may be null (a recompute that wants y only).
+// mean and rstd may be null (a recompute that wants y only). When res is not null it also receives
+// x + res_bias (the adapter's residual and output bias, to which the up projection is then added).
 template <typename T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax,
-                         T* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms,
-                         cudaStream_t stream);
+                         T* y, float* mean, float* rstd, const float* res_bias, T* res, int64_t M, int64_t C,
+                         float eps, int sms, cudaStream_t stream);
 
 // dx = LN-scaling backward (+ residual when not null); partial (slots, 5, C) receives column sums of
 // (dy*(xn*w+b), dy*x, dy*gamma*xn, dy*gamma, residual) per slot (the fifth row 0 without residual).
@@ -30,11 +31,12 @@ cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b
                          float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream);
 
 // out = conv7(h, K or K rotated by 180 degrees when flip) (+ bias when not null), zero "same"
-// padding, depthwise over (H, W). `variant` picks a tiling (0: the default; 1-3: the alternatives
+// padding, depthwise over (H, W); out2, when not null, receives a second copy (the accumulator of a
+// following in-place GEMM). `variant` picks a tiling (0: the default; 1-3: the alternatives
 // benchmarks/sweep_dwconv.py measures); every variant computes the same result.
 template <typename T>
-cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, int64_t B, int64_t H, int64_t W,
-                        int64_t D, bool flip, int variant, cudaStream_t stream);
+cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
+                        int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream);
 
 // partial (slots, 50, D): rows 0..48 sum dout * h shifted by the tap, row 49 sums dout. `variant`:
 // 0 (default) four channels a thread, 1 two.
@@ -49,11 +51,12 @@ template <typename T>
 cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed, float p,
                              cudaStream_t stream);
 
-// dh3 = da * m * gelu'(h3 + bias); partial (slots, 1, D) receives per-slot column sums of dh3 (fp32).
+// dh3 = da * m * gelu'(h3 + bias), also into dh3_copy when not null; partial (slots, 1, D) receives
+// per-slot column sums of dh3 (fp32).
 int gelu_bwd_slots(int64_t M, int64_t D, int sms);
 template <typename T>
-cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, float* partial, int slots, int64_t M,
-                             int64_t D, uint64_t seed, float p, cudaStream_t stream);
+cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, T* dh3_copy, float* partial,
+                             int slots, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream);
 
 // out (51, D) float: rows 0..48 the merged kernel delta + (pad(w3) + pad(w5) + w7) / 3 taps-major, row
 // 49 the merged bias (b3 + b5 + b7) / 3, row 50 bp. Weights (D, 1, k, k), biases (D).
@@ -67,7 +70,8 @@ template <typename T>
 cudaError_t split_kernel_grad(const float* dKb, T* dw3, T* db3, T* dw5, T* db5, T* dw7, T* db7, int64_t D,
                               cudaStream_t stream);
 
-// out[k] = sum over s of partial[s * n + k], in slot order.
-cudaError_t sum_slots(const float* partial, float* out, int64_t slots, int64_t n, cudaStream_t stream);
+// out[k] = sum over s of partial[s * n + k], in slot order, rounded once to T.
+template <typename T>
+cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cudaStream_t stream);
 
 }  // namespace mona

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("binding.cpp", "mona_kernels.cu")
+SOURCES = ("binding.cpp", "adapter.cpp", "mona_kernels.cu")
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
 
 
