@@ -81,7 +81,7 @@ def main():
     if backend == "cuda":
         p = list(fused._params())
         conv = fused.adapter_conv
-        args = (x.detach().view(B * H * W, C), (B, H, W), *p[:12], conv.projector.weight, conv.projector.bias,
+        args = (x.detach().reshape(B * H * W, C), (B, H, W), *p[:12], conv.projector.weight, conv.projector.bias,
                 fused.project2.weight, fused.project2.bias, 1e-5, 0.0, 0, _compute_dtype(x))
         with torch.no_grad():
             rows.append(("fused[cuda]", "cuda_ext.mona_adapter, no grad", wall_us(lambda: cuda_ext.mona_adapter(*args))))
@@ -89,8 +89,21 @@ def main():
         raw = (args[0], B, H, W, *args[2:])
         with torch.no_grad():
             rows.append(("fused[cuda]", "_C.mona_adapter, no grad", wall_us(lambda: lib.mona_adapter(*raw))))
-        small = torch.randn(16, device="cuda")
-        rows.append(("torch", "one tiny torch.add", wall_us(lambda: small.add(1))))
+    small = torch.randn(16, device="cuda")
+    rows.append(("torch", "one tiny torch.add", wall_us(lambda: small.add(1))))
+    leaf = torch.randn(B, H * W, C, device="cuda", dtype=dtype, requires_grad=True)
+    others = [torch.randn(4, device="cuda", requires_grad=True) for _ in range(16)]
+    rows.append(("torch", "autograd floor: grad of x * 2 for 17 inputs",
+                 wall_us(lambda: torch.autograd.grad(leaf * 2, [leaf, *others], g, allow_unused=True))))
+    a = torch.randn(B * H * W, C, device="cuda", dtype=dtype)
+    w = torch.randn(64, C, device="cuda", dtype=dtype)
+    for lib in ("cublaslt", "cublas"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        rows.append(("torch", f"one small mm, {lib}", wall_us(lambda: a @ w.t())))
+        params = [x, *fused.parameters()]
+        rows.append((f"fused[{backend}]", f"forward+backward, {lib}",
+                     wall_us(lambda: torch.autograd.grad(fused(x, (H, W)), params, g))))
+    torch.backends.cuda.preferred_blas_library("default")
     print(f"shape {B}x{H}x{W}x{C} bf16, host cost by layer (median wall us, synchronised)")
     print("| variant | what | us |")
     print("|---|---|---|")

@@ -1,7 +1,8 @@
 // The whole Mona adapter on the CUDA backend as one C++ autograd node: forward and backward each run
 // from a single call with no Python between launches (the eager step is otherwise host-bound).
 //
-// Same math and layout contract as mona_kernels/ops/mona_adapter.py (SPEC §1): x is (M, C) tokens,
+// Same math and layout contract as mona_kernels/ops/mona_adapter.py (SPEC §1): x is M tokens of C channels
+// (any leading shape, contiguous; out and dx take its shape, so no view op joins the autograd graph),
 // matmuls run in the compute dtype through cuBLAS with fp32 accumulation, the depthwise, LN-scaling
 // and GELU/dropout kernels are those of mona_kernels.cu. Saved for backward: x, mean, rstd, h1 and the
 // small float parameter buffers; y, h2, h3 and a are recomputed. Residuals ride on passes that happen
@@ -51,10 +52,10 @@ Tensor merged_params(const Tensor& w3, const Tensor& b3, const Tensor& w5, const
   return out;
 }
 
-// y (x's dtype) of the LN-scaling op; mean and rstd written when given, x + b2 into res when defined.
-Tensor ln_forward(const Tensor& x, const Tensor& lnp, float eps, float* mean, float* rstd, const Tensor& res = {}) {
-  const int64_t M = x.size(0), C = x.size(1);
-  auto y = torch::empty_like(x);
+// y (M, C) in x's dtype of the LN-scaling op; mean and rstd written when given, x + b2 into res when defined.
+Tensor ln_forward(const Tensor& x, int64_t M, int64_t C, const Tensor& lnp, float eps, float* mean, float* rstd,
+                  const Tensor& res = {}) {
+  auto y = torch::empty({M, C}, x.options());
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const float* p = ptr<float>(lnp);
@@ -121,21 +122,22 @@ struct Adapter : public torch::autograd::Function<Adapter> {
                         double p, int64_t seed, at::ScalarType cdt) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const c10::cuda::CUDAGuard guard(x.device());
-    const int64_t M = x.size(0), d = W1.size(0);
+    const int64_t C = x.size(-1), M = x.numel() / C, d = W1.size(0);
     auto lnp = ln_params(w_ln, b_ln, gamma, gammax, b2);
     auto small = merged_params(w3, b3, w5, b5, w7, b7, bp);
     auto stats = torch::empty({2, M}, x.options().dtype(at::kFloat));  // mean, rstd
     // out = (x + b2) + a W2^T accumulated in place when x is in the compute dtype
     const bool accumulate = x.scalar_type() == cdt;
-    Tensor out = accumulate ? torch::empty_like(x) : Tensor();
-    auto y = ln_forward(x, lnp, (float)eps, ptr<float>(stats), ptr<float>(stats) + M, out);
+    auto out = torch::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), cdt)));
+    auto out2 = out.view({M, C});
+    auto y = ln_forward(x, M, C, lnp, (float)eps, ptr<float>(stats), ptr<float>(stats) + M, accumulate ? out : Tensor());
     auto h1 = at::addmm(cast(b1, cdt), cast(y, cdt), cast(W1, cdt).t());
     auto Wpc = cast(Wp, cdt).reshape({d, d});
     auto t = tail(h1, small, Wpc, B, H, W, (uint64_t)seed, (float)p);
     if (accumulate) {
-      out.addmm_(t.a, cast(W2, cdt).t());
+      out2.addmm_(t.a, cast(W2, cdt).t());
     } else {
-      out = at::add(x, at::addmm(cast(b2, cdt), t.a, cast(W2, cdt).t()));
+      at::add_out(out2, x.view({M, C}), at::addmm(cast(b2, cdt), t.a, cast(W2, cdt).t()));
     }
     ctx->save_for_backward({x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2});
     ctx->saved_data["h1"] = h1;
@@ -164,62 +166,65 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     const auto seed = (uint64_t)shape[3];
     const float eps = (float)ctx->saved_data["eps"].toDouble(), p = (float)ctx->saved_data["p"].toDouble();
     const auto cdt = h1.scalar_type();
-    const int64_t M = x.size(0), C = x.size(1), d = h1.size(1);
+    const int64_t C = x.size(-1), M = x.numel() / C, d = h1.size(1);
     const float* s = ptr<float>(small);
 
     auto Wpc = cast(Wp, cdt).reshape({d, d});
     auto t = tail(h1, small, Wpc, B, H, W, seed, p);
-    auto g = grads[0].contiguous();
+    auto g = grads[0].reshape({M, C}).contiguous();
     auto gc = cast(g, cdt);
     auto dW2 = at::mm(gc.t(), t.a);
     auto da = at::mm(gc, cast(W2, cdt));
 
     // dh3 and its column sums (the projector bias gradient)
+    // One float buffer holds the per-slot partial sums of the three reductions (16-byte aligned parts).
     const int sms = sm_count(x);
-    const int gslots = mona::gelu_bwd_slots(M, d, sms);
+    const int gslots = mona::gelu_bwd_slots(M, d, sms), wslots = mona::wgrad_slots(B, H, W, sms),
+              lslots = mona::ln_bwd_slots(M, C, sms);
+    auto round4 = [](int64_t n) { return (n + 3) / 4 * 4; };
+    const int64_t gn = round4(gslots * d), wn = round4(wslots * (kTaps + 1) * d), ln = lslots * 5 * C;
+    auto scratch = torch::empty({gn + wn + ln}, x.options().dtype(at::kFloat));
+    float* gpartial = ptr<float>(scratch);
+    float* wpartial = gpartial + gn;
+    float* lpartial = wpartial + wn;
+
     auto dh3 = torch::empty_like(t.h3), dh2 = torch::empty_like(t.h3);
-    auto gpartial = torch::empty({gslots, d}, x.options().dtype(at::kFloat));
     dispatch(cdt, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(t.h3), s + (kTaps + 1) * d, ptr<T>(dh3), ptr<T>(dh2),
-                                           ptr<float>(gpartial), gslots, M, d, seed, p, current_stream()),
+                                           gpartial, gslots, M, d, seed, p, current_stream()),
                  "gelu_dropout_bwd");
     });
-    auto dbp = sum_slots(gpartial, bp.scalar_type());
+    auto dbp = sum_slots(gpartial, gslots, {d}, x, bp.scalar_type());
     dh2.addmm_(dh3, Wpc);  // dh2 = dh3 + dh3 Wp
     auto dWp = at::mm(dh3.t(), t.h2);
 
     auto dh1 = conv(dh2, s, nullptr, B, H, W, true);
-    const int wslots = mona::wgrad_slots(B, H, W, sms);
-    auto wpartial = torch::empty({wslots, kTaps + 1, d}, x.options().dtype(at::kFloat));
     dispatch(cdt, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      check_cuda(mona::dwconv7_wgrad<T>(ptr<T>(h1), ptr<T>(dh2), ptr<float>(wpartial), wslots, B, H, W, d, 0,
-                                        current_stream()),
+      check_cuda(mona::dwconv7_wgrad<T>(ptr<T>(h1), ptr<T>(dh2), wpartial, wslots, B, H, W, d, 0, current_stream()),
                  "dwconv7_wgrad");
     });
-    auto dKb = sum_slots(wpartial);
+    auto dKb = sum_slots(wpartial, wslots, {kTaps + 1, d}, x);
     auto db1 = column_sums(dh1);
 
-    auto y = ln_forward(x, lnp, eps, nullptr, nullptr);  // the forward's y again
+    auto y = ln_forward(x, M, C, lnp, eps, nullptr, nullptr);  // the forward's y again
     auto dW1 = at::mm(dh1.t(), cast(y, cdt));
     auto dy = cast(at::mm(dh1, cast(W1, cdt)), x.scalar_type());
 
     // The LN backward also adds the residual gradient g to dx; its fifth row is sum(g), db2.
-    const int lslots = mona::ln_bwd_slots(M, C, sms);
     auto dx = torch::empty_like(x);
-    auto lpartial = torch::empty({lslots, 5, C}, x.options().dtype(at::kFloat));
     auto gx = cast(g, x.scalar_type());
     dispatch(x.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       const float* q = ptr<float>(lnp);
       const float* st = ptr<float>(stats);
       check_cuda(mona::ln_scale_bwd<T>(ptr<T>(dy), ptr<T>(x), q, q + C, q + 2 * C, q + 3 * C, st, st + M, ptr<T>(gx),
-                                       ptr<T>(dx), ptr<float>(lpartial), lslots, M, C, current_stream()),
+                                       ptr<T>(dx), lpartial, lslots, M, C, current_stream()),
                  "ln_scale_bwd");
     });
     // dgamma, dgammax, dw_ln, db_ln, db2
-    auto rows = sum_slots(lpartial, common_dtype({&w_ln, &b_ln, &gamma, &gammax, &b2}));
+    auto rows = sum_slots(lpartial, lslots, {5, C}, x, common_dtype({&w_ln, &b_ln, &gamma, &gammax, &b2}));
 
     const auto ps = common_dtype({&w3, &b3, &w5, &b5, &w7, &b7});
     auto dw3 = torch::empty(w3.sizes(), w3.options().dtype(ps)), db3 = torch::empty(b3.sizes(), b3.options().dtype(ps));
@@ -262,9 +267,11 @@ torch::Tensor mona_adapter(torch::Tensor x, int64_t B, int64_t H, int64_t W, tor
                            torch::Tensor w3, torch::Tensor b3, torch::Tensor w5, torch::Tensor b5, torch::Tensor w7,
                            torch::Tensor b7, torch::Tensor Wp, torch::Tensor bp, torch::Tensor W2, torch::Tensor b2,
                            double eps, double p, int64_t seed, at::ScalarType compute_dtype) {
-  check_input(x, "x", 2);
-  TORCH_CHECK(x.size(0) == B * H * W, "x has ", x.size(0), " tokens but B*H*W = ", B * H * W);
-  check_channels(x.size(1));
+  TORCH_CHECK(x.dim() >= 2, "x must have rank 2 or more, got ", x.dim());
+  check_input(x, "x", x.dim());
+  TORCH_CHECK(x.numel() == B * H * W * x.size(-1), "x has ", x.numel() / std::max<int64_t>(1, x.size(-1)),
+              " tokens but B*H*W = ", B * H * W);
+  check_channels(x.size(-1));
   return Adapter::apply(x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, B, H, W, eps, p,
                         seed, compute_dtype);
 }

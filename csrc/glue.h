@@ -55,16 +55,20 @@ inline int sm_count(const torch::Tensor& t) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// The (rows, n) sum over slots of a (slots, rows, n) float partial buffer, in slot order, in dtype `out`.
-inline torch::Tensor sum_slots(const torch::Tensor& partial, at::ScalarType out_dtype = at::kFloat) {
-  const int64_t slots = partial.size(0);
-  auto out = torch::empty(partial.sizes().slice(1), partial.options().dtype(out_dtype));
+// The sum over slots of a (slots, *shape) float partial buffer, in slot order, as a `shape` tensor of
+// dtype `out_dtype` on the device of `like`.
+inline torch::Tensor sum_slots(const float* partial, int64_t slots, at::IntArrayRef shape, const torch::Tensor& like,
+                               at::ScalarType out_dtype = at::kFloat) {
+  auto out = torch::empty(shape, like.options().dtype(out_dtype));
   dispatch(out_dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_cuda(mona::sum_slots<T>(ptr<float>(partial), ptr<T>(out), slots, out.numel(), current_stream()),
-               "sum_slots");
+    check_cuda(mona::sum_slots<T>(partial, ptr<T>(out), slots, out.numel(), current_stream()), "sum_slots");
   });
   return out;
+}
+
+inline torch::Tensor sum_slots(const torch::Tensor& partial, at::ScalarType out_dtype = at::kFloat) {
+  return sum_slots(ptr<float>(partial), partial.size(0), partial.sizes().slice(1), partial, out_dtype);
 }
 
 inline void check_channels(int64_t C) {

@@ -68,12 +68,11 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
 
     if _backend.resolve(x.device, backend) == "cuda" and not torch.compiler.is_compiling():
         # the whole forward and backward in C++, one autograd node (torch.compile takes the custom op below)
-        out = cuda_ext.mona_adapter(
-            x.reshape(B * N, C).contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
+        return cuda_ext.mona_adapter(
+            x.contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
             project1_weight, project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight,
             conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
             float(dropout), int(_draw_seed(x, dropout)) if dropout > 0 else 0, _compute_dtype(x))
-        return out.view(B, N, C)
     K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
                               dtype=acc_dtype(x.dtype))
     return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,

@@ -78,8 +78,9 @@ def gelu_dropout_bwd(da, h3, seed, p):
 
 def mona_adapter(x, bhw, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, eps, p, seed,
                  compute_dtype):
-    """The whole adapter on (M, C) tokens ``x`` with its forward and backward in C++ (one autograd node);
-    weights as the reference names and shapes them, ``seed`` an int, matmuls in ``compute_dtype``."""
+    """The whole adapter on contiguous tokens ``x`` (..., C), B*H*W of them, with its forward and backward
+    in C++ (one autograd node); returns x's shape. Weights as the reference names and shapes them,
+    ``seed`` an int, matmuls in ``compute_dtype``."""
     _check_channels(x)
     B, H, W = bhw
     return load().mona_adapter(x, B, H, W, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2,
