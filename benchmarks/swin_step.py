@@ -3,7 +3,7 @@ trained, bf16 autocast) with reference Mona adapters, fused adapters, and a zero
 single learned scale that keeps the gradient path). Checks the fused adapter gradients against the
 reference first.
 
-    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--compile]
+    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--compile] [--backends triton,cuda]
 """
 import argparse
 import copy
@@ -13,6 +13,7 @@ import torch.nn as nn
 import timm
 
 import mona_kernels as mk
+from mona_kernels.backend import _can_run
 from mona_kernels.integrations import add_mona, freeze_all_but_adapters
 
 
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of each variant")
+    ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = timm.create_model("swin_base_patch4_window7_224", pretrained=False).cuda()
@@ -107,9 +109,17 @@ def main():
     del m64
     ref_fp32 = adapter_grads(model, x, y, autocast=False)
     ref_bf16 = adapter_grads(model, x, y)
+    backends = [b for b in args.backends.split(",") if _can_run(b, x.device) is None]
+
+    def set_backend(name):
+        for pair in fused:
+            for m in pair:
+                m.backend = name
     install(model, fused)
-    fused_fp32 = adapter_grads(model, x, y, autocast=False)
-    fused_bf16 = adapter_grads(model, x, y)
+    fused_grads = {}
+    for b in backends:
+        set_backend(b)
+        fused_grads[b] = adapter_grads(model, x, y, autocast=False), adapter_grads(model, x, y)
     model.train()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
@@ -117,14 +127,19 @@ def main():
         errs = sorted(((grads[n].double() - g).norm() / g.norm().clamp_min(1e-300)).item() for n, g in truth.items())
         return f"median {errs[len(errs) // 2]:.3g}, worst {errs[-1]:.3g}"
     print(f"adapter gradients over {len(truth)} tensors, relative to the float64 reference:")
-    print(f"  fused float64       {errors(fused_fp64)}")
-    print(f"  reference fp32      {errors(ref_fp32)}")
-    print(f"  fused fp32          {errors(fused_fp32)}")
-    print(f"  reference bf16 amp  {errors(ref_bf16)}")
-    print(f"  fused bf16 amp      {errors(fused_bf16)}")
+    print(f"  fused float64          {errors(fused_fp64)}")
+    print(f"  reference fp32         {errors(ref_fp32)}")
+    for b, (fp32, _) in fused_grads.items():
+        print(f"  fused[{b}] fp32 {' ' * (6 - len(b))}   {errors(fp32)}")
+    print(f"  reference bf16 amp     {errors(ref_bf16)}")
+    for b, (_, bf16) in fused_grads.items():
+        print(f"  fused[{b}] bf16 amp {' ' * (6 - len(b))}{errors(bf16)}")
 
     rows = []
-    for label, adapters in (("reference", reference), ("fused", fused), ("zero-cost", zero)):
+    variants = [("reference", reference, None)] + [(f"fused[{b}]", fused, b) for b in backends]
+    for label, adapters, b in variants + [("zero-cost", zero, None)]:
+        if b is not None:
+            set_backend(b)
         install(model, adapters)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ms, gb = time_steps(step_fn(model, x, y, opt), args.steps)

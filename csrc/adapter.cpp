@@ -5,10 +5,11 @@
 // (any leading shape, contiguous; out and dx take its shape, so no view op joins the autograd graph),
 // matmuls run in the compute dtype through cuBLAS with fp32 accumulation, the depthwise, LN-scaling
 // and GELU/dropout kernels are those of mona_kernels.cu. Saved for backward: x, mean, rstd, h1 and the
-// small float parameter buffers; y, h2, h3 and a are recomputed. Residuals ride on passes that happen
-// anyway: the conv also writes h2 into h3's buffer and the GEMM adds h2 Wp^T in place (likewise dh2 from
-// the GELU backward), and the LN kernel writes x + b2 into out for the up projection to accumulate into.
-// The projector bias is added inside the GELU kernels, so h3 is kept without it.
+// small float parameter buffers; y, h2, h3 and a are recomputed. The projector's residual rides on a
+// pass that happens anyway: the conv also writes h2 into h3's buffer and the GEMM adds h2 Wp^T in place
+// (one rounding, in fp32), likewise dh2 from the GELU backward. The projector bias is added inside the
+// GELU kernels, so h3 is kept without it. The output keeps the reference's order, x + (a W2^T + b2):
+// accumulating into a rounded x + b2 would round the large term twice.
 #include "glue.h"
 
 #include <torch/csrc/autograd/custom_function.h>
@@ -22,9 +23,9 @@ using torch::autograd::variable_list;
 
 Tensor cast(const Tensor& t, at::ScalarType s) { return t.scalar_type() == s ? t : t.to(s); }
 
-// (5, C) float rows w_ln, b_ln, gamma, gammax, b2 for the LN kernels.
-Tensor ln_params(const Tensor& w, const Tensor& b, const Tensor& gamma, const Tensor& gammax, const Tensor& b2) {
-  return cast(at::stack({w, b, gamma, gammax, b2}), at::kFloat);
+// (4, C) float rows w_ln, b_ln, gamma, gammax for the LN kernels.
+Tensor ln_params(const Tensor& w, const Tensor& b, const Tensor& gamma, const Tensor& gammax) {
+  return cast(at::stack({w, b, gamma, gammax}), at::kFloat);
 }
 
 // The dtype shared by `ts`, or float when they differ.
@@ -52,15 +53,14 @@ Tensor merged_params(const Tensor& w3, const Tensor& b3, const Tensor& w5, const
   return out;
 }
 
-// y (M, C) in x's dtype of the LN-scaling op; mean and rstd written when given, x + b2 into res when defined.
-Tensor ln_forward(const Tensor& x, int64_t M, int64_t C, const Tensor& lnp, float eps, float* mean, float* rstd,
-                  const Tensor& res = {}) {
+// y (M, C) in x's dtype of the LN-scaling op; mean and rstd written when given.
+Tensor ln_forward(const Tensor& x, int64_t M, int64_t C, const Tensor& lnp, float eps, float* mean, float* rstd) {
   auto y = torch::empty({M, C}, x.options());
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const float* p = ptr<float>(lnp);
-    check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), p, p + C, p + 2 * C, p + 3 * C, ptr<T>(y), mean, rstd, p + 4 * C,
-                                     res.defined() ? ptr<T>(res) : nullptr, M, C, eps, sm_count(x), current_stream()),
+    check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), p, p + C, p + 2 * C, p + 3 * C, ptr<T>(y), mean, rstd, M, C, eps,
+                                     sm_count(x), current_stream()),
                "ln_scale_fwd");
   });
   return y;
@@ -123,22 +123,16 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t C = x.size(-1), M = x.numel() / C, d = W1.size(0);
-    auto lnp = ln_params(w_ln, b_ln, gamma, gammax, b2);
+    auto lnp = ln_params(w_ln, b_ln, gamma, gammax);
     auto small = merged_params(w3, b3, w5, b5, w7, b7, bp);
     auto stats = torch::empty({2, M}, x.options().dtype(at::kFloat));  // mean, rstd
-    // out = (x + b2) + a W2^T accumulated in place when x is in the compute dtype
-    const bool accumulate = x.scalar_type() == cdt;
-    auto out = torch::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), cdt)));
-    auto out2 = out.view({M, C});
-    auto y = ln_forward(x, M, C, lnp, (float)eps, ptr<float>(stats), ptr<float>(stats) + M, accumulate ? out : Tensor());
+    auto y = ln_forward(x, M, C, lnp, (float)eps, ptr<float>(stats), ptr<float>(stats) + M);
     auto h1 = at::addmm(cast(b1, cdt), cast(y, cdt), cast(W1, cdt).t());
     auto Wpc = cast(Wp, cdt).reshape({d, d});
     auto t = tail(h1, small, Wpc, B, H, W, (uint64_t)seed, (float)p);
-    if (accumulate) {
-      out2.addmm_(t.a, cast(W2, cdt).t());
-    } else {
-      at::add_out(out2, x.view({M, C}), at::addmm(cast(b2, cdt), t.a, cast(W2, cdt).t()));
-    }
+    auto out = torch::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), cdt)));
+    auto out2 = out.view({M, C});  // out itself (not a view) is returned, so callers may modify it in place
+    at::add_out(out2, x.view({M, C}), at::addmm(cast(b2, cdt), t.a, cast(W2, cdt).t()));
     ctx->save_for_backward({x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2});
     ctx->saved_data["h1"] = h1;
     ctx->saved_data["stats"] = stats;

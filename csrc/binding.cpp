@@ -20,8 +20,8 @@ std::vector<torch::Tensor> ln_scale_fwd(torch::Tensor x, torch::Tensor w, torch:
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), ptr<float>(wf), ptr<float>(bf), ptr<float>(gf), ptr<float>(gxf),
-                                     ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), nullptr, nullptr, M, C, (float)eps,
-                                     sm_count(x), current_stream()),
+                                     ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), M, C, (float)eps, sm_count(x),
+                                     current_stream()),
                "ln_scale_fwd");
   });
   return {y, mean, rstd};

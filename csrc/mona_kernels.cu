@@ -128,7 +128,7 @@ template <typename T, int VEC, int CH>
 __global__ void __launch_bounds__(512) ln_scale_fwd_kernel(
     const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     const float* __restrict__ gamma, const float* __restrict__ gammax, T* __restrict__ y, float* __restrict__ mean,
-    float* __restrict__ rstd, const float* __restrict__ res_bias, T* __restrict__ res, int64_t M, int C, float eps) {
+    float* __restrict__ rstd, int64_t M, int C, float eps) {
   extern __shared__ float2 scratch[];
   const int slots = blockDim.y;
   for (int64_t base = (int64_t)blockIdx.x * slots; base < M; base += (int64_t)gridDim.x * slots) {
@@ -173,12 +173,6 @@ __global__ void __launch_bounds__(512) ln_scale_fwd_kernel(
 #pragma unroll
       for (int e = 0; e < VEC; ++e) out[e] = ((xv[k][e] - mu) * rs * wv[e] + bv[e]) * gv[e] + xv[k][e] * gxv[e];
       store_vec<T, VEC>(y + row * C + c, out);
-      if (res != nullptr) {
-        load_floats(res_bias + c, bv);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) out[e] = xv[k][e] + bv[e];
-        store_vec<T, VEC>(res + row * C + c, out);
-      }
     }
     if (threadIdx.x == 0 && mean != nullptr) {
       mean[row] = mu;
@@ -657,18 +651,16 @@ int64_t ln_max_channels(int64_t) { return 2048; }
 
 template <typename T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax, T* y,
-                         float* mean, float* rstd, const float* res_bias, T* res, int64_t M, int64_t C, float eps,
-                         int sms, cudaStream_t stream) {
+                         float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(y, 4 * sizeof(T)) && aligned(w, 16) &&
-                                      aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16) &&
-                                      aligned(res_bias, 16) && aligned(res, 4 * sizeof(T)));
+                                      aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16));
   const dim3 block(s.bx, s.slots_per_block);
   const size_t smem = ln_smem(s, C, false);
   const int blocks = ln_blocks(M, sms);
   pick_row_layout(s, [&](auto vec, auto ch) {
     ln_scale_fwd_kernel<T, decltype(vec)::value, decltype(ch)::value>
-        <<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, res_bias, res, M, (int)C, eps);
+        <<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, M, (int)C, eps);
   });
   return cudaGetLastError();
 }
@@ -815,8 +807,7 @@ cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cu
 
 #define MONA_INSTANTIATE(T)                                                                                      \
   template cudaError_t ln_scale_fwd<T>(const T*, const float*, const float*, const float*, const float*, T*,    \
-                                       float*, float*, const float*, T*, int64_t, int64_t, float, int,          \
-                                       cudaStream_t);                                                            \
+                                       float*, float*, int64_t, int64_t, float, int, cudaStream_t);              \
   template cudaError_t ln_scale_bwd<T>(const T*, const T*, const float*, const float*, const float*,            \
                                        const float*, const float*, const float*, const T*, T*, float*, int,      \
                                        int64_t, int64_t, cudaStream_t);                                          \

@@ -15,12 +15,11 @@ namespace mona {
 // four chunks of 512 threads with one channel each).
 int64_t ln_max_channels(int64_t C);
 
-// mean and rstd may be null (a recompute that wants y only). When res is not null it also receives
-// x + res_bias (the adapter's residual and output bias, to which the up projection is then added).
+// mean and rstd may be null (a recompute that wants y only).
 template <typename T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax,
-                         T* y, float* mean, float* rstd, const float* res_bias, T* res, int64_t M, int64_t C,
-                         float eps, int sms, cudaStream_t stream);
+                         T* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms,
+                         cudaStream_t stream);
 
 // dx = LN-scaling backward (+ residual when not null); partial (slots, 5, C) receives column sums of
 // (dy*(xn*w+b), dy*x, dy*gamma*xn, dy*gamma, residual) per slot (the fifth row 0 without residual).

@@ -3,7 +3,7 @@ inputs, autocast and torch.compile. Skipped where CUDA is absent."""
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, assert_close, assert_parity, needs_cuda, randomize_
+from conftest import DEVICE_BACKENDS, assert_close, assert_parity, needs_cuda, randomize_, rel_err
 import mona_kernels as mk
 from mona_kernels.benchmark import capture_graph
 from mona_kernels.reference import Mona as RefMona, ln_scale_ref, multiscale_dwconv_ref
@@ -90,6 +90,20 @@ def test_adapter_spec_shapes_bf16(shape, backend):
     fused.backend = backend
     x = torch.randn(B, H * W, C, device="cuda").to(torch.bfloat16).requires_grad_()
     _check_adapter(fused, ref, x, (H, W), torch.bfloat16, CHAIN_SCALE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_bf16_output_is_as_accurate_as_the_bf16_reference(backend):
+    # within tolerance is not enough: the fused output should lose no more to rounding than the
+    # reference module itself does in bf16 (both measured against float64)
+    ref, fused = _adapter_pair(256, torch.bfloat16)
+    fused.backend = backend
+    ref_bf16 = RefMona(256, 64, dropout=0.0).cuda().to(torch.bfloat16)
+    ref_bf16.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 40 * 30, 256, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        truth = ref(x.double(), (40, 30))
+        assert rel_err(fused(x, (40, 30)), truth) <= 1.25 * rel_err(ref_bf16(x, (40, 30)), truth)
 
 
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
