@@ -8,29 +8,19 @@ Prints, for the eager reference and each fused backend: GPU kernels launched per
 forward+backward (torch.profiler), and the median wall time per forward and per forward+backward
 with a synchronise after each call. Then lists n_regs / n_spills of the Triton kernels compiled.
 """
-import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mona_kernels as mk
+from host_cost import wall_us
 from mona_kernels import reference
 from mona_kernels.backend import _can_run
 
 
 def wall_ms(fn, reps=200):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return wall_us(fn, reps) / 1e3
 
 
 def kernels_per_call(fn):
