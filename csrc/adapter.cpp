@@ -138,7 +138,7 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     ctx->saved_data["stats"] = stats;
     ctx->saved_data["lnp"] = lnp;
     ctx->saved_data["small"] = small;
-    ctx->saved_data["shape"] = std::vector<int64_t>{B, H, W, seed};
+    ctx->saved_data["bhw_seed"] = std::vector<int64_t>{B, H, W, seed};
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["p"] = p;
     return out;
@@ -155,9 +155,9 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     auto stats = ctx->saved_data["stats"].toTensor();
     auto lnp = ctx->saved_data["lnp"].toTensor();
     auto small = ctx->saved_data["small"].toTensor();
-    auto shape = ctx->saved_data["shape"].toIntVector();
-    const int64_t B = shape[0], H = shape[1], W = shape[2];
-    const auto seed = (uint64_t)shape[3];
+    const auto bhw_seed = ctx->saved_data["bhw_seed"].toIntVector();
+    const int64_t B = bhw_seed[0], H = bhw_seed[1], W = bhw_seed[2];
+    const auto seed = (uint64_t)bhw_seed[3];
     const float eps = (float)ctx->saved_data["eps"].toDouble(), p = (float)ctx->saved_data["p"].toDouble();
     const auto cdt = h1.scalar_type();
     const int64_t C = x.size(-1), M = x.numel() / C, d = h1.size(1);
@@ -170,7 +170,6 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     auto dW2 = at::mm(gc.t(), t.a);
     auto da = at::mm(gc, cast(W2, cdt));
 
-    // dh3 and its column sums (the projector bias gradient)
     // One float buffer holds the per-slot partial sums of the three reductions (16-byte aligned parts).
     const int sms = sm_count(x);
     const int gslots = mona::gelu_bwd_slots(M, d, sms), wslots = mona::wgrad_slots(B, H, W, sms),
@@ -182,6 +181,7 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     float* wpartial = gpartial + gn;
     float* lpartial = wpartial + wn;
 
+    // dh3, a copy of it into dh2's buffer, and its column sums (the projector bias gradient)
     auto dh3 = torch::empty_like(t.h3), dh2 = torch::empty_like(t.h3);
     dispatch(cdt, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;

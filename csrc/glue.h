@@ -11,7 +11,6 @@
 
 namespace mona_glue {
 
-
 constexpr int64_t kTaps = 49;
 
 inline void check_input(const torch::Tensor& t, const char* name, int64_t dim) {
