@@ -103,7 +103,7 @@ torch::Tensor gelu_dropout_fwd(torch::Tensor h3, int64_t seed, double p) {
   dispatch(h3.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::gelu_dropout_fwd<T>(ptr<T>(h3), nullptr, ptr<T>(a), h3.size(0), h3.size(1), (uint64_t)seed,
-                                         (float)p, current_stream()),
+                                         nullptr, (float)p, current_stream()),
                "gelu_dropout_fwd");
   });
   return a;
@@ -122,7 +122,7 @@ std::vector<torch::Tensor> gelu_dropout_bwd(torch::Tensor da, torch::Tensor h3, 
   dispatch(h3.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::gelu_dropout_bwd<T>(ptr<T>(da), ptr<T>(h3), nullptr, ptr<T>(dh3), nullptr, ptr<float>(partial),
-                                         slots, M, D, (uint64_t)seed, (float)p, current_stream()),
+                                         slots, M, D, (uint64_t)seed, nullptr, (float)p, current_stream()),
                "gelu_dropout_bwd");
   });
   return {dh3, sum_slots(partial)};
@@ -140,4 +140,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_dropout_bwd", &gelu_dropout_bwd, "(dh3, column sums of dh3) of gelu_dropout_fwd");
   m.def("mona_adapter", &mona_adapter,
         "the whole adapter on (M, C) tokens, forward and backward in C++ (one autograd node)");
+  m.def("graph_cache", &graph_cache,
+        "set the CUDA-graph cache's capacity (0: off) unless negative; returns the previous capacity");
 }

@@ -83,3 +83,7 @@ torch::Tensor mona_adapter(torch::Tensor x, int64_t B, int64_t H, int64_t W, tor
                            torch::Tensor w3, torch::Tensor b3, torch::Tensor w5, torch::Tensor b5, torch::Tensor w7,
                            torch::Tensor b7, torch::Tensor Wp, torch::Tensor bp, torch::Tensor W2, torch::Tensor b2,
                            double eps, double p, int64_t seed, at::ScalarType compute_dtype);
+
+// Sets the CUDA-graph cache's capacity (entries; 0 turns the graphs off, fewer entries evicts the least
+// recently used) unless capacity < 0, and returns the previous capacity (adapter.cpp).
+int64_t graph_cache(int64_t capacity);

@@ -486,7 +486,9 @@ __device__ __forceinline__ float gelu_grad(float v) {
 // h3 is the projector output before its bias: the kernels add bias[channel] (when not null) first.
 template <typename T, int VEC>
 __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* __restrict__ bias, T* __restrict__ a,
-                                        int64_t n_vec, int D, uint64_t seed, float p, float scale) {
+                                        int64_t n_vec, int D, uint64_t seed, const uint64_t* __restrict__ seed_dev,
+                                        float p, float scale) {
+  if (seed_dev != nullptr) seed = *seed_dev;
   for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < n_vec; q += (int64_t)gridDim.x * blockDim.x) {
     float v[VEC];
     load_vec<T, VEC>(h3 + q * VEC, v);
@@ -509,9 +511,10 @@ __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* _
 template <typename T, int VEC>
 __global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __restrict__ h3,
                                         const float* __restrict__ bias, T* __restrict__ dh3, T* __restrict__ dh3_copy,
-                                        float* __restrict__ partial, int64_t M, int D, uint64_t seed, float p,
-                                        float scale) {
+                                        float* __restrict__ partial, int64_t M, int D, uint64_t seed,
+                                        const uint64_t* __restrict__ seed_dev, float p, float scale) {
   __shared__ float lanes[kThreads * 4];
+  if (seed_dev != nullptr) seed = *seed_dev;
   const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
   const bool active = c < D;
   float acc[VEC], bv[VEC];
@@ -645,6 +648,28 @@ __global__ void sum_slots_kernel(const float* __restrict__ partial, T* __restric
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Several device-to-device copies in one launch: block row y copies job y, 16 bytes a thread and step
+// when both ends are 16-byte aligned (the tail and unaligned jobs byte by byte).
+
+__global__ void multi_copy_kernel(const CopyList list) {
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && list.seed_dst != nullptr) *list.seed_dst = list.seed;
+  const CopyJob job = list.job[blockIdx.y];
+  const char* src = static_cast<const char*>(job.src);
+  char* dst = static_cast<char*>(job.dst);
+  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  int64_t done = 0;
+  if (reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    const int64_t n16 = job.bytes / 16;
+    const uint4* s16 = reinterpret_cast<const uint4*>(src);
+    uint4* d16 = reinterpret_cast<uint4*>(dst);
+    for (int64_t k = tid; k < n16; k += stride) d16[k] = s16[k];
+    done = n16 * 16;
+  }
+  for (int64_t k = done + tid; k < job.bytes; k += stride) dst[k] = src[k];
+}
+
 }  // namespace
 
 int64_t ln_max_channels(int64_t) { return 2048; }
@@ -746,8 +771,8 @@ cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, 
 }
 
 template <typename T>
-cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed, float p,
-                             cudaStream_t stream) {
+cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed,
+                             const uint64_t* seed_dev, float p, cudaStream_t stream) {
   const int64_t n = M * D;
   if (n == 0) return cudaSuccess;
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
@@ -756,7 +781,7 @@ cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, in
   const unsigned blocks = (unsigned)std::min<int64_t>(cdiv(n_vec, kThreads), 65535);
   pick<4, 1>(vec, [&](auto v) {
     gelu_dropout_fwd_kernel<T, decltype(v)::value>
-        <<<blocks, kThreads, 0, stream>>>(h3, bias, a, n_vec, (int)D, seed, p, scale);
+        <<<blocks, kThreads, 0, stream>>>(h3, bias, a, n_vec, (int)D, seed, seed_dev, p, scale);
   });
   return cudaGetLastError();
 }
@@ -767,7 +792,8 @@ int gelu_bwd_slots(int64_t M, int64_t, int sms) {
 
 template <typename T>
 cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, T* dh3_copy, float* partial,
-                             int slots, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream) {
+                             int slots, int64_t M, int64_t D, uint64_t seed, const uint64_t* seed_dev, float p,
+                             cudaStream_t stream) {
   if (M * D == 0) return cudaMemsetAsync(partial, 0, sizeof(float) * slots * D, stream);
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   const ColShape s = col_shape(D, sizeof(T), da, h3, dh3, dh3_copy);
@@ -775,7 +801,7 @@ cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3
   const dim3 block(s.bx, s.by);
   pick<4, 1>(s.vec, [&](auto v) {
     gelu_dropout_bwd_kernel<T, decltype(v)::value>
-        <<<grid, block, 0, stream>>>(da, h3, bias, dh3, dh3_copy, partial, M, (int)D, seed, p, scale);
+        <<<grid, block, 0, stream>>>(da, h3, bias, dh3, dh3_copy, partial, M, (int)D, seed, seed_dev, p, scale);
   });
   return cudaGetLastError();
 }
@@ -805,6 +831,16 @@ cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cu
   return cudaGetLastError();
 }
 
+cudaError_t multi_copy(const CopyList& list, int sms, cudaStream_t stream) {
+  if (list.n <= 0 && list.seed_dst == nullptr) return cudaSuccess;
+  int64_t most = 0;
+  for (int k = 0; k < list.n; ++k) most = std::max<int64_t>(most, list.job[k].bytes);
+  // about 16 KiB a block, at most two waves of the largest job
+  const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>(cdiv(most, 16 * 1024), 2 * (int64_t)sms));
+  multi_copy_kernel<<<dim3(blocks, std::max(list.n, 1)), kThreads, 0, stream>>>(list);
+  return cudaGetLastError();
+}
+
 #define MONA_INSTANTIATE(T)                                                                                      \
   template cudaError_t ln_scale_fwd<T>(const T*, const float*, const float*, const float*, const float*, T*,    \
                                        float*, float*, int64_t, int64_t, float, int, cudaStream_t);              \
@@ -815,10 +851,10 @@ cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cu
                                       int64_t, bool, int, cudaStream_t);                                         \
   template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int, int64_t, int64_t, int64_t, int64_t,    \
                                         int, cudaStream_t);                                                      \
-  template cudaError_t gelu_dropout_fwd<T>(const T*, const float*, T*, int64_t, int64_t, uint64_t, float,       \
-                                           cudaStream_t);                                                        \
+  template cudaError_t gelu_dropout_fwd<T>(const T*, const float*, T*, int64_t, int64_t, uint64_t,             \
+                                           const uint64_t*, float, cudaStream_t);                                \
   template cudaError_t gelu_dropout_bwd<T>(const T*, const T*, const float*, T*, T*, float*, int, int64_t,      \
-                                           int64_t, uint64_t, float, cudaStream_t);                              \
+                                           int64_t, uint64_t, const uint64_t*, float, cudaStream_t);             \
   template cudaError_t sum_slots<T>(const float*, T*, int64_t, int64_t, cudaStream_t);                           \
   template cudaError_t merge_kernels<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,   \
                                         float*, int64_t, cudaStream_t);                                          \

@@ -45,17 +45,19 @@ cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, 
                           int64_t D, int variant, cudaStream_t stream);
 
 // a = gelu(h3 + bias) * m over (M, D), m the dropout multiplier for flat element index and seed (0 or
-// 1/(1-p); 1 when p == 0); bias (D) may be null.
+// 1/(1-p); 1 when p == 0); bias (D) may be null. seed_dev, when not null, holds the seed on the device
+// (read at run time, so a captured CUDA graph takes a new seed each replay) and replaces `seed`.
 template <typename T>
-cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed, float p,
-                             cudaStream_t stream);
+cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed,
+                             const uint64_t* seed_dev, float p, cudaStream_t stream);
 
 // dh3 = da * m * gelu'(h3 + bias), also into dh3_copy when not null; partial (slots, 1, D) receives
-// per-slot column sums of dh3 (fp32).
+// per-slot column sums of dh3 (fp32). seed_dev as for the forward.
 int gelu_bwd_slots(int64_t M, int64_t D, int sms);
 template <typename T>
 cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, T* dh3_copy, float* partial,
-                             int slots, int64_t M, int64_t D, uint64_t seed, float p, cudaStream_t stream);
+                             int slots, int64_t M, int64_t D, uint64_t seed, const uint64_t* seed_dev, float p,
+                             cudaStream_t stream);
 
 // out (51, D) float: rows 0..48 the merged kernel delta + (pad(w3) + pad(w5) + w7) / 3 taps-major, row
 // 49 the merged bias (b3 + b5 + b7) / 3, row 50 bp. Weights (D, 1, k, k), biases (D).
@@ -72,5 +74,22 @@ cudaError_t split_kernel_grad(const float* dKb, T* dw3, T* db3, T* dw5, T* db5, 
 // out[k] = sum over s of partial[s * n + k], in slot order, rounded once to T.
 template <typename T>
 cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cudaStream_t stream);
+
+// Up to kMaxCopyJobs device-to-device copies in one launch (the staging of a replayed CUDA graph's
+// inputs and outputs); also stores `seed` at seed_dst when that is not null. Jobs must not overlap.
+constexpr int kMaxCopyJobs = 40;
+struct CopyJob {
+  const void* src;
+  void* dst;
+  int64_t bytes;
+};
+struct CopyList {
+  CopyJob job[kMaxCopyJobs];
+  int n = 0;
+  uint64_t seed = 0;
+  uint64_t* seed_dst = nullptr;
+  void add(const void* src, void* dst, int64_t bytes) { job[n++] = CopyJob{src, dst, bytes}; }
+};
+cudaError_t multi_copy(const CopyList& list, int sms, cudaStream_t stream);
 
 }  // namespace mona

@@ -23,3 +23,10 @@ def test_kernels_compile_for_architecture(arch, tmp_path):
            "-o", str(tmp_path / "kernels.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "8"])
+def test_graph_cache_capacity_is_checked_before_the_extension_loads(bad):
+    from mona_kernels.ops import cuda_ext
+    with pytest.raises(ValueError, match="capacity"):
+        cuda_ext.graph_cache(bad)

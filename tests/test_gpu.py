@@ -256,3 +256,86 @@ def test_cuda_tilings_give_identical_results(dtype):
         for variant in (1, 2, 3):
             assert torch.equal(cuda_ext.dwconv7_fwd(h, K, bias, flip, variant), base), (flip, variant)
     assert torch.equal(cuda_ext.dwconv7_wgrad(h, g, 1), cuda_ext.dwconv7_wgrad(h, g, 0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CUDA backend's graph cache: a problem seen before replays captured graphs over static buffers.
+# The first call of a shape runs directly, the second captures and replays, later ones replay.
+
+needs_cuda_ext = pytest.mark.skipif("cuda" not in DEVICE_BACKENDS, reason="the CUDA extension is not available")
+
+
+@pytest.fixture
+def graph_cache():
+    from mona_kernels.ops import cuda_ext
+    previous = cuda_ext.graph_cache(0)  # drops every entry
+    cuda_ext.graph_cache(8)
+    yield cuda_ext.graph_cache
+    cuda_ext.graph_cache(0)
+    cuda_ext.graph_cache(previous)
+
+
+def _step(module, x, hw, g):
+    """out and the gradients of x and every parameter, for the upstream gradient g."""
+    out = module(x, hw)
+    return [out.detach(), *torch.autograd.grad(out, [x, *module.parameters()], g)]
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_replayed_graphs_match_the_reference_on_fresh_inputs(graph_cache, dtype):
+    ref, fused = _adapter_pair(96, dtype)
+    fused.backend = "cuda"
+    for step in range(4):  # direct, capture + replay, replay, replay
+        randomize_(ref)
+        fused.load_state_dict(ref.state_dict())  # new values in the same parameter tensors
+        x = (torch.randn(3, 13 * 11, 96, device="cuda") * (1 + step)).to(dtype).requires_grad_()
+        _check_adapter(fused, ref, x, (13, 11), dtype, CHAIN_SCALE[dtype])
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_replayed_graphs_keep_each_calls_state(graph_cache, dropout):
+    """Two adapters of one shape share a cache entry: both forwards run before either backward, in
+    both orders, and every result must equal the direct path's for the same seeds."""
+    dtype = torch.bfloat16
+    mods = [randomize_(mk.Mona(64, 32, dropout=dropout, backend="cuda")).cuda().to(dtype) for _ in range(2)]
+    xs = [torch.randn(2, 9 * 7, 64, device="cuda").to(dtype).requires_grad_() for _ in range(2)]
+    gs = [torch.randn(2, 9 * 7, 64, device="cuda").to(dtype) for _ in range(2)]
+
+    def run(order):
+        outs = []
+        for k in (0, 1):
+            torch.manual_seed(100 + k)
+            outs.append(mods[k](xs[k], (9, 7)))
+        results = {}
+        for k in order:
+            results[k] = [outs[k].detach(), *torch.autograd.grad(outs[k], [xs[k], *mods[k].parameters()], gs[k])]
+        return results
+
+    graph_cache(0)
+    expected = run((0, 1))
+    graph_cache(8)
+    for order in [(0, 1), (1, 0), (0, 1), (1, 0)]:  # direct, capture, then replays
+        got = run(order)
+        for k in (0, 1):
+            for a, b in zip(got[k], expected[k]):
+                assert torch.equal(a, b), (order, k)
+    if dropout > 0:  # a replay takes each call's seed: new seeds, new masks
+        torch.manual_seed(5)
+        a = mods[0](xs[0], (9, 7))
+        torch.manual_seed(6)
+        assert not torch.equal(a, mods[0](xs[0], (9, 7)))
+
+
+@needs_cuda_ext
+def test_graph_cache_evicts_and_stays_correct(graph_cache):
+    dtype = torch.float32
+    ref, fused = _adapter_pair(64, dtype, d=16)
+    fused.backend = "cuda"
+    graph_cache(1)  # two shapes alternate through one entry
+    for _ in range(3):
+        for hw in ((5, 8), (7, 3)):
+            x = torch.randn(2, hw[0] * hw[1], 64, device="cuda").requires_grad_()
+            _check_adapter(fused, ref, x, hw, dtype, CHAIN_SCALE[dtype])
+    assert graph_cache() == 1

@@ -85,3 +85,12 @@ def mona_adapter(x, bhw, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, 
     B, H, W = bhw
     return load().mona_adapter(x, B, H, W, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2,
                                eps, p, seed, compute_dtype)
+
+
+def graph_cache(capacity=None):
+    """The capacity of the CUDA backend's graph cache (entries, each one problem shape; 0: off); sets it
+    when ``capacity`` is given (fewer entries drops the least recently used) and returns the previous one.
+    The default, 8, comes from ``MONA_KERNELS_CUDA_GRAPHS`` when that is set."""
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+    return load().graph_cache(-1 if capacity is None else capacity)
