@@ -282,7 +282,7 @@ struct Entry {
   bool fwd_ready = false, bwd_ready = false;
   int fwd_seen = 0, bwd_seen = 0;
   uint64_t last_use = 0;
-  Tensor x, g, seed;  // static inputs (g: the backward's, in the dtype it was captured with)
+  Tensor x, g, seed;  // static inputs (g: the upstream gradient; the forward's out buffer when dtypes agree)
   Params params;
   Tensor out, h1, stats;  // the forward's outputs; h1 and stats are the backward's inputs too
   Grads grads;            // the backward's outputs
@@ -407,7 +407,10 @@ void capture_forward(Entry& e, const Tensor& x, const Params& P, const Problem& 
 }
 
 void capture_backward(Entry& e, const Tensor& g, const Problem& pb) {
-  e.g = g.clone();
+  // The forward's output buffer is free between the forward's copy-out and the next forward replay,
+  // and the backward's upstream gradient has its shape: one buffer serves both when the dtypes agree.
+  e.g = g.scalar_type() == e.out.scalar_type() ? e.out : g.clone();
+  e.g.copy_(g);
   on_side_stream(g, [&] {
     Saved sv{{}, e.h1, e.stats, {}, {}};
     run_backward(e.g, e.x, sv, e.params, pb, 0, seed_ptr(e.seed));  // warm-up
