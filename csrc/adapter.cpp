@@ -409,7 +409,7 @@ void capture_forward(Entry& e, const Tensor& x, const Params& P, const Problem& 
 void capture_backward(Entry& e, const Tensor& g, const Problem& pb) {
   // The forward's output buffer is free between the forward's copy-out and the next forward replay,
   // and the backward's upstream gradient has its shape: one buffer serves both when the dtypes agree.
-  e.g = g.scalar_type() == e.out.scalar_type() ? e.out : g.clone();
+  e.g = g.scalar_type() == e.out.scalar_type() ? e.out.view(g.sizes()) : g.clone();
   e.g.copy_(g);
   on_side_stream(g, [&] {
     Saved sv{{}, e.h1, e.stats, {}, {}};
