@@ -439,8 +439,11 @@ void allocate_together(const Tensor* templ, Tensor* out, int n) {
   }
 }
 
-void stage_params(mona::CopyList& list, const Params& from, const Params& to) {
-  for (int k = 0; k < kParams; ++k) list.add(from[k].data_ptr(), to[k].data_ptr(), from[k].nbytes());
+// Adds the copies of the call's parameters into the entry's, and the call's dropout seed, to `list`.
+void stage_params_and_seed(mona::CopyList& list, const Params& P, Entry& e, uint64_t seed) {
+  for (int k = 0; k < kParams; ++k) list.add(P[k].data_ptr(), e.params[k].data_ptr(), P[k].nbytes());
+  list.seed = seed;
+  list.seed_dst = seed_ptr(e.seed);
 }
 
 // The forward through the graph cache; false when this call runs directly instead.
@@ -463,9 +466,7 @@ bool forward_replayed(const Tensor& x, const Params& P, const Problem& pb, uint6
   r.stats = fresh[1];
   mona::CopyList in;
   in.add(x.data_ptr(), e->x.data_ptr(), x.nbytes());
-  stage_params(in, P, e->params);
-  in.seed = seed;
-  in.seed_dst = seed_ptr(e->seed);
+  stage_params_and_seed(in, P, *e, seed);
   const int sms = sm_count(x);
   check_cuda(mona::multi_copy(in, sms, current_stream()), "multi_copy");
   e->fwd.replay();
@@ -497,9 +498,7 @@ bool backward_replayed(const Tensor& g, const Tensor& x, const Saved& sv, const 
   in.add(x.data_ptr(), e->x.data_ptr(), x.nbytes());
   in.add(sv.h1.data_ptr(), e->h1.data_ptr(), sv.h1.nbytes());
   in.add(sv.stats.data_ptr(), e->stats.data_ptr(), sv.stats.nbytes());
-  stage_params(in, P, e->params);
-  in.seed = seed;
-  in.seed_dst = seed_ptr(e->seed);
+  stage_params_and_seed(in, P, *e, seed);
   const int sms = sm_count(x);
   check_cuda(mona::multi_copy(in, sms, current_stream()), "multi_copy");
   e->bwd.replay();
