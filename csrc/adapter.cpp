@@ -311,13 +311,8 @@ struct GraphCache {
     return capacity;
   }
 
-  // Drops every entry; the device is synchronised first, since a graph's memory returns to the
-  // allocator when it goes.
-  void clear() {
-    if (!entries.empty()) check_cuda(cudaDeviceSynchronize(), "graph cache clear");
-    entries.clear();
-  }
-
+  // Evicts least recently used entries down to n; the device is synchronised before each goes, since a
+  // graph's memory returns to the allocator with it.
   void shrink_to(int64_t n) {
     while ((int64_t)entries.size() > n) {
       auto oldest = entries.begin();
@@ -439,6 +434,9 @@ void allocate_together(const Tensor* templ, Tensor* out, int n) {
   }
 }
 
+// The largest staging list: g, x, h1 and stats, then the parameters.
+static_assert(4 + kParams <= mona::kMaxCopyJobs, "a staging list outgrows mona::CopyList");
+
 // Adds the copies of the call's parameters into the entry's, and the call's dropout seed, to `list`.
 void stage_params_and_seed(mona::CopyList& list, const Params& P, Entry& e, uint64_t seed) {
   for (int k = 0; k < kParams; ++k) list.add(P[k].data_ptr(), e.params[k].data_ptr(), P[k].nbytes());
@@ -531,7 +529,6 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     ctx->saved_data["bhw_seed"] = std::vector<int64_t>{B, H, W, seed};
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["p"] = p;
-    ctx->saved_data["cdt"] = (int64_t)cdt;
     return r.out;
   }
 
@@ -552,7 +549,7 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     }
     const auto bhw_seed = data["bhw_seed"].toIntVector();
     const Problem pb{bhw_seed[0], bhw_seed[1], bhw_seed[2], (float)data["eps"].toDouble(),
-                     (float)data["p"].toDouble(), (at::ScalarType)data["cdt"].toInt()};
+                     (float)data["p"].toDouble(), sv.h1.scalar_type()};  // h1 is in the compute dtype
     const auto seed = (uint64_t)bhw_seed[3];
     const int64_t C = x.size(-1), M = x.numel() / C;
     auto g = grads[0].reshape({M, C}).contiguous();

@@ -648,7 +648,6 @@ __global__ void sum_slots_kernel(const float* __restrict__ partial, T* __restric
   }
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Several device-to-device copies in one launch: block row y copies job y, 16 bytes a thread and step
 // when both ends are 16-byte aligned (the tail and unaligned jobs byte by byte).

@@ -275,12 +275,6 @@ def graph_cache():
     cuda_ext.graph_cache(previous)
 
 
-def _step(module, x, hw, g):
-    """out and the gradients of x and every parameter, for the upstream gradient g."""
-    out = module(x, hw)
-    return [out.detach(), *torch.autograd.grad(out, [x, *module.parameters()], g)]
-
-
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_replayed_graphs_match_the_reference_on_fresh_inputs(graph_cache, dtype):
