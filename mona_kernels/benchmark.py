@@ -126,10 +126,13 @@ def _peak_mb(fn, device) -> float:
 
 
 def _clear_graph_cache(variant):
-    """Empties the CUDA backend's graph cache before fused[cuda] is measured (no-op for the others)."""
+    """Empties the fused variant's graph cache before it is measured (no-op for the others)."""
     if variant == "fused[cuda]":
         from .ops import cuda_ext
         cuda_ext.graph_cache(cuda_ext.graph_cache(0))
+    elif variant == "fused[triton]":
+        from .ops import graphs
+        graphs.graph_cache(graphs.graph_cache(0))
 
 
 def _rel(a, b):

@@ -6,7 +6,7 @@ import torch
 from . import backend as _backend
 from .ops import cuda_ext
 from .ops.ln_scale import check_ln_params, ln_scale
-from .ops.mona_adapter import MonaFunction
+from .ops.mona_adapter import MonaAdapterFunction, MonaFunction
 from .ops.multiscale_dwconv import check_dwconv_params, merge_kernels, multiscale_dwconv
 from .ops.utils import acc_dtype, check_tensor
 
@@ -66,13 +66,22 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
-    if _backend.resolve(x.device, backend) == "cuda" and not torch.compiler.is_compiling():
+    name = _backend.resolve(x.device, backend)
+    if name == "cuda" and not torch.compiler.is_compiling():
         # the whole forward and backward in C++, one autograd node (torch.compile takes the custom op below)
         return cuda_ext.mona_adapter(
             x.contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
             project1_weight, project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight,
             conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
             float(dropout), int(_draw_seed(x, dropout)) if dropout > 0 else 0, _compute_dtype(x))
+    if name == "triton" and not torch.compiler.is_compiling():
+        # one autograd node with the merge inside; on CUDA it replays cached graphs (ops/graphs.py)
+        out = MonaAdapterFunction.apply(
+            x.reshape(B * N, C).contiguous(), (B, H, W), float(eps), float(dropout), _draw_seed(x, dropout),
+            _compute_dtype(x), torch.is_grad_enabled(), norm_weight, norm_bias, gamma, gammax, project1_weight,
+            project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
+            projector_weight, projector_bias, project2_weight, project2_bias)
+        return out.view(B, N, C)
     K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
                               dtype=acc_dtype(x.dtype))
     return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,

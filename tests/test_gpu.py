@@ -259,41 +259,59 @@ def test_cuda_tilings_give_identical_results(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The CUDA backend's graph cache: a problem seen before replays captured graphs over static buffers.
-# The first call of a shape runs directly, the second captures and replays, later ones replay.
+# The graph caches of the Triton path (ops/graphs.py) and the CUDA backend (csrc/adapter.cpp): a
+# problem seen before replays captured graphs over static buffers. The first call of a shape runs
+# directly, the second captures and replays, later ones replay.
 
-needs_cuda_ext = pytest.mark.skipif("cuda" not in DEVICE_BACKENDS, reason="the CUDA extension is not available")
-
-
-@pytest.fixture
-def graph_cache():
-    from mona_kernels.ops import cuda_ext
-    previous = cuda_ext.graph_cache(0)  # drops every entry
-    cuda_ext.graph_cache(8)
-    yield cuda_ext.graph_cache
-    cuda_ext.graph_cache(0)
-    cuda_ext.graph_cache(previous)
+GRAPH_BACKENDS = [b for b in ("triton", "cuda") if b in DEVICE_BACKENDS]
 
 
-@needs_cuda_ext
+def _cache_setter(backend):
+    if backend == "cuda":
+        from mona_kernels.ops import cuda_ext
+        return cuda_ext.graph_cache
+    return mk.ops.graphs.graph_cache
+
+
+@pytest.fixture(params=GRAPH_BACKENDS)
+def graph_cache(request):
+    """``(backend, set_capacity)`` with the backend's cache emptied, at capacity 8; restored after."""
+    setter = _cache_setter(request.param)
+    previous = setter(0)  # drops every entry
+    setter(8)
+    yield request.param, setter
+    setter(0)
+    setter(previous)
+
+
+def _assert_replaying(backend):
+    """The Triton path's cache holds a captured forward and backward (no silent direct fallback)."""
+    if backend == "triton":
+        entries = list(mk.ops.graphs.CACHE.entries.values())
+        assert entries and all(e.fwd is not None and e.bwd is not None for e in entries)
+        assert not mk.ops.graphs.CACHE.failed
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_replayed_graphs_match_the_reference_on_fresh_inputs(graph_cache, dtype):
+    backend, _ = graph_cache
     ref, fused = _adapter_pair(96, dtype)
-    fused.backend = "cuda"
+    fused.backend = backend
     for step in range(4):  # direct, capture + replay, replay, replay
         randomize_(ref)
         fused.load_state_dict(ref.state_dict())  # new values in the same parameter tensors
         x = (torch.randn(3, 13 * 11, 96, device="cuda") * (1 + step)).to(dtype).requires_grad_()
         _check_adapter(fused, ref, x, (13, 11), dtype, CHAIN_SCALE[dtype])
+    _assert_replaying(backend)
 
 
-@needs_cuda_ext
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_replayed_graphs_keep_each_calls_state(graph_cache, dropout):
     """Two adapters of one shape share a cache entry: both forwards run before either backward, in
     both orders, and every result must equal the direct path's for the same seeds."""
+    backend, graph_cache = graph_cache
     dtype = torch.bfloat16
-    mods = [randomize_(mk.Mona(64, 32, dropout=dropout, backend="cuda")).cuda().to(dtype) for _ in range(2)]
+    mods = [randomize_(mk.Mona(64, 32, dropout=dropout, backend=backend)).cuda().to(dtype) for _ in range(2)]
     xs = [torch.randn(2, 9 * 7, 64, device="cuda").to(dtype).requires_grad_() for _ in range(2)]
     gs = [torch.randn(2, 9 * 7, 64, device="cuda").to(dtype) for _ in range(2)]
 
@@ -315,6 +333,7 @@ def test_replayed_graphs_keep_each_calls_state(graph_cache, dropout):
         for k in (0, 1):
             for a, b in zip(got[k], expected[k]):
                 assert torch.equal(a, b), (order, k)
+    _assert_replaying(backend)
     if dropout > 0:  # a replay takes each call's seed: new seeds, new masks
         torch.manual_seed(5)
         a = mods[0](xs[0], (9, 7))
@@ -322,14 +341,30 @@ def test_replayed_graphs_keep_each_calls_state(graph_cache, dropout):
         assert not torch.equal(a, mods[0](xs[0], (9, 7)))
 
 
-@needs_cuda_ext
 def test_graph_cache_evicts_and_stays_correct(graph_cache):
+    backend, graph_cache = graph_cache
     dtype = torch.float32
     ref, fused = _adapter_pair(64, dtype, d=16)
-    fused.backend = "cuda"
+    fused.backend = backend
     graph_cache(1)  # two shapes alternate through one entry
     for _ in range(3):
         for hw in ((5, 8), (7, 3)):
             x = torch.randn(2, hw[0] * hw[1], 64, device="cuda").requires_grad_()
             _check_adapter(fused, ref, x, hw, dtype, CHAIN_SCALE[dtype])
     assert graph_cache() == 1
+    _assert_replaying(backend)
+
+
+def test_replayed_inference_matches_the_direct_path(graph_cache):
+    backend, graph_cache = graph_cache
+    fused = randomize_(mk.Mona(64, 32, dropout=0.0, backend=backend)).cuda().eval()
+    xs = [torch.randn(2, 9 * 7, 64, device="cuda") for _ in range(3)]
+    with torch.no_grad():
+        graph_cache(0)
+        expected = [fused(x, (9, 7)) for x in xs]
+        graph_cache(8)
+        got = [fused(x, (9, 7)) for x in xs]  # direct, capture + replay, replay
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    if backend == "triton":
+        assert [e.fwd is not None for e in mk.ops.graphs.CACHE.entries.values()] == [True]

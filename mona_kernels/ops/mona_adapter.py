@@ -21,8 +21,9 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
+from .graphs import CACHE as _GRAPHS, Staging, capture
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
-from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, tile_coords
+from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, merge, split_kernel_grads, tile_coords
 from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers, tl_acc
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -37,9 +38,10 @@ TAIL_MAX_D = 64
 
 
 @triton.jit
-def _keep(seed, offs, p):
-    """The dropout decision for flat element index ``offs``: Philox draws from ``seed``."""
-    return tl.rand(seed, offs) >= p
+def _keep(seed_ptr, offs, p):
+    """The dropout decision for flat element index ``offs``: Philox draws from the seed at ``seed_ptr``
+    (device memory, so that a replayed CUDA graph reads each call's own seed)."""
+    return tl.rand(tl.load(seed_ptr), offs) >= p
 
 
 @triton.jit
@@ -47,8 +49,8 @@ def _gelu(h):
     return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
 
 
-@triton.jit(do_not_specialize=["H", "W", "n_pix", "seed"])
-def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H, W, D, n_pix, seed, p, scale,
+@triton.jit(do_not_specialize=["H", "W", "n_pix"])
+def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H, W, D, n_pix, seed_ptr, p, scale,
                  STORE_H: tl.constexpr, HAS_DROPOUT: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr):
     """For TILE pixels and all D channels: h2 = conv7(h1, K) + bias_k, h3 = h2 + h2 Wp^T + bp,
@@ -72,12 +74,12 @@ def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H
         tl.store(h3_ptr + offs, h3, mask=mask)
     a = _gelu(h3.to(tl.float32))
     if HAS_DROPOUT:
-        a = tl.where(_keep(seed, offs, p), a * scale, 0.0)
+        a = tl.where(_keep(seed_ptr, offs, p), a * scale, 0.0)
     tl.store(a_ptr + offs, a.to(cdt), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "seed"])
-def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed, p, scale, HAS_DROPOUT: tl.constexpr,
+@triton.jit(do_not_specialize=["N"])
+def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed_ptr, p, scale, HAS_DROPOUT: tl.constexpr,
                              BLOCK: tl.constexpr, ACC: tl.constexpr):
     """a' = gelu(h3) * m over N flat elements, m the dropout multiplier (0 or 1/(1-p))."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -85,12 +87,12 @@ def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed, p, scale, HAS_DROPOUT: tl.c
     h = tl.load(h3_ptr + offs, mask=inside, other=0.0).to(ACC)
     a = _gelu(h)
     if HAS_DROPOUT:
-        a = tl.where(_keep(seed, offs, p), a * scale, 0.0)
+        a = tl.where(_keep(seed_ptr, offs, p), a * scale, 0.0)
     tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["M", "seed"])
-def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, wp_ptr, dh3_ptr, dh2_ptr, partial_ptr, M, D, seed, p, scale,
+@triton.jit(do_not_specialize=["M"])
+def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, wp_ptr, dh3_ptr, dh2_ptr, partial_ptr, M, D, seed_ptr, p, scale,
                              HAS_DROPOUT: tl.constexpr, PROJECT: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """dh3 = da' * m * (Phi(h3) + h3 phi(h3)) for (M, D) rows, and per-program column sums of dh3
@@ -113,7 +115,7 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, wp_ptr, dh3_ptr, dh2_ptr, partial_p
         pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
         dh = da * (cdf + h * pdf)
         if HAS_DROPOUT:
-            dh = tl.where(_keep(seed, offs, p), dh * scale, 0.0)
+            dh = tl.where(_keep(seed_ptr, offs, p), dh * scale, 0.0)
         dh_c = dh.to(dh3_ptr.dtype.element_ty)
         tl.store(dh3_ptr + offs, dh_c, mask=mask)
         if PROJECT:
@@ -128,11 +130,19 @@ _gelu_dropout_fwd_launch = Launcher(_gelu_dropout_fwd_kernel)
 _gelu_dropout_bwd_launch = Launcher(_gelu_dropout_bwd_kernel)
 
 
+def _seed_arg(seed, like, p):
+    """The seed as the Triton kernels read it: one int64 on ``like``'s device. Without dropout they
+    read none, so ``like`` stands in and nothing is copied."""
+    if p == 0:
+        return like
+    return seed if seed.device == like.device else seed.to(like.device, non_blocking=True)
+
+
 def _gelu_fwd_triton(h3, seed, p):
     a = torch.empty_like(h3)
     N = h3.numel()
     _gelu_dropout_fwd_launch[(triton.cdiv(N, GELU_BLOCK),)](
-        h3, a, N, int(seed.item()), p, 1.0 / (1.0 - p), HAS_DROPOUT=p > 0, BLOCK=GELU_BLOCK,
+        h3, a, N, _seed_arg(seed, h3, p), p, 1.0 / (1.0 - p), HAS_DROPOUT=p > 0, BLOCK=GELU_BLOCK,
         ACC=tl_acc(h3.dtype), num_warps=4)
     return a
 
@@ -150,7 +160,7 @@ def _gelu_bwd_triton(da, h3, seed, p, Wp=None):
     n_prog = max(1, min(num_workers(h3.device), triton.cdiv(M, GELU_BWD_ROWS)))
     partial = torch.empty(n_prog, D, device=h3.device, dtype=acc_dtype(h3.dtype))
     _gelu_dropout_bwd_launch[(n_prog,)](
-        da, h3, Wp if Wp is not None else h3, dh3, dh2, partial, M, D, int(seed.item()), p, 1.0 / (1.0 - p),
+        da, h3, Wp if Wp is not None else h3, dh3, dh2, partial, M, D, _seed_arg(seed, h3, p), p, 1.0 / (1.0 - p),
         HAS_DROPOUT=p > 0, PROJECT=Wp is not None, ROWS=GELU_BWD_ROWS, BLOCK_D=max(16, next_pow2(D)),
         ACC=tl_acc(h3.dtype), PRECISION=_precision(h3.dtype), num_warps=4)
     return (dh3, partial.sum(0)) if Wp is None else (dh3, partial.sum(0), dh2)
@@ -168,7 +178,7 @@ def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store):
     a = torch.empty_like(h1)
     h2, h3 = (torch.empty_like(h1), torch.empty_like(h1)) if store else (a, a)
     _tail_launch[(triton.cdiv(M, TAIL_TILE),)](
-        h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, M, int(seed.item()), p, 1.0 / (1.0 - p),
+        h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, M, _seed_arg(seed, h1, p), p, 1.0 / (1.0 - p),
         STORE_H=store, HAS_DROPOUT=p > 0, TILE=TAIL_TILE, BLOCK_D=max(16, next_pow2(d)),
         PRECISION=_precision(h1.dtype), num_warps=4)
     return h2, h3, a
@@ -329,3 +339,147 @@ class MonaFunction(torch.autograd.Function):
                 _cast(dgammax, gammax.dtype), _cast(dW1, W1.dtype), _cast(db1, b1.dtype), dKb[:TAPS], dKb[TAPS],
                 _cast(dWp, Wp.dtype), _cast(dbp, bp.dtype), _cast(dW2, W2.dtype), _cast(db2, b2.dtype),
                 None, None, None, None, None)
+
+
+def _adapter_fwd(x, params, bhw, eps, p, seed, cdt):
+    """``(out, h1, mean, rstd)`` on the Triton backend from the module's sixteen parameters, in the
+    order of ``modules.Mona._params``: the depthwise merge, then :func:`_mona_fwd`."""
+    w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2 = params
+    d = W1.shape[0]
+    K, bias_k = merge(w3, b3, w5, b5, w7, b7, acc_dtype(x.dtype), use_triton=True)
+    return _mona_fwd(x, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp.view(d, d), bp, W2, b2, bhw, eps, p, seed,
+                     cdt, "triton")
+
+
+def _adapter_bwd(g, x, h1, mean, rstd, seed, params, bhw, eps, p):
+    """``(dx, grads)``: the sixteen parameter gradients in the parameters' order and dtypes."""
+    w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2 = params
+    d = W1.shape[0]
+    K, bias_k = merge(w3, b3, w5, b5, w7, b7, acc_dtype(x.dtype), use_triton=True)
+    dx, dln, dW1, db1, dKb, dWp, dbp, dW2 = _mona_bwd(g, x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, K,
+                                                      bias_k, Wp.view(d, d), bp, W2, bhw, eps, p, "triton")
+    dgamma, dgammax, dw_ln, db_ln, db2 = dln.unbind(0)
+    dconv = split_kernel_grads(dKb[:TAPS], dKb[TAPS], [q.dtype for q in params[6:12]])
+    grads = (dw_ln, db_ln, dgamma, dgammax, dW1, db1, *dconv, dWp.view(d, d, 1, 1), dbp, dW2, db2)
+    return dx, [_cast(t, q.dtype) for t, q in zip(grads, params)]
+
+
+class AdapterGraphs:
+    """One problem's static buffers and its captured forward and backward (``graphs``). Each call
+    copies its own tokens, parameters and seed in and its results out, so adapters of one shape share
+    an entry and forwards and backwards may interleave. The backward's upstream gradient, h1 and
+    stats are staged into the forward's output buffers, which are free once a forward has copied
+    them out."""
+
+    def __init__(self, x, params, bhw, eps, p, cdt):
+        self.problem = (list(bhw), eps, p)
+        self.cdt = cdt
+        self.x = torch.empty_like(x)
+        self.params = [torch.empty_like(q) for q in params]
+        self.seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+        self.stage_fwd = Staging([self.x, *self.params])
+        self.shapes = [q.shape for q in params]
+        self.numels = [q.numel() for q in params]
+        self.fwd = self.bwd = None
+
+    def _stage_seed(self, seed):
+        if self.problem[2] > 0:
+            self.seed.fill_(int(seed))
+
+    def forward(self, x, params, seed, keep):
+        """``(out, h1, mean, rstd)``; without ``keep`` (no backward to come) only ``out``."""
+        self.stage_fwd([x, *params])
+        self._stage_seed(seed)
+        if self.fwd is None:
+            bhw, eps, p = self.problem
+            self.fwd, (self.out, self.h1, self.mean, self.rstd) = capture(
+                lambda: _adapter_fwd(self.x, self.params, bhw, eps, p, self.seed, self.cdt))
+            self.stage_bwd = Staging([self.out, self.x, self.h1, self.mean, self.rstd, *self.params])
+        self.fwd.replay()
+        if not keep:
+            return self.out.clone(), None, None, None
+        return self.out.clone(), self.h1.clone(), self.mean.clone(), self.rstd.clone()
+
+    def backward(self, g, x, h1, mean, rstd, params, seed):
+        self.stage_bwd([g, x, h1, mean, rstd, *params])
+        self._stage_seed(seed)
+        if self.bwd is None:
+            bhw, eps, p = self.problem
+
+            def body():
+                dx, grads = _adapter_bwd(self.out, self.x, self.h1, self.mean, self.rstd, self.seed, self.params,
+                                         bhw, eps, p)
+                return dx, torch.cat([t.reshape(-1) for t in grads])
+
+            self.bwd, (self.dx, self.grads) = capture(body, pool=self.fwd.pool())
+        self.bwd.replay()
+        flat = self.grads.clone()
+        return self.dx.clone(), [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes)]
+
+
+def _graph_key(x, bhw, eps, p, cdt, params):
+    """The graph cache's key for a call, or None where it must run directly: not CUDA, the cache
+    off, inside a capture of the caller's, or parameters of mixed dtypes (their gradients come back
+    from one flat buffer)."""
+    if not x.is_cuda or _GRAPHS.capacity == 0 or torch.cuda.is_current_stream_capturing():
+        return None
+    pdt = params[0].dtype
+    if any(q.dtype != pdt for q in params):
+        return None
+    device = x.device.index
+    return (device, torch._C._cuda_getCurrentRawStream(device), tuple(bhw), x.shape[1], params[4].shape[0],
+            x.dtype, pdt, cdt, eps, p)
+
+
+def _run_cached(key, run, create=None):
+    """``run(entry)`` on the cache's entry for ``key``, made by ``create()`` when the key has been seen
+    before; None where there is no entry, or its capture failed (that problem then runs directly)."""
+    if key is None:
+        return None
+    with _GRAPHS.lock:
+        entry = _GRAPHS.get(key)
+        if entry is None and create is not None and _GRAPHS.seen_before(key):
+            entry = create()
+            _GRAPHS.add(key, entry)
+        if entry is None:
+            return None
+        try:
+            return run(entry)
+        except RuntimeError as err:
+            if entry.fwd is not None and entry.bwd is not None:
+                raise  # a replay's own failure is no capture problem
+            _GRAPHS.give_up(key, err)
+            return None
+
+
+class MonaAdapterFunction(torch.autograd.Function):
+    """The whole adapter on the Triton backend, from the module's sixteen parameters (the depthwise
+    merge runs inside, in the order of ``modules.Mona._params``). Eager calls on CUDA replay captured
+    graphs for a problem seen before (``graphs``); the results equal the direct path's bit for bit.
+    ``keep`` says whether a backward may follow (else the replay copies out only ``out``)."""
+
+    @staticmethod
+    def forward(ctx, x, bhw, eps, p, seed, compute_dtype, keep, *params):
+        key = _graph_key(x, bhw, eps, p, compute_dtype, params)
+        with torch.autocast(x.device.type, enabled=False):
+            result = _run_cached(key, lambda entry: entry.forward(x, params, seed, keep),
+                                 lambda: AdapterGraphs(x, params, bhw, eps, p, compute_dtype))
+            if result is None:
+                result = _adapter_fwd(x, params, list(bhw), eps, p, _seed_arg(seed, x, p), compute_dtype)
+        out, h1, mean, rstd = result
+        if keep:
+            ctx.save_for_backward(x, h1, mean, rstd, seed, *params)
+        ctx.problem = (list(bhw), eps, p, compute_dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h1, mean, rstd, seed, *params = ctx.saved_tensors
+        bhw, eps, p, cdt = ctx.problem
+        key = _graph_key(x, bhw, eps, p, cdt, params)
+        with torch.autocast(x.device.type, enabled=False):
+            result = _run_cached(key, lambda entry: entry.backward(g, x, h1, mean, rstd, params, seed))
+            if result is None:
+                result = _adapter_bwd(g.contiguous(), x, h1, mean, rstd, _seed_arg(seed, x, p), params, bhw, eps, p)
+        dx, grads = result
+        return (dx, None, None, None, None, None, None, *grads)

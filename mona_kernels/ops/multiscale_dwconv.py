@@ -258,18 +258,28 @@ class MergeKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w3, b3, w5, b5, w7, b7, dtype):
         ctx.dtypes = (w3.dtype, b3.dtype, w5.dtype, b5.dtype, w7.dtype, b7.dtype)
-        # The Triton merge is float32 only; float64 weights take the exact PyTorch merge.
-        use_triton = (dtype == torch.float32 and _backend.resolve(w7.device, None) == "triton"
-                      and not torch.compiler.is_compiling())
-        return (_merge_triton if use_triton else _merge_torch)(w3, b3, w5, b5, w7, b7, dtype)
+        use_triton = _backend.resolve(w7.device, None) == "triton" and not torch.compiler.is_compiling()
+        return merge(w3, b3, w5, b5, w7, b7, dtype, use_triton)
 
     @staticmethod
     def backward(ctx, dK, dbias):
-        d = dK.shape[1]
-        dK = dK.t().reshape(d, 1, KSIZE, KSIZE) / 3.0
-        db = dbias / 3.0
-        grads = (dK[..., 2:5, 2:5], db, dK[..., 1:6, 1:6], db, dK, db)
-        return tuple(cast(g, t) for g, t in zip(grads, ctx.dtypes)) + (None,)
+        return split_kernel_grads(dK, dbias, ctx.dtypes) + (None,)
+
+
+def merge(w3, b3, w5, b5, w7, b7, dtype, use_triton):
+    """The merge without autograd: one Triton launch when ``use_triton``, for float32 (float64 weights
+    take the exact PyTorch merge)."""
+    return (_merge_triton if use_triton and dtype == torch.float32 else _merge_torch)(w3, b3, w5, b5, w7, b7, dtype)
+
+
+def split_kernel_grads(dK, dbias, dtypes):
+    """``(dw3, db3, dw5, db5, dw7, db7)`` from the merged kernel's (49, d) ``dK`` and ``dbias``, each in
+    its weight's dtype from ``dtypes``: dK7 = dK/3, dK5 = centre5(dK)/3, dK3 = centre3(dK)/3, db = dbias/3."""
+    d = dK.shape[1]
+    dK = dK.t().reshape(d, 1, KSIZE, KSIZE) / 3.0
+    db = dbias / 3.0
+    grads = (dK[..., 2:5, 2:5], db, dK[..., 1:6, 1:6], db, dK, db)
+    return tuple(cast(g, t) for g, t in zip(grads, dtypes))
 
 
 def merge_kernels(w3, b3, w5, b5, w7, b7, dtype: torch.dtype = torch.float32):
