@@ -45,6 +45,38 @@ def gpu_us(fn):
     return sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def triton_graph_rows(fused, x, g):
+    """The Triton path's graph-cache entry, piece by piece: staging, replays, copying results out."""
+    from mona_kernels.ops import graphs
+    entries = list(graphs.CACHE.entries.values())
+    if not entries:
+        return [("fused[triton]", "no graph-cache entry (cache off?)", float("nan"))]
+    e = entries[-1]
+    M, C = e.x.shape
+    p = list(fused._params())
+    xs = x.detach().reshape(M, C)
+    gs = g.reshape(M, C)
+    seed = torch.zeros(1, dtype=torch.int64)
+    _, h1, mean, rstd = e.forward(xs, p, seed, True)
+    outs = [e.out, e.h1, e.mean, e.rstd]
+    grads = [torch.empty_like(q) for q in p]
+    return [
+        ("fused[triton]", "entry.forward (stage, replay, copy out)", wall_us(lambda: e.forward(xs, p, seed, True))),
+        ("fused[triton]", "entry.backward (stage, replay, copy out)",
+         wall_us(lambda: e.backward(gs, xs, h1, mean, rstd, p, seed))),
+        ("fused[triton]", "forward staging (_foreach_copy_ per dtype)", wall_us(lambda: e.stage_fwd([xs, *p]))),
+        ("fused[triton]", "backward staging", wall_us(lambda: e.stage_bwd([gs, xs, h1, mean, rstd, *p]))),
+        ("fused[triton]", "forward replay alone", wall_us(e.fwd.replay)),
+        ("fused[triton]", "backward replay alone", wall_us(e.bwd.replay)),
+        ("fused[triton]", "4 forward outputs: clone each", wall_us(lambda: [t.clone() for t in outs])),
+        ("fused[triton]", "4 forward outputs: _foreach_mul(1.0)", wall_us(lambda: torch._foreach_mul(outs, 1.0))),
+        ("fused[triton]", "16 gradients: flat clone, split, views",
+         wall_us(lambda: [t.view(s) for t, s in zip(e.grads.clone().split(e.numels), e.shapes)])),
+        ("fused[triton]", "16 gradients: _foreach_mul(1.0) of 16 statics",
+         wall_us(lambda: torch._foreach_mul(grads, 1.0))),
+    ]
+
+
 def main():
     B, H, W, C = (tuple(map(int, sys.argv[1].split(","))) if len(sys.argv) > 1 else (1, 8, 8, 128))
     backend = sys.argv[2] if len(sys.argv) > 2 else "cuda"
@@ -89,6 +121,8 @@ def main():
         raw = (args[0], B, H, W, *args[2:])
         with torch.no_grad():
             rows.append(("fused[cuda]", "_C.mona_adapter, no grad", wall_us(lambda: lib.mona_adapter(*raw))))
+    if backend == "triton":
+        rows += triton_graph_rows(fused, x, g)
     small = torch.randn(16, device="cuda")
     rows.append(("torch", "one tiny torch.add", wall_us(lambda: small.add(1))))
     leaf = torch.randn(B, H * W, C, device="cuda", dtype=dtype, requires_grad=True)
