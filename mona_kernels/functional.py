@@ -22,10 +22,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # never read: without dropout no kernel draws
+
+
 def _draw_seed(x: torch.Tensor, dropout: float) -> torch.Tensor:
     """The dropout seed, a CPU int64 tensor drawn from torch's default generator (zero without dropout)."""
     if dropout == 0:
-        return torch.zeros(1, dtype=torch.int64)
+        return _NO_SEED
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         # the seed is drawn on the host, so a replayed graph would apply one mask on every step
         raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph (every replay would reuse one "
@@ -76,12 +79,11 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
             float(dropout), int(_draw_seed(x, dropout)) if dropout > 0 else 0, _compute_dtype(x))
     if name == "triton" and not torch.compiler.is_compiling():
         # one autograd node with the merge inside; on CUDA it replays cached graphs (ops/graphs.py)
-        out = MonaAdapterFunction.apply(
-            x.reshape(B * N, C).contiguous(), (B, H, W), float(eps), float(dropout), _draw_seed(x, dropout),
-            _compute_dtype(x), torch.is_grad_enabled(), norm_weight, norm_bias, gamma, gammax, project1_weight,
-            project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
-            projector_weight, projector_bias, project2_weight, project2_bias)
-        return out.view(B, N, C)
+        return MonaAdapterFunction.apply(
+            x.contiguous(), (B, H, W), float(eps), float(dropout), _draw_seed(x, dropout), _compute_dtype(x),
+            torch.is_grad_enabled(), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
+            conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight,
+            projector_bias, project2_weight, project2_bias)
     K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
                               dtype=acc_dtype(x.dtype))
     return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,

@@ -96,18 +96,41 @@ def graph_cache(capacity: int | None = None) -> int:
         return CACHE.resize(capacity)
 
 
+def _by_dtype(statics):
+    """``[(tensors, positions)]``, one per dtype: the foreach ops take their one-launch path only
+    when every tensor of a list has the same dtype."""
+    groups: dict = {}
+    for i, t in enumerate(statics):
+        groups.setdefault(t.dtype, []).append(i)
+    return [([statics[i] for i in index], index) for index in groups.values()]
+
+
 class Staging:
     """Copies a fixed list of sources into static buffers, one ``_foreach_copy_`` per dtype."""
 
     def __init__(self, statics):
-        groups: dict = {}
-        for i, t in enumerate(statics):
-            groups.setdefault(t.dtype, []).append(i)
-        self.groups = [([statics[i] for i in index], index) for index in groups.values()]
+        self.groups = _by_dtype(statics)
 
     def __call__(self, sources):
         for statics, index in self.groups:
             torch._foreach_copy_(statics, [sources[i] for i in index])
+
+
+class CopyOut:
+    """Fresh copies of a fixed list of static buffers, one foreach launch per dtype. The copy is a
+    multiplication by one, exact in every floating dtype (NaN and infinities and signed zeros
+    included): on this path a ``clone`` costs a separate allocation and memcpy call per tensor."""
+
+    def __init__(self, statics):
+        self.groups = _by_dtype(statics)
+        self.n = len(statics)
+
+    def __call__(self):
+        out = [None] * self.n
+        for statics, index in self.groups:
+            for i, t in zip(index, torch._foreach_mul(statics, 1.0)):
+                out[i] = t
+        return out
 
 
 _side_streams: dict = {}

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .graphs import CACHE as _GRAPHS, Staging, capture
+from .graphs import CACHE as _GRAPHS, CopyOut, Staging, capture
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
 from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, merge, split_kernel_grads, tile_coords
 from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers, tl_acc
@@ -378,8 +378,6 @@ class AdapterGraphs:
         self.params = [torch.empty_like(q) for q in params]
         self.seed = torch.zeros(1, dtype=torch.int64, device=x.device)
         self.stage_fwd = Staging([self.x, *self.params])
-        self.shapes = [q.shape for q in params]
-        self.numels = [q.numel() for q in params]
         self.fwd = self.bwd = None
 
     def _stage_seed(self, seed):
@@ -392,15 +390,15 @@ class AdapterGraphs:
         self._stage_seed(seed)
         if self.fwd is None:
             bhw, eps, p = self.problem
-            self.fwd, (self.out, self.h1, self.mean, self.rstd) = capture(
-                lambda: _adapter_fwd(self.x, self.params, bhw, eps, p, self.seed, self.cdt))
+            self.fwd, outputs = capture(lambda: _adapter_fwd(self.x, self.params, bhw, eps, p, self.seed, self.cdt))
+            self.out, self.h1, self.mean, self.rstd = outputs
+            self.copy_fwd, self.copy_out = CopyOut(outputs), CopyOut([self.out])
             self.stage_bwd = Staging([self.out, self.x, self.h1, self.mean, self.rstd, *self.params])
         self.fwd.replay()
-        if not keep:
-            return self.out.clone(), None, None, None
-        return self.out.clone(), self.h1.clone(), self.mean.clone(), self.rstd.clone()
+        return self.copy_fwd() if keep else self.copy_out() + [None, None, None]
 
     def backward(self, g, x, h1, mean, rstd, params, seed):
+        """``[dx, *grads]``."""
         self.stage_bwd([g, x, h1, mean, rstd, *params])
         self._stage_seed(seed)
         if self.bwd is None:
@@ -409,12 +407,12 @@ class AdapterGraphs:
             def body():
                 dx, grads = _adapter_bwd(self.out, self.x, self.h1, self.mean, self.rstd, self.seed, self.params,
                                          bhw, eps, p)
-                return dx, torch.cat([t.reshape(-1) for t in grads])
+                return [dx, *(t.contiguous() for t in grads)]  # dense, for the one-launch copy out
 
-            self.bwd, (self.dx, self.grads) = capture(body, pool=self.fwd.pool())
+            self.bwd, outputs = capture(body, pool=self.fwd.pool())
+            self.copy_bwd = CopyOut(outputs)
         self.bwd.replay()
-        flat = self.grads.clone()
-        return self.dx.clone(), [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes)]
+        return self.copy_bwd()
 
 
 def _graph_key(x, bhw, eps, p, cdt, params):
@@ -454,32 +452,37 @@ def _run_cached(key, run, create=None):
 
 class MonaAdapterFunction(torch.autograd.Function):
     """The whole adapter on the Triton backend, from the module's sixteen parameters (the depthwise
-    merge runs inside, in the order of ``modules.Mona._params``). Eager calls on CUDA replay captured
-    graphs for a problem seen before (``graphs``); the results equal the direct path's bit for bit.
-    ``keep`` says whether a backward may follow (else the replay copies out only ``out``)."""
+    merge runs inside, in the order of ``modules.Mona._params``), on contiguous tokens ``x`` of any
+    shape (..., C) with B*H*W of them. Eager calls on CUDA replay captured graphs for a problem seen
+    before (``graphs``); the results equal the direct path's bit for bit. ``keep`` says whether a
+    backward may follow (else a replay copies out only ``out``)."""
 
     @staticmethod
     def forward(ctx, x, bhw, eps, p, seed, compute_dtype, keep, *params):
-        key = _graph_key(x, bhw, eps, p, compute_dtype, params)
+        xm = x.view(-1, x.shape[-1])  # the tokens as (M, C), without an autograd node of its own
+        key = _graph_key(xm, bhw, eps, p, compute_dtype, params)
         with torch.autocast(x.device.type, enabled=False):
-            result = _run_cached(key, lambda entry: entry.forward(x, params, seed, keep),
-                                 lambda: AdapterGraphs(x, params, bhw, eps, p, compute_dtype))
+            result = _run_cached(key, lambda entry: entry.forward(xm, params, seed, keep),
+                                 lambda: AdapterGraphs(xm, params, bhw, eps, p, compute_dtype))
             if result is None:
-                result = _adapter_fwd(x, params, list(bhw), eps, p, _seed_arg(seed, x, p), compute_dtype)
+                result = _adapter_fwd(xm, params, list(bhw), eps, p, _seed_arg(seed, x, p), compute_dtype)
         out, h1, mean, rstd = result
         if keep:
-            ctx.save_for_backward(x, h1, mean, rstd, seed, *params)
+            ctx.save_for_backward(xm, h1, mean, rstd, seed, *params)
         ctx.problem = (list(bhw), eps, p, compute_dtype)
-        return out
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, g):
         x, h1, mean, rstd, seed, *params = ctx.saved_tensors
         bhw, eps, p, cdt = ctx.problem
+        shape = g.shape
+        g = g.reshape(x.shape)
         key = _graph_key(x, bhw, eps, p, cdt, params)
         with torch.autocast(x.device.type, enabled=False):
             result = _run_cached(key, lambda entry: entry.backward(g, x, h1, mean, rstd, params, seed))
             if result is None:
-                result = _adapter_bwd(g.contiguous(), x, h1, mean, rstd, _seed_arg(seed, x, p), params, bhw, eps, p)
-        dx, grads = result
-        return (dx, None, None, None, None, None, None, *grads)
+                dx, grads = _adapter_bwd(g.contiguous(), x, h1, mean, rstd, _seed_arg(seed, x, p), params, bhw, eps, p)
+                result = [dx, *grads]
+        dx, *grads = result
+        return (dx.view(shape), None, None, None, None, None, None, *grads)
