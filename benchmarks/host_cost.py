@@ -67,7 +67,7 @@ def triton_graph_rows(fused, x, g):
         ("fused[triton]", "forward replay alone", wall_us(e.fwd.replay)),
         ("fused[triton]", "backward replay alone", wall_us(e.bwd.replay)),
         ("fused[triton]", "forward copy out (4 outputs)", wall_us(e.copy_fwd)),
-        ("fused[triton]", "backward copy out (dx, 16 gradients)", wall_us(e.copy_bwd)),
+        ("fused[triton]", "backward copy out (dx, flat gradients)", wall_us(e.copy_bwd)),
         ("fused[triton]", "4 forward outputs: clone each",
          wall_us(lambda: [t.clone() for t in (e.out, e.h1, e.mean, e.rstd)])),
     ]

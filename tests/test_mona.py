@@ -147,6 +147,15 @@ def test_eval_under_no_grad_keeps_no_graph():
     assert out.grad_fn is None and not out.requires_grad
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_raises_instead_of_a_wrong_answer(backend):
+    _, fused = _pair(backend=backend)
+    x = torch.randn(1, 6, 24, dtype=F64, requires_grad=True)
+    (dx,) = torch.autograd.grad(fused(x, (2, 3)).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|not have been used"):
+        torch.autograd.grad(dx.sum(), x)
+
+
 class _AuthorsStyleBlock(nn.Module):
     def __init__(self, C, names=("my_module_1", "my_module_2")):
         super().__init__()

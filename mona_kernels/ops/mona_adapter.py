@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -328,6 +329,7 @@ class MonaFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivatives of their own: a double backward raises
     def backward(ctx, g):
         x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2, b2 = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
@@ -378,6 +380,9 @@ class AdapterGraphs:
         self.params = [torch.empty_like(q) for q in params]
         self.seed = torch.zeros(1, dtype=torch.int64, device=x.device)
         self.stage_fwd = Staging([self.x, *self.params])
+        # The gradients come back as views of one flat copy; split gives the 1-D ones their shape.
+        self.numels = [q.numel() for q in params]
+        self.reshape = [(i, q.shape) for i, q in enumerate(params) if q.dim() != 1]
         self.fwd = self.bwd = None
 
     def _stage_seed(self, seed):
@@ -407,12 +412,16 @@ class AdapterGraphs:
             def body():
                 dx, grads = _adapter_bwd(self.out, self.x, self.h1, self.mean, self.rstd, self.seed, self.params,
                                          bhw, eps, p)
-                return [dx, *(t.contiguous() for t in grads)]  # dense, for the one-launch copy out
+                return [dx, torch.cat([t.reshape(-1) for t in grads])]  # one dtype: the cache key's
 
             self.bwd, outputs = capture(body, pool=self.fwd.pool())
             self.copy_bwd = CopyOut(outputs)
         self.bwd.replay()
-        return self.copy_bwd()
+        dx, flat = self.copy_bwd()
+        grads = list(flat.split(self.numels))
+        for i, shape in self.reshape:
+            grads[i] = grads[i].view(shape)
+        return [dx, *grads]
 
 
 def _graph_key(x, bhw, eps, p, cdt, params):
@@ -473,6 +482,7 @@ class MonaAdapterFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         x, h1, mean, rstd, seed, *params = ctx.saved_tensors
         bhw, eps, p, cdt = ctx.problem
