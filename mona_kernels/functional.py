@@ -8,7 +8,7 @@ from .ops import cuda_ext
 from .ops.ln_scale import check_ln_params, ln_scale
 from .ops.mona_adapter import MonaAdapterFunction, MonaFunction
 from .ops.multiscale_dwconv import check_dwconv_params, merge_kernels, multiscale_dwconv
-from .ops.utils import acc_dtype, check_tensor
+from .ops.utils import acc_dtype, check_tensor, on_input_device
 
 __all__ = ["ln_scale", "multiscale_dwconv", "mona", "MAX_BOTTLENECK"]
 
@@ -36,6 +36,7 @@ def _draw_seed(x: torch.Tensor, dropout: float) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,))
 
 
+@on_input_device
 def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
          conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
          projector_weight, projector_bias, project2_weight, project2_bias,
@@ -91,6 +92,7 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
                        project2_weight, project2_bias, dropout, eps, backend)
 
 
+@on_input_device
 def mona_merged(x, bhw, norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, K, bias_k,
                 projector_weight, projector_bias, project2_weight, project2_bias, dropout, eps, backend):
     """:func:`mona` with the depthwise convs already merged into a taps-major (49, d) kernel."""

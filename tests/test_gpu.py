@@ -234,6 +234,23 @@ def test_cuda_graph_replay_matches_eager(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_tensors_on_a_gpu_other_than_the_current_one(backend):
+    ref, fused = _adapter_pair(64, torch.float32, d=16)
+    ref, fused = ref.to("cuda:1"), fused.to("cuda:1")
+    fused.backend = backend
+    with torch.cuda.device(0):
+        for _ in range(3):  # direct, capture + replay, replay
+            x = torch.randn(2, 5 * 6, 64, device="cuda:1", requires_grad=True)
+            _check_adapter(fused, ref, x, (5, 6), torch.float32, CHAIN_SCALE[torch.float32])
+        h = torch.randn(2, 5, 6, 16, device="cuda:1")
+        c = fused.adapter_conv
+        weights = [c.conv1.weight, c.conv1.bias, c.conv2.weight, c.conv2.bias, c.conv3.weight, c.conv3.bias]
+        assert_close(mk.multiscale_dwconv(h, *weights, backend=backend),
+                     multiscale_dwconv_ref(h.double(), *[w.double() for w in weights]), torch.float32, "h2")
+
+
 def test_dropout_refuses_graph_capture():
     fused = mk.Mona(32, 16, dropout=0.1).cuda()
     x = torch.randn(1, 16, 32, device="cuda")

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2, num_workers, tl_acc
+from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2, num_workers, on_input_device, tl_acc
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
 ROW_BLOCK_ELEMS = 4096
@@ -226,6 +226,7 @@ def check_ln_params(C: int, x: torch.Tensor, **params):
             raise ValueError(f"{name} must have {C} elements (the channel count of x), got {p.shape[0]}")
 
 
+@on_input_device
 def ln_scale(x, weight, bias, gamma, gammax, eps: float = 1e-5, backend: str | None = None):
     """``LayerNorm(x) * gamma + x * gammax`` over the last dimension of ``x``, fused.
 

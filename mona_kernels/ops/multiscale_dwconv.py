@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, tl_acc
+from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, on_input_device, tl_acc
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
@@ -296,6 +296,7 @@ def check_dwconv_params(d: int, like: torch.Tensor, **params):
             check_tensor(name, p, size=(d,), like=like)
 
 
+@on_input_device
 def multiscale_dwconv(h, w3, b3, w5, b5, w7, b7, backend: str | None = None):
     """``h + (dw3(h) + dw5(h) + dw7(h)) / 3`` for channels-last ``h`` of shape (B, H, W, d), in one pass.
 

@@ -65,6 +65,20 @@ def num_workers(device: torch.device, per_sm: int = 4) -> int:
     return 4
 
 
+def on_input_device(fn):
+    """Runs ``fn`` with its first argument's GPU as the current device: Triton launches on the current
+    device, and the caller's may be another GPU. (The autograd engine runs each backward on its
+    gradients' device already.)"""
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        if (not torch.compiler.is_compiling() and isinstance(x, torch.Tensor) and x.is_cuda
+                and x.get_device() != torch.cuda.current_device()):
+            with torch.cuda.device(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return wrapper
+
+
 def call_op(op, impl, *args):
     """Run ``impl`` directly in eager mode (no dispatcher overhead per call); while torch.compile
     traces, call the registered custom ``op`` so that the graph holds it as one opaque node."""
