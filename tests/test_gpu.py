@@ -119,10 +119,11 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(backend):
     _, fused = _adapter_pair(64, torch.float32, d=16)
     fused.backend = backend
     x = torch.randn(0, 5 * 6, 64, device="cuda", requires_grad=True)
-    out = fused(x, (5, 6))
-    assert out.shape == x.shape
-    grads = _grads(out.sum(), list(fused.parameters()), None)
-    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    for _ in range(3):  # the graph caches take no empty problem: every call runs directly
+        out = fused(x, (5, 6))
+        assert out.shape == x.shape
+        grads = _grads(out.sum(), list(fused.parameters()), None)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 def test_non_contiguous_tokens():

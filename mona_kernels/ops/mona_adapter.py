@@ -425,10 +425,10 @@ class AdapterGraphs:
 
 
 def _graph_key(x, bhw, eps, p, cdt, params):
-    """The graph cache's key for a call, or None where it must run directly: not CUDA, the cache
-    off, inside a capture of the caller's, or parameters of mixed dtypes (their gradients come back
-    from one flat buffer)."""
-    if not x.is_cuda or _GRAPHS.capacity == 0 or torch.cuda.is_current_stream_capturing():
+    """The graph cache's key for a call, or None where it must run directly: not CUDA, no tokens,
+    the cache off, inside a capture of the caller's, or parameters of mixed dtypes (their gradients
+    come back from one flat buffer)."""
+    if not x.is_cuda or x.numel() == 0 or _GRAPHS.capacity == 0 or torch.cuda.is_current_stream_capturing():
         return None
     pdt = params[0].dtype
     if any(q.dtype != pdt for q in params):
