@@ -3,7 +3,10 @@ trained, bf16 autocast) with reference Mona adapters, fused adapters, and a zero
 single learned scale that keeps the gradient path). Checks the fused adapter gradients against the
 reference first.
 
-    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--compile] [--backends triton,cuda]
+    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--compile] [--graph] [--backends triton,cuda]
+
+``--graph`` also times the whole step (forward, backward, AdamW with ``capturable=True``) captured
+once in a CUDA graph and replayed: the GPU time of a step, without the host's.
 """
 import argparse
 import copy
@@ -45,6 +48,30 @@ def step_fn(model, x, y, opt):
     return step
 
 
+def graphed_step(model, x, y, params):
+    """The training step captured in one CUDA graph (after warm-up on a side stream); returns its replay."""
+    opt = torch.optim.AdamW(params, lr=1e-4, capturable=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def time_steps(step, steps):
     for _ in range(3):
         step()
@@ -75,6 +102,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of each variant")
+    ap.add_argument("--graph", action="store_true", help="also time each variant's step replayed from a CUDA graph")
     ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -144,6 +172,10 @@ def main():
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ms, gb = time_steps(step_fn(model, x, y, opt), args.steps)
         rows.append((label, "eager", ms, gb))
+        if args.graph:
+            ms, gb = time_steps(graphed_step(model, x, y, [p for p in model.parameters() if p.requires_grad]),
+                                args.steps)
+            rows.append((label, "CUDA graph", ms, gb))
         if args.compile:
             compiled = torch.compile(model)
             ms, gb = time_steps(step_fn(compiled, x, y, opt), args.steps)

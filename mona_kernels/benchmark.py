@@ -77,7 +77,7 @@ def capture_graph(fn, warmup: int = 3):
     requires), then captured once; ``result`` is what the captured call returned (its tensors are
     the graph's static outputs, rewritten by every replay).
 
-    Example (a fused adapter step; dropout must be 0 under capture)::
+    Example (a fused adapter step; with dropout on, only the Triton backend captures)::
 
         x = torch.randn(2, 64, 128, device="cuda", requires_grad=True)
         mona = mona_kernels.Mona(128, dropout=0.0).cuda()

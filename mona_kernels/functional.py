@@ -25,14 +25,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _NO_SEED = torch.zeros(1, dtype=torch.int64)  # never read: without dropout no kernel draws
 
 
-def _draw_seed(x: torch.Tensor, dropout: float) -> torch.Tensor:
-    """The dropout seed, a CPU int64 tensor drawn from torch's default generator (zero without dropout)."""
+def _draw_seed(x: torch.Tensor, dropout: float, capturable: bool = False) -> torch.Tensor:
+    """The dropout seed, a CPU int64 tensor drawn from torch's default generator (zero without dropout).
+    Inside a CUDA-graph capture, a ``capturable`` backend (one whose kernels read the seed from device
+    memory) gets it drawn on the GPU instead, so that every replay draws a new seed and mask."""
     if dropout == 0:
         return _NO_SEED
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        # the seed is drawn on the host, so a replayed graph would apply one mask on every step
-        raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph (every replay would reuse one "
-                           "dropout mask); capture with dropout=0 or in eval mode")
+        if capturable:
+            return torch.randint(0, 2**62, (1,), device=x.device)
+        # a seed drawn on the host would give every replay the same mask
+        raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph on this backend (every replay "
+                           "would reuse one dropout mask); use the Triton backend, or capture with dropout=0 "
+                           "or in eval mode")
     return torch.randint(0, 2**62, (1,))
 
 
@@ -81,10 +86,10 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     if name == "triton" and not torch.compiler.is_compiling():
         # one autograd node with the merge inside; on CUDA it replays cached graphs (ops/graphs.py)
         return MonaAdapterFunction.apply(
-            x.contiguous(), (B, H, W), float(eps), float(dropout), _draw_seed(x, dropout), _compute_dtype(x),
-            torch.is_grad_enabled(), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
-            conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight,
-            projector_bias, project2_weight, project2_bias)
+            x.contiguous(), (B, H, W), float(eps), float(dropout), _draw_seed(x, dropout, capturable=True),
+            _compute_dtype(x), torch.is_grad_enabled(), norm_weight, norm_bias, gamma, gammax, project1_weight,
+            project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
+            projector_weight, projector_bias, project2_weight, project2_bias)
     K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
                               dtype=acc_dtype(x.dtype))
     return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,

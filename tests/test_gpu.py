@@ -252,14 +252,41 @@ def test_tensors_on_a_gpu_other_than_the_current_one(backend):
                      multiscale_dwconv_ref(h.double(), *[w.double() for w in weights]), torch.float32, "h2")
 
 
-def test_dropout_refuses_graph_capture():
-    fused = mk.Mona(32, 16, dropout=0.1).cuda()
-    x = torch.randn(1, 16, 32, device="cuda")
-    fused(x, (4, 4))
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="CUDA graph"):
-        with torch.cuda.graph(graph):
-            fused(x, (4, 4))
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_dropout_under_graph_capture_draws_a_new_mask_every_replay(backend, monkeypatch):
+    """The Triton path draws its seed on the GPU inside a capture: each replay gets a new mask, and the
+    replay equals an eager call given that replay's seed. Backends with host-drawn seeds refuse."""
+    fused = randomize_(mk.Mona(32, 16, dropout=0.25, backend=backend)).cuda()
+    x = torch.randn(2, 16, 32, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    params = [x, *fused.parameters()]
+
+    def step():
+        out = fused(x, (4, 4))
+        return (out.detach(), *torch.autograd.grad(out, params, g))
+
+    step()
+    if backend != "triton":
+        with pytest.raises(RuntimeError, match="CUDA graph"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                fused(x, (4, 4))
+        return
+    drawn = []
+    draw = mk.functional._draw_seed
+    monkeypatch.setattr(mk.functional, "_draw_seed", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    graph, static = capture_graph(step, warmup=2)
+    seed = drawn[-1]
+    assert seed.is_cuda  # the captured call's seed, rewritten by every replay
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [t.clone() for t in static]
+        monkeypatch.setattr(mk.functional, "_draw_seed", lambda *a, value=seed.item(), **k: torch.tensor([value]))
+        for a, b in zip(replayed, step()):
+            assert torch.equal(a, b)
+        outs.append(replayed[0])
+    assert not torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.skipif("cuda" not in DEVICE_BACKENDS, reason="the CUDA extension is not available")
