@@ -11,6 +11,7 @@ from mona_kernels.ops import cuda_ext
 from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
 SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 14, 14, 64)]
+WGRAD_TILES = [(8, 4), (16, 4), (16, 8), (32, 8), (32, 16)]
 
 
 def us(fn):
@@ -25,6 +26,7 @@ def main():
     print("| shape | floor fwd us | cuDNN 7x7 fwd | cuDNN wgrad | triton conv | triton wgrad | cuda conv v0 | v1 | v2 | v3 "
           "| cuda conv flip | cuda wgrad v0 | v1 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tiles = []
     for B, H, W, d in SHAPES:
         h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
         g = torch.randn_like(h)
@@ -41,6 +43,12 @@ def main():
             row += [us(lambda: cuda_ext.dwconv7_fwd(g, K, None, True))]
             row += [us(lambda: cuda_ext.dwconv7_wgrad(h, g, v)) for v in range(2)]
         print("| " + " | ".join(v if isinstance(v, str) else f"{v:.1f}" for v in row) + " |")
+        tiles.append((f"{B}x{H}x{W}x{d}", [us(lambda: _wgrad_triton(h, g, p, w)) for p, w in WGRAD_TILES]))
+    print("\nTriton wgrad (with its partial sum) by pixel tile and warps, us")
+    print("| shape | " + " | ".join(f"{p} px / {w} warps" for p, w in WGRAD_TILES) + " |")
+    print("|---|" + "---|" * len(WGRAD_TILES))
+    for shape, times in tiles:
+        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
 
 
 if __name__ == "__main__":

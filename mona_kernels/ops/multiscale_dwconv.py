@@ -16,13 +16,15 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, on_input_device, tl_acc
+from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, num_workers, on_input_device, tl_acc
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
 # Pixels in one program's tile: consecutive pixels of the row-major grid.
 TILE_PIXELS = 64
-WGRAD_TILE_PIXELS = 128
+# The weight gradient's pixel tile and warps (benchmarks/sweep_dwconv.py).
+WGRAD_TILE_PIXELS = 16
+WGRAD_WARPS = 8
 MAX_BLOCK_D = 64
 # Rows of a wgrad partial per tile: one per tap, then the bias gradient.
 PARTIAL_ROWS = tl.constexpr(TAPS + 1)
@@ -33,7 +35,7 @@ BIAS_ROW = tl.constexpr(TAPS)
 def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
     """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
     row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
-    pix = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
+    pix = tl.cast(tile, tl.int64) * TILE + tl.arange(0, TILE)
     r = pix % (H * W)
     return pix, r // W, r % W, pix < n_pix
 
@@ -80,50 +82,66 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & cmask[None, :])
 
 
-@triton.jit(do_not_specialize=["H", "W", "n_pix"])
-def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix,
+@triton.jit(do_not_specialize=["H", "W", "n_pix", "n_tiles"])
+def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix, n_tiles,
                           TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """Per tile: partial[tile, t, :] = sum over the tile of dout * h shifted by tap t (t < 49), and
-    partial[tile, 49, :] = sum of dout (the bias gradient). The host sums over tiles in fixed order."""
-    tile = tl.program_id(0)
-    pix, i, j, inside = tile_coords(tile, H, W, n_pix, TILE)
-    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """Program (p, u, c), for tap row u and channel block c: over pixel tiles p, p + P, p + 2P, ...
+    (P programs along axis 0), accumulates dout * h shifted by the seven taps (u, v) of the row in
+    registers, reducing over pixels once at the end, into partial[p, u * 7 + v, :]; row 0's
+    programs also write partial[p, 49, :], the sum of dout (the bias gradient). The host sums the
+    partials over p in fixed order."""
+    pid = tl.program_id(0)
+    u = tl.program_id(1)
+    ch = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
-    offs = pix[:, None] * D + ch[None, :]
-    dout = tl.load(dout_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
-    center = h_ptr + offs
-    row = partial_ptr + tile.to(tl.int64) * (PARTIAL_ROWS * D) + ch
-    for u in range(7):  # a real loop over tap rows keeps register pressure down (see dwconv7_tile)
+    v = tl.arange(0, 8)  # the seven column taps, padded to a power of two
+    acc = tl.zeros([TILE, 8, BLOCK_D], dtype=ACC)
+    bias_acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        pix, i, j, inside = tile_coords(tile, H, W, n_pix, TILE)
+        offs = pix[:, None] * D + ch[None, :]
+        dout = tl.load(dout_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
         ii = i + (u - 3)
-        row_ok = inside & (ii >= 0) & (ii < H)
-        for v in tl.static_range(7):
-            jj = j + (v - 3)
-            ok = row_ok & (jj >= 0) & (jj < W)
-            hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
-            tl.store(row + (u * 7 + v) * D, tl.sum(dout * hv.to(ACC), axis=0), mask=cmask)
-    tl.store(row + BIAS_ROW * D, tl.sum(dout, axis=0), mask=cmask)
+        jj = j[:, None] + (v[None, :] - 3)
+        ok = (inside & (ii >= 0) & (ii < H))[:, None] & (jj >= 0) & (jj < W) & (v[None, :] < 7)
+        shift = ((u - 3) * W + (v - 3)) * D
+        hv = tl.load(h_ptr + offs[:, None, :] + shift[None, :, None], mask=ok[:, :, None] & cmask[None, None, :],
+                     other=0.0)
+        acc += dout[:, None, :] * hv.to(ACC)
+        bias_acc += dout
+    row = partial_ptr + pid.to(tl.int64) * (PARTIAL_ROWS * D)
+    tl.store(row + (u * 7 + v)[:, None] * D + ch[None, :], tl.sum(acc, axis=0),
+             mask=(v < 7)[:, None] & cmask[None, :])
+    if u == 0:
+        tl.store(row + BIAS_ROW * D + ch, tl.sum(bias_acc, axis=0), mask=cmask)
 
 
 @triton.jit
 def _merge_kernel(w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, bias_ptr, D, BLOCK_D: tl.constexpr):
-    """K[t, :] = delta_t + (pad(w3) + pad(w5) + w7)[:, t] / 3 for the 49 taps t; bias = mean of the three."""
+    """K[t, :] = delta_t + (pad(w3) + pad(w5) + w7)[:, t] / 3 for the 7 taps t of tap row program_id(1)
+    (one program a row: a single program for all 49 taps took 7 us, all latency); bias = mean of the
+    three, from row 0's programs."""
     ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    u = tl.program_id(1)
     cmask = ch < D
-    for u in tl.static_range(7):
-        for v in tl.static_range(7):
-            k = tl.load(w7_ptr + ch * 49 + (u * 7 + v), mask=cmask, other=0.0).to(tl.float32)
-            if u >= 1 and u <= 5 and v >= 1 and v <= 5:
-                k += tl.load(w5_ptr + ch * 25 + ((u - 1) * 5 + v - 1), mask=cmask, other=0.0).to(tl.float32)
-            if u >= 2 and u <= 4 and v >= 2 and v <= 4:
-                k += tl.load(w3_ptr + ch * 9 + ((u - 2) * 3 + v - 2), mask=cmask, other=0.0).to(tl.float32)
-            k = k / 3.0
-            if u == 3 and v == 3:
-                k += 1.0
-            tl.store(k_ptr + (u * 7 + v) * D + ch, k, mask=cmask)
-    bias = (tl.load(b3_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-            + tl.load(b5_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-            + tl.load(b7_ptr + ch, mask=cmask, other=0.0).to(tl.float32)) / 3.0
-    tl.store(bias_ptr + ch, bias, mask=cmask)
+    uu = u + ch * 0  # the row index as a vector, for masks
+    in5 = cmask & (uu >= 1) & (uu <= 5)
+    in3 = cmask & (uu >= 2) & (uu <= 4)
+    for v in tl.static_range(7):
+        k = tl.load(w7_ptr + ch * 49 + (u * 7 + v), mask=cmask, other=0.0).to(tl.float32)
+        if v >= 1 and v <= 5:
+            k += tl.load(w5_ptr + ch * 25 + ((u - 1) * 5 + v - 1), mask=in5, other=0.0).to(tl.float32)
+        if v >= 2 and v <= 4:
+            k += tl.load(w3_ptr + ch * 9 + ((u - 2) * 3 + v - 2), mask=in3, other=0.0).to(tl.float32)
+        k = k / 3.0
+        if v == 3:
+            k += tl.where(u == 3, 1.0, 0.0)
+        tl.store(k_ptr + (u * 7 + v) * D + ch, k, mask=cmask)
+    if u == 0:
+        bias = (tl.load(b3_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+                + tl.load(b5_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+                + tl.load(b7_ptr + ch, mask=cmask, other=0.0).to(tl.float32)) / 3.0
+        tl.store(bias_ptr + ch, bias, mask=cmask)
 
 
 _dwconv7_launch = Launcher(_dwconv7_kernel)
@@ -143,17 +161,18 @@ def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4, flip
     return out
 
 
-def _wgrad_triton(h, dout, pixels: int | None = None, num_warps: int = 4):
+def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGRAD_WARPS):
     B, H, W, D = h.shape
     block_d = min(next_pow2(D), MAX_BLOCK_D)
     n_pix = B * H * W
-    if pixels is None:  # measured (run 12 sweep): 256-pixel tiles win on large maps, 128 on small ones
-        pixels = 2 * WGRAD_TILE_PIXELS if n_pix >= 65536 else WGRAD_TILE_PIXELS
-    count = triton.cdiv(n_pix, pixels)
+    n_tiles = triton.cdiv(n_pix, pixels)
+    blocks = triton.cdiv(D, block_d)
+    # enough programs to fill the GPU, each over many tiles: fewer partial rows to sum afterwards
+    programs = max(1, min(n_tiles, num_workers(h.device) // (KSIZE * blocks)))
     acc = acc_dtype(h.dtype)
-    partial = torch.empty(count, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
-    _dwconv7_wgrad_launch[(count, triton.cdiv(D, block_d))](
-        h, dout, partial, H, W, D, n_pix, TILE=pixels, BLOCK_D=block_d,
+    partial = torch.empty(programs, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
+    _dwconv7_wgrad_launch[(programs, KSIZE, blocks)](
+        h, dout, partial, H, W, D, n_pix, n_tiles, TILE=pixels, BLOCK_D=block_d,
         ACC=tl_acc(acc), num_warps=num_warps)
     return partial.sum(dim=0)
 
@@ -246,8 +265,8 @@ def _merge_triton(w3, b3, w5, b5, w7, b7, dtype):
     K = torch.empty(TAPS, d, device=w7.device, dtype=dtype)
     bias = torch.empty(d, device=w7.device, dtype=dtype)
     block_d = min(next_pow2(d), 128)
-    _merge_launch[(triton.cdiv(d, block_d),)](w3.contiguous(), b3, w5.contiguous(), b5, w7.contiguous(), b7,
-                                               K, bias, d, BLOCK_D=block_d)
+    _merge_launch[(triton.cdiv(d, block_d), KSIZE)](w3.contiguous(), b3, w5.contiguous(), b5, w7.contiguous(), b7,
+                                                     K, bias, d, BLOCK_D=block_d)
     return K, bias
 
 
