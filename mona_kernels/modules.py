@@ -9,6 +9,11 @@ from .ops.multiscale_dwconv import merge_kernels
 from .ops.utils import acc_dtype, cast
 
 
+# Attribute names of the sixteen parameters on their owners (see Mona._params), in the fused op's order.
+_PARAM_NAMES = ("weight", "bias", "gamma", "gammax", "weight", "bias", "weight", "bias", "weight", "bias",
+                "weight", "bias", "weight", "bias", "weight", "bias")
+
+
 class Mona(reference.Mona):
     """The Mona adapter, fused. Same constructor, parameter names and state_dict as the reference.
 
@@ -23,11 +28,17 @@ class Mona(reference.Mona):
         self._folded = None
 
     def _params(self):
-        conv = self.adapter_conv
-        return (self.norm.weight, self.norm.bias, self.gamma, self.gammax, self.project1.weight, self.project1.bias,
-                conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias,
-                conv.conv3.weight, conv.conv3.bias, conv.projector.weight, conv.projector.bias,
-                self.project2.weight, self.project2.bias)
+        # Plain dict lookups: nn.Module.__getattr__ costs about a microsecond a name, every call. A
+        # name that is not a registered parameter (a parametrization's property) takes getattr.
+        mods = self._modules
+        conv = mods["adapter_conv"]._modules
+        owners = (mods["norm"], mods["norm"], self, self, mods["project1"], mods["project1"],
+                  conv["conv1"], conv["conv1"], conv["conv2"], conv["conv2"], conv["conv3"], conv["conv3"],
+                  conv["projector"], conv["projector"], mods["project2"], mods["project2"])
+        try:
+            return tuple(m._parameters[n] for m, n in zip(owners, _PARAM_NAMES))
+        except KeyError:
+            return tuple(getattr(m, n) for m, n in zip(owners, _PARAM_NAMES))
 
     def forward(self, x, hw_shapes=None):
         spatial = x.dim() == 4

@@ -147,6 +147,21 @@ def test_eval_under_no_grad_keeps_no_graph():
     assert out.grad_fn is None and not out.requires_grad
 
 
+def test_a_parametrized_weight_is_used():
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ref, fused = _pair()
+    parametrize.register_parametrization(fused.project1, "weight", Double())
+    with torch.no_grad():
+        ref.project1.weight.mul_(2)
+    x = torch.randn(1, 6, 24, dtype=F64)
+    assert_close(fused(x, (2, 3)), ref(x, (2, 3)), F64, "out")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_double_backward_raises_instead_of_a_wrong_answer(backend):
     _, fused = _pair(backend=backend)
