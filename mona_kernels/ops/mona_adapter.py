@@ -35,6 +35,7 @@ GELU_BWD_ROWS = 64
 # The fused tail (merged conv, projector, GELU, dropout in one kernel) holds all d channels of a tile
 # for the projector's tl.dot: pixels per tile, and the widest d it takes (wider d: the composite path).
 TAIL_TILE = 64
+TAIL_WARPS = 4
 TAIL_MAX_D = 64
 
 
@@ -173,15 +174,15 @@ def _fused_tail(name, h1):
     return name == "triton" and h1.shape[1] <= TAIL_MAX_D and h1.dtype != torch.float64
 
 
-def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store):
+def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num_warps=TAIL_WARPS):
     B, H, W = bhw
     M, d = h1.shape
     a = torch.empty_like(h1)
     h2, h3 = (torch.empty_like(h1), torch.empty_like(h1)) if store else (a, a)
-    _tail_launch[(triton.cdiv(M, TAIL_TILE),)](
+    _tail_launch[(triton.cdiv(M, tile),)](
         h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, M, _seed_arg(seed, h1, p), p, 1.0 / (1.0 - p),
-        STORE_H=store, HAS_DROPOUT=p > 0, TILE=TAIL_TILE, BLOCK_D=max(16, next_pow2(d)),
-        PRECISION=_precision(h1.dtype), num_warps=4)
+        STORE_H=store, HAS_DROPOUT=p > 0, TILE=tile, BLOCK_D=max(16, next_pow2(d)),
+        PRECISION=_precision(h1.dtype), num_warps=num_warps)
     return h2, h3, a
 
 
