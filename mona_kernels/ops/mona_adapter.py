@@ -33,8 +33,9 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 GELU_BLOCK = 2048
 GELU_BWD_ROWS = 64
 # The fused tail (merged conv, projector, GELU, dropout in one kernel) holds all d channels of a tile
-# for the projector's tl.dot: pixels per tile, and the widest d it takes (wider d: the composite path).
-TAIL_TILE = 64
+# for the projector's tl.dot: pixels per tile and warps (run 49's sweep: 32 px / 4 warps was the
+# fastest at every shape, 10-39% under 64 px), and the widest d it takes (wider d: the composite path).
+TAIL_TILE = 32
 TAIL_WARPS = 4
 TAIL_MAX_D = 64
 
