@@ -9,11 +9,6 @@ from .ops.multiscale_dwconv import merge_kernels
 from .ops.utils import acc_dtype, cast
 
 
-# Attribute names of the sixteen parameters on their owners (see Mona._params), in the fused op's order.
-_PARAM_NAMES = ("weight", "bias", "gamma", "gammax", "weight", "bias", "weight", "bias", "weight", "bias",
-                "weight", "bias", "weight", "bias", "weight", "bias")
-
-
 class Mona(reference.Mona):
     """The Mona adapter, fused. Same constructor, parameter names and state_dict as the reference.
 
@@ -32,13 +27,13 @@ class Mona(reference.Mona):
         # name that is not a registered parameter (a parametrization's property) takes getattr.
         mods = self._modules
         conv = mods["adapter_conv"]._modules
-        owners = (mods["norm"], mods["norm"], self, self, mods["project1"], mods["project1"],
-                  conv["conv1"], conv["conv1"], conv["conv2"], conv["conv2"], conv["conv3"], conv["conv3"],
-                  conv["projector"], conv["projector"], mods["project2"], mods["project2"])
+        owners = (mods["norm"], self, mods["project1"], conv["conv1"], conv["conv2"], conv["conv3"],
+                  conv["projector"], mods["project2"])
+        names = [("gamma", "gammax") if m is self else ("weight", "bias") for m in owners]
         try:
-            return tuple(m._parameters[n] for m, n in zip(owners, _PARAM_NAMES))
+            return tuple(m._parameters[n] for m, pair in zip(owners, names) for n in pair)
         except KeyError:
-            return tuple(getattr(m, n) for m, n in zip(owners, _PARAM_NAMES))
+            return tuple(getattr(m, n) for m, pair in zip(owners, names) for n in pair)
 
     def forward(self, x, hw_shapes=None):
         spatial = x.dim() == 4

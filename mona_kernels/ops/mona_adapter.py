@@ -345,23 +345,27 @@ class MonaFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _adapter_fwd(x, params, bhw, eps, p, seed, cdt):
-    """``(out, h1, mean, rstd)`` on the Triton backend from the module's sixteen parameters, in the
-    order of ``modules.Mona._params``: the depthwise merge, then :func:`_mona_fwd`."""
+def _merged(x, params):
+    """The module's sixteen parameters (the order of ``modules.Mona._params``) as :func:`_mona_fwd`
+    takes them: the three depthwise convs merged into one taps-major kernel and its bias, and the
+    projector weight as (d, d)."""
     w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2 = params
     d = W1.shape[0]
     K, bias_k = merge(w3, b3, w5, b5, w7, b7, acc_dtype(x.dtype), use_triton=True)
-    return _mona_fwd(x, w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp.view(d, d), bp, W2, b2, bhw, eps, p, seed,
-                     cdt, "triton")
+    return w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp.view(d, d), bp, W2, b2
+
+
+def _adapter_fwd(x, params, bhw, eps, p, seed, cdt):
+    """``(out, h1, mean, rstd)`` on the Triton backend from the module's sixteen parameters."""
+    return _mona_fwd(x, *_merged(x, params), bhw, eps, p, seed, cdt, "triton")
 
 
 def _adapter_bwd(g, x, h1, mean, rstd, seed, params, bhw, eps, p):
     """``(dx, grads)``: the sixteen parameter gradients in the parameters' order and dtypes."""
-    w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2 = params
+    w_ln, b_ln, gamma, gammax, W1, _, K, bias_k, Wp, bp, W2, _ = _merged(x, params)
     d = W1.shape[0]
-    K, bias_k = merge(w3, b3, w5, b5, w7, b7, acc_dtype(x.dtype), use_triton=True)
     dx, dln, dW1, db1, dKb, dWp, dbp, dW2 = _mona_bwd(g, x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, K,
-                                                      bias_k, Wp.view(d, d), bp, W2, bhw, eps, p, "triton")
+                                                      bias_k, Wp, bp, W2, bhw, eps, p, "triton")
     dgamma, dgammax, dw_ln, db_ln, db2 = dln.unbind(0)
     dconv = split_kernel_grads(dKb[:TAPS], dKb[TAPS], [q.dtype for q in params[6:12]])
     grads = (dw_ln, db_ln, dgamma, dgammax, dW1, db1, *dconv, dWp.view(d, d, 1, 1), dbp, dW2, db2)

@@ -27,7 +27,7 @@ TILE_PIXELS = 64
 WGRAD_TILE_PIXELS = 8
 WGRAD_WARPS = 4
 MAX_BLOCK_D = 64
-# Rows of a wgrad partial per tile: one per tap, then the bias gradient.
+# Rows of a wgrad partial per program: one per tap, then the bias gradient.
 PARTIAL_ROWS = tl.constexpr(TAPS + 1)
 BIAS_ROW = tl.constexpr(TAPS)
 
