@@ -30,14 +30,15 @@ def main():
                      for r in rows if r["op"] == op)
         extra = " graph fwd+bwd ms | graph speed-up |" if graphs else ""
         print("| shape | variant | fwd ms | bwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up |" + extra +
-              " HBM floor fwd+bwd ms | peak MB | rel. err out | rel. err grad |")
-        print("|---" * (11 + 2 * graphs) + "|")
+              " HBM floor fwd+bwd ms | peak MB | saved MB | rel. err out | rel. err grad |")
+        print("|---" * (12 + 2 * graphs) + "|")
         for r in rows:
             if r["op"] == op:
                 g = (f" {fmt(r['graph_fwd_bwd_ms'])} | {float(r['speedup_graph']):.2f}× |" if graphs else "")
                 print(f"| {r['shape']} | {r['variant']} | {fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['fwd_bwd_ms'])} "
                       f"| {float(r['speedup_fwd']):.2f}× | {float(r['speedup_fwd_bwd']):.2f}× |{g} {fmt(r['floor_fwd_bwd_ms'])} "
-                      f"| {fmt(r['peak_mb'])} | {efmt(r['err_out'])} | {efmt(r['err_grad'])} |")
+                      f"| {fmt(r['peak_mb'])} | {fmt(r.get('saved_mb', 'nan'))} | {efmt(r['err_out'])} "
+                      f"| {efmt(r['err_grad'])} |")
 
 
 if __name__ == "__main__":

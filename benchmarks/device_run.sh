@@ -9,7 +9,8 @@
 #   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
 #   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/launch_profile.py)
 #   host      host cost by layer at a tiny shape, cuda and triton backends (benchmarks/host_cost.py)
-#   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py)
+#   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py;
+#             PROFILE_SHAPES="B,H,W,C ..." picks its shapes)
 #   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py)
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
@@ -72,7 +73,7 @@ if has host; then
   done
 fi
 if has profile; then
-  timeout "${PROFILE_S:-180}" python3 benchmarks/profile_adapter.py > "$OUT/profile.log" 2>&1
+  timeout "${PROFILE_S:-180}" python3 benchmarks/profile_adapter.py ${PROFILE_SHAPES:-} > "$OUT/profile.log" 2>&1
   echo "profile_adapter: exit $?" >> "$SUMMARY"
 fi
 if has swin; then

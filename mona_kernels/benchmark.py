@@ -125,6 +125,21 @@ def _peak_mb(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _saved_mb(fn, device) -> float:
+    """Memory a forward leaves allocated for its backward, beyond the output it returns: what each
+    adapter of a network holds from its forward until its backward runs (SPEC §3: about x, h1 and two
+    floats per token; x is the caller's tensor and is not counted)."""
+    if device.type != "cuda":
+        return float("nan")
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    _sync(device)
+    saved = torch.cuda.memory_allocated(device) - base - out.numel() * out.element_size()
+    del out
+    return saved / 2**20
+
+
 def _clear_graph_cache(variant):
     """Empties the fused variant's graph cache before it is measured (no-op for the others)."""
     if variant == "fused[cuda]":
@@ -183,6 +198,7 @@ def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
         bwd = _time_ms(_rotating(lambda i: torch.autograd.grad(outs[i], [xs[i], *mparams], gs[i],
                                                                retain_graph=True)), device, reps)
         outs.clear()  # free the three retained graphs before measuring peak memory
+        saved = _saved_mb(lambda: model(xs[0], hw), device)  # after the timings: any cache entry exists
         # Peak over three calls from an empty CUDA-graph cache (direct, capture, replay), so that the
         # cache's static buffers and graph pool count; the same three calls for every variant.
         _clear_graph_cache(name)
@@ -195,8 +211,8 @@ def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
             xg = xs[0].detach().clone().requires_grad_()  # a fresh leaf, first used on the capture side stream
             graphed = _graph_ms(lambda: torch.autograd.grad(model(xg, hw), [xg, *mparams], gs[0]), device, reps)
         rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
-                         fwd_bwd_ms=both, graph_fwd_bwd_ms=graphed, peak_mb=peak, err_out=err_out,
-                         err_grad=err_grad))
+                         fwd_bwd_ms=both, graph_fwd_bwd_ms=graphed, peak_mb=peak, saved_mb=saved,
+                         err_out=err_out, err_grad=err_grad))
     return rows
 
 
@@ -228,7 +244,7 @@ def bench_dwconv(shape, dtype, device, reps, backends, d=64):
         both = _time_ms(_rotating(grads_of), device, reps)
         rows.append(dict(op="multiscale_dwconv", variant=name, shape=f"{B}x{H}x{W}x{d}", fwd_ms=fwd,
                          bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_bwd_ms=float("nan"),
-                         peak_mb=float("nan"), err_out=err,
+                         peak_mb=float("nan"), saved_mb=float("nan"), err_out=err,
                          err_grad=float("nan")))
     return rows
 
@@ -250,7 +266,7 @@ def bench_ln_scale(shape, dtype, device, reps, backends):
         both = _time_ms(_rotating(lambda i: torch.autograd.grad(fn(i), [xs[i], *params], gs[i])), device, reps)
         rows.append(dict(op="ln_scale", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd,
                          bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_bwd_ms=float("nan"),
-                         peak_mb=float("nan"), err_out=_rel(fn(0), out_ref),
+                         peak_mb=float("nan"), saved_mb=float("nan"), err_out=_rel(fn(0), out_ref),
                          err_grad=float("nan")))
     return rows
 
@@ -272,7 +288,8 @@ def _add_ratios(rows, bandwidth, elem_bytes):
 def _print_table(rows, header):
     print(header)
     cols = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "speedup_fwd", "speedup_fwd_bwd",
-            "graph_fwd_bwd_ms", "speedup_graph", "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "err_out", "err_grad"]
+            "graph_fwd_bwd_ms", "speedup_graph", "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "saved_mb",
+            "err_out", "err_grad"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -124,7 +124,9 @@ def _fwd_triton(x, w, b, gamma, gammax, eps):
     return y, mean, rstd
 
 
-def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
+def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None, reduce=True):
+    """``(dx, (4 or 5, C) parameter-gradient rows)``; without ``reduce``, their (rows, programs, C)
+    partial sums."""
     M, C = x.shape
     rows, block_c, warps = _row_block(C, BWD_ROW_BLOCK_ELEMS)
     n_prog = max(1, min(num_workers(x.device), triton.cdiv(M, rows)))
@@ -133,7 +135,7 @@ def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     _ln_scale_bwd_launch[(n_prog,)](
         x, dy, w, b, gamma, gammax, mean, rstd, residual if residual is not None else dy, dx, partial, M, C,
         HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps)
-    return dx, partial.sum(dim=1)
+    return dx, partial.sum(dim=1) if reduce else partial
 
 
 def _fwd_torch(x, w, b, gamma, gammax, eps):

@@ -12,6 +12,7 @@ fp32 (float64 for float64 inputs); parameter gradients come back in each paramet
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,7 +25,7 @@ from .. import backend as _backend
 from . import cuda_ext
 from .graphs import CACHE as _GRAPHS, CopyOut, Staging, capture
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
-from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, merge, split_kernel_grads, tile_coords
+from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, merge, tile_coords
 from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers, tl_acc
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -133,6 +134,77 @@ _gelu_dropout_fwd_launch = Launcher(_gelu_dropout_fwd_kernel)
 _gelu_dropout_bwd_launch = Launcher(_gelu_dropout_bwd_kernel)
 
 
+# Jobs of the gradient epilogue, axis 0 of its grid: the LN-scaling backward's five partial rows, the
+# weight gradient's 49 tap rows and its bias row, the projector bias, the down-projection bias.
+EPI_JOBS = 5 + TAPS + 1 + 2
+EPI_ROWS = 64    # partial rows one loop step of the epilogue sums
+EPI_COLS = 64    # columns one epilogue program owns
+
+
+@triton.jit
+def _sum_partials(src, n_rows, stride, cols, cmask, ROWS: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr):
+    """Column sums over ``n_rows`` partial rows ``stride`` apart, in fixed order (deterministic)."""
+    acc = tl.zeros([ROWS, COLS], dtype=ACC)
+    for r0 in range(0, n_rows, ROWS):
+        r = r0 + tl.arange(0, ROWS)
+        acc += tl.load(src + r.to(tl.int64)[:, None] * stride + cols[None, :],
+                       mask=(r < n_rows)[:, None] & cmask[None, :], other=0.0).to(ACC)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _grad_epilogue_kernel(ln_ptr, n_ln, wg_ptr, n_wg, bp_ptr, n_bp, b1_ptr, out_ptr, C, D,
+                          ROWS: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr):
+    """Sums the backward kernels' per-program partials and writes the sixteen parameter gradients
+    into ``out``, flat in the order of ``modules.Mona._params`` and in its dtype: one launch instead
+    of three reductions, the depthwise split and a cast per gradient. The dense (GEMM) gradients are
+    written there by the matmuls themselves."""
+    job = tl.program_id(0)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    o_w1 = 4 * C
+    o_b1 = o_w1 + D * C
+    o_w3 = o_b1 + D
+    o_w5 = o_w3 + 10 * D
+    o_w7 = o_w5 + 26 * D
+    o_bp = o_w7 + 50 * D + D * D
+    o_b2 = o_bp + D + C * D
+    dt = out_ptr.dtype.element_ty
+    # a column block past its job's width (the LN rows are C wide, the rest D) has nothing to do
+    if tl.program_id(1) * COLS < tl.where(job < 5, C, D):
+        if job < 5:  # (dgamma, dgammax, dw_ln, db_ln, db2): partial (5, n_ln, C)
+            cmask = cols < C
+            s = _sum_partials(ln_ptr + job.to(tl.int64) * n_ln * C, n_ln, C, cols, cmask, ROWS, COLS, ACC)
+            base = tl.where(job == 0, 2 * C, tl.where(job == 1, 3 * C,
+                                                      tl.where(job == 2, 0, tl.where(job == 3, C, o_b2))))
+            tl.store(out_ptr + base + cols, s.to(dt), mask=cmask)
+        elif job < 5 + 50:  # merged-kernel tap rows and bias: partial (n_wg, 50, D), each conv's share 1/3
+            cmask = cols < D
+            t = job - 5
+            s = (_sum_partials(wg_ptr + t * D, n_wg, 50 * D, cols, cmask, ROWS, COLS, ACC) / 3.0).to(dt)
+            if t == 49:  # the bias row: db3 = db5 = db7
+                tl.store(out_ptr + o_w3 + 9 * D + cols, s, mask=cmask)
+                tl.store(out_ptr + o_w5 + 25 * D + cols, s, mask=cmask)
+                tl.store(out_ptr + o_w7 + 49 * D + cols, s, mask=cmask)
+            else:
+                u = t // 7
+                v = t % 7
+                tl.store(out_ptr + o_w7 + cols * 49 + t, s, mask=cmask)
+                if (u >= 1) & (u <= 5) & (v >= 1) & (v <= 5):
+                    tl.store(out_ptr + o_w5 + cols * 25 + (u - 1) * 5 + (v - 1), s, mask=cmask)
+                if (u >= 2) & (u <= 4) & (v >= 2) & (v <= 4):
+                    tl.store(out_ptr + o_w3 + cols * 9 + (u - 2) * 3 + (v - 2), s, mask=cmask)
+        elif job == 5 + 50:  # the projector bias: partial (n_bp, D)
+            cmask = cols < D
+            s = _sum_partials(bp_ptr, n_bp, D, cols, cmask, ROWS, COLS, ACC)
+            tl.store(out_ptr + o_bp + cols, s.to(dt), mask=cmask)
+        else:  # the down-projection bias, already summed
+            cmask = cols < D
+            tl.store(out_ptr + o_b1 + cols, tl.load(b1_ptr + cols, mask=cmask, other=0.0).to(dt), mask=cmask)
+
+
+_grad_epilogue_launch = Launcher(_grad_epilogue_kernel)
+
+
 def _seed_arg(seed, like, p):
     """The seed as the Triton kernels read it: one int64 on ``like``'s device. Without dropout they
     read none, so ``like`` stands in and nothing is copied."""
@@ -155,8 +227,9 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gelu_bwd_triton(da, h3, seed, p, Wp=None):
-    """``(dh3, dbp)``, or ``(dh3, dbp, dh2)`` when the projector weight ``Wp`` (d, d) is given."""
+def _gelu_bwd_triton(da, h3, seed, p, Wp=None, reduce=True):
+    """``(dh3, dbp)``, or ``(dh3, dbp, dh2)`` when the projector weight ``Wp`` (d, d) is given; without
+    ``reduce``, the (programs, d) partial sums stand in for dbp."""
     M, D = h3.shape
     dh3 = torch.empty_like(h3)
     dh2 = torch.empty_like(h3) if Wp is not None else dh3
@@ -166,7 +239,8 @@ def _gelu_bwd_triton(da, h3, seed, p, Wp=None):
         da, h3, Wp if Wp is not None else h3, dh3, dh2, partial, M, D, _seed_arg(seed, h3, p), p, 1.0 / (1.0 - p),
         HAS_DROPOUT=p > 0, PROJECT=Wp is not None, ROWS=GELU_BWD_ROWS, BLOCK_D=max(16, next_pow2(D)),
         ACC=tl_acc(h3.dtype), PRECISION=_precision(h3.dtype), num_warps=4)
-    return (dh3, partial.sum(0)) if Wp is None else (dh3, partial.sum(0), dh2)
+    dbp = partial.sum(0) if reduce else partial
+    return (dh3, dbp) if Wp is None else (dh3, dbp, dh2)
 
 
 def _fused_tail(name, h1):
@@ -360,16 +434,66 @@ def _adapter_fwd(x, params, bhw, eps, p, seed, cdt):
     return _mona_fwd(x, *_merged(x, params), bhw, eps, p, seed, cdt, "triton")
 
 
+def _grad_dtype(params):
+    """The flat gradient buffer's dtype: the parameters' own, or the accumulation dtype where they differ."""
+    pdt = params[0].dtype
+    if all(q.dtype == pdt for q in params):
+        return pdt
+    return acc_dtype(functools.reduce(torch.promote_types, [q.dtype for q in params]))
+
+
+def _mm_into(out, a, b):
+    """``out = a @ b``, written by the matmul itself where the dtypes agree."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 def _adapter_bwd(g, x, h1, mean, rstd, seed, params, bhw, eps, p):
-    """``(dx, grads)``: the sixteen parameter gradients in the parameters' order and dtypes."""
+    """``(dx, flat)``: the input gradient, and the sixteen parameter gradients flat in the parameters'
+    order (:func:`_grad_dtype`). The SPEC §1 formulas as :func:`_mona_bwd` computes them on the Triton
+    backend, except that the matmuls write the dense gradients into ``flat`` and one epilogue kernel
+    sums the partials and writes the rest."""
     w_ln, b_ln, gamma, gammax, W1, _, K, bias_k, Wp, bp, W2, _ = _merged(x, params)
-    d = W1.shape[0]
-    dx, dln, dW1, db1, dKb, dWp, dbp, dW2 = _mona_bwd(g, x, mean, rstd, h1, seed, w_ln, b_ln, gamma, gammax, W1, K,
-                                                      bias_k, Wp, bp, W2, bhw, eps, p, "triton")
-    dgamma, dgammax, dw_ln, db_ln, db2 = dln.unbind(0)
-    dconv = split_kernel_grads(dKb[:TAPS], dKb[TAPS], [q.dtype for q in params[6:12]])
-    grads = (dw_ln, db_ln, dgamma, dgammax, dW1, db1, *dconv, dWp.view(d, d, 1, 1), dbp, dW2, db2)
-    return dx, [_cast(t, q.dtype) for t, q in zip(grads, params)]
+    B, H, W = bhw
+    M, C = x.shape
+    d = h1.shape[1]
+    cdt = h1.dtype
+    acc = acc_dtype(cdt)
+    flat = torch.empty(sum(q.numel() for q in params), device=x.device, dtype=_grad_dtype(params))
+    o_w1 = 4 * C
+    o_wp = o_w1 + d * C + d + 86 * d  # past b1 and the three depthwise convs' weights and biases
+    o_w2 = o_wp + d * d + d
+    h2, h3, a = _recompute("triton", h1, bhw, K, bias_k, Wp, bp, seed, p)
+    gc = _cast(g, cdt)
+    _mm_into(flat[o_w2:o_w2 + C * d].view(C, d), gc.t(), a)
+    da = gc @ _cast(W2, cdt)
+    if _fused_tail("triton", h1):
+        dh3, bp_partial, dh2 = _gelu_bwd_triton(da, h3, seed, p, Wp, reduce=False)
+    else:
+        dh3, bp_partial = _gelu_bwd_triton(da, h3, seed, p, reduce=False)
+        dh2 = torch.addmm(dh3, dh3, _cast(Wp, cdt))
+    _mm_into(flat[o_wp:o_wp + d * d].view(d, d), dh3.t(), h2)
+    dh1 = conv_flipped("triton", dh2.view(B, H, W, d), K).view(-1, d)
+    wg_partial = WGRAD["triton"](h1.view(B, H, W, d), dh2.view(B, H, W, d), reduce=False)
+    db1 = _column_sums(dh1, acc)
+    y, _, _ = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps)
+    _mm_into(flat[o_w1:o_w1 + d * C].view(d, C), dh1.t(), _cast(y, cdt))
+    dy = dh1 @ _cast(W1, cdt)
+    # The LN backward adds the residual gradient g to dx; its fifth partial row sums g (db2).
+    dx, ln_partial = LN_BACKWARD["triton"](dy, x, w_ln, b_ln, gamma, gammax, mean, rstd, g, reduce=False)
+    _grad_epilogue_launch[(EPI_JOBS, triton.cdiv(max(C, d), EPI_COLS))](
+        ln_partial, ln_partial.shape[1], wg_partial, wg_partial.shape[0], bp_partial, bp_partial.shape[0], db1,
+        flat, C, d, ROWS=EPI_ROWS, COLS=EPI_COLS, ACC=tl_acc(torch.promote_types(ln_partial.dtype, acc)),
+        num_warps=4)
+    return dx, flat
+
+
+def _unflatten(flat, params):
+    """The parameter gradients as views of ``flat``, each in its parameter's shape and dtype."""
+    grads = flat.split([q.numel() for q in params])
+    return [_cast(t.view(q.shape), q.dtype) for t, q in zip(grads, params)]
 
 
 class AdapterGraphs:
@@ -416,9 +540,8 @@ class AdapterGraphs:
             bhw, eps, p = self.problem
 
             def body():
-                dx, grads = _adapter_bwd(self.out, self.x, self.h1, self.mean, self.rstd, self.seed, self.params,
-                                         bhw, eps, p)
-                return [dx, torch.cat([t.reshape(-1) for t in grads])]  # one dtype: the cache key's
+                return list(_adapter_bwd(self.out, self.x, self.h1, self.mean, self.rstd, self.seed, self.params,
+                                         bhw, eps, p))
 
             self.bwd, outputs = capture(body, pool=self.fwd.pool())
             self.copy_bwd = CopyOut(outputs)
@@ -498,7 +621,7 @@ class MonaAdapterFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             result = _run_cached(key, lambda entry: entry.backward(g, x, h1, mean, rstd, params, seed))
             if result is None:
-                dx, grads = _adapter_bwd(g.contiguous(), x, h1, mean, rstd, _seed_arg(seed, x, p), params, bhw, eps, p)
-                result = [dx, *grads]
+                dx, flat = _adapter_bwd(g.contiguous(), x, h1, mean, rstd, _seed_arg(seed, x, p), params, bhw, eps, p)
+                result = [dx, *_unflatten(flat, params)]
         dx, *grads = result
         return (dx.view(shape), None, None, None, None, None, None, *grads)

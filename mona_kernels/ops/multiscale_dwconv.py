@@ -162,7 +162,9 @@ def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4, flip
     return out
 
 
-def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGRAD_WARPS):
+def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGRAD_WARPS, reduce: bool = True):
+    """``(50, d)``: the merged kernel's 49 tap rows and the bias gradient; without ``reduce``, the
+    (programs, 50, d) partial sums."""
     B, H, W, D = h.shape
     block_d = min(next_pow2(D), MAX_BLOCK_D)
     n_pix = B * H * W
@@ -175,7 +177,7 @@ def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGR
     _dwconv7_wgrad_launch[(programs, KSIZE, blocks)](
         h, dout, partial, H, W, D, n_pix, n_tiles, TILE=pixels, BLOCK_D=block_d,
         ACC=tl_acc(acc), num_warps=num_warps)
-    return partial.sum(dim=0)
+    return partial.sum(dim=0) if reduce else partial
 
 
 def _conv_torch(h, K, bias):
