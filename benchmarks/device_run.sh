@@ -12,7 +12,8 @@
 #   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py;
 #             PROFILE_SHAPES="B,H,W,C ..." picks its shapes)
 #   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py)
-#   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py)
+#   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py; SWIN_ARGS
+#             passes it arguments, e.g. --graph)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
 # Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) SWEEP_S (150) BENCH_S (240);
 # MEMCHECK_BACKENDS (cuda) names the backends the memcheck stage runs.
@@ -77,7 +78,7 @@ if has profile; then
   echo "profile_adapter: exit $?" >> "$SUMMARY"
 fi
 if has swin; then
-  timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py > "$OUT/swin.log" 2>&1
+  timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py ${SWIN_ARGS:-} > "$OUT/swin.log" 2>&1
   echo "swin_step: exit $?" >> "$SUMMARY"
 fi
 if has sweep; then

@@ -1,5 +1,7 @@
 """Raw launches of the merged 7x7 depthwise conv and its kernel gradient (GPU time only): the
-Triton kernels, the CUDA extension's, and cuDNN's single 7x7 depthwise conv on the same tensor.
+Triton kernels, the CUDA extension's, and cuDNN's single 7x7 depthwise conv on the same tensor; then
+the Triton kernels' tile sizes, and the Triton LN-scaling backward's programs per SM with the
+adapter's gradient epilogue that sums their partials.
 
     python benchmarks/sweep_dwconv.py
 """
@@ -8,10 +10,15 @@ import triton.testing
 
 from mona_kernels.backend import _can_run
 from mona_kernels.ops import cuda_ext
-from mona_kernels.ops.mona_adapter import _tail_triton
+from mona_kernels.ops import ln_scale
+from mona_kernels.ops.mona_adapter import EPI_COLS, EPI_JOBS, EPI_ROWS, _grad_epilogue_launch, _tail_triton
 from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
-SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 14, 14, 64)]
+SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 28, 28, 64), (32, 14, 14, 64)]
+CONV_TILES = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8), (128, 4)]
+# (M, C) of the LN-scaling backward at SPEC §2 shapes and Swin-B stage 2
+LN_SHAPES = [(134400, 128), (100352, 128), (25088, 256), (6272, 512), (4096, 768)]
+LN_PER_SM = [1, 2, 4, 8]
 WGRAD_TILES = [(8, 4), (16, 4), (16, 8), (32, 8), (32, 16)]
 TAIL_TILES = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]
 
@@ -28,7 +35,7 @@ def main():
     print("| shape | floor fwd us | cuDNN 7x7 fwd | cuDNN wgrad | triton conv | triton wgrad | cuda conv v0 | v1 | v2 | v3 "
           "| cuda conv flip | cuda wgrad v0 | v1 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    tiles, tails = [], []
+    tiles, tails, convs = [], [], []
     for B, H, W, d in SHAPES:
         h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
         g = torch.randn_like(h)
@@ -45,12 +52,21 @@ def main():
             row += [us(lambda: cuda_ext.dwconv7_fwd(g, K, None, True))]
             row += [us(lambda: cuda_ext.dwconv7_wgrad(h, g, v)) for v in range(2)]
         print("| " + " | ".join(v if isinstance(v, str) else f"{v:.1f}" for v in row) + " |")
-        tiles.append((f"{B}x{H}x{W}x{d}", [us(lambda: _wgrad_triton(h, g, p, w)) for p, w in WGRAD_TILES]))
+        tiles.append((f"{B}x{H}x{W}x{d}", [us(lambda: _wgrad_triton(h, g, p, w, reduce=False))
+                                           for p, w in WGRAD_TILES]))
+        convs.append((f"{B}x{H}x{W}x{d}", [us(lambda: _conv_triton(g, K, None, p, w, flip=True))
+                                           for p, w in CONV_TILES]))
         wp, bp, seed = torch.randn(d, d, device="cuda") / 8, torch.randn(d, device="cuda"), torch.tensor([1])
         h1 = h.view(-1, d)
-        tails.append((f"{B}x{H}x{W}x{d}", [us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store, t, w))
+        tails.append((f"{B}x{H}x{W}x{d}", [us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store,
+                                                                   t, w))
                                            for store in (False, True) for t, w in TAIL_TILES]))
-    print("\nTriton wgrad (with its partial sum) by pixel tile and warps, us")
+    print("\nTriton conv, flipped, no bias (the input gradient) by pixel tile and warps, us")
+    print("| shape | " + " | ".join(f"{p} px / {w} warps" for p, w in CONV_TILES) + " |")
+    print("|---|" + "---|" * len(CONV_TILES))
+    for shape, times in convs:
+        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+    print("\nTriton wgrad (partials only: the adapter's epilogue sums them) by pixel tile and warps, us")
     print("| shape | " + " | ".join(f"{p} px / {w} warps" for p, w in WGRAD_TILES) + " |")
     print("|---|" + "---|" * len(WGRAD_TILES))
     for shape, times in tiles:
@@ -62,6 +78,30 @@ def main():
     print("|---|" + "---|" * (2 * len(TAIL_TILES)))
     for shape, times in tails:
         print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+    ln_sweep()
+
+
+def ln_sweep():
+    """The LN-scaling backward (with the residual) and the gradient epilogue that sums its partials,
+    by backward programs per SM: more programs fill the GPU, fewer leave less to sum."""
+    print("\nTriton LN-scaling backward + gradient epilogue by programs per SM, us")
+    print("| M x C | " + " | ".join(f"{s} per SM" for s in LN_PER_SM) + " |")
+    print("|---|" + "---|" * len(LN_PER_SM))
+    d = 64
+    for M, C in LN_SHAPES:
+        x, dy, res = (torch.randn(M, C, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        w, b, gamma, gammax = (torch.randn(C, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        _, mean, rstd = ln_scale._fwd_triton(x, w, b, gamma, gammax, 1e-6)
+        wg, bp, b1 = (torch.randn(1, 50, d, device="cuda"), torch.randn(1, d, device="cuda"),
+                      torch.randn(d, device="cuda"))
+        flat = torch.empty(5 * C + 2 * C * d + d * d + 90 * d, device="cuda", dtype=torch.bfloat16)
+
+        def run(per_sm):
+            _, part = ln_scale._bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, res, reduce=False, per_sm=per_sm)
+            _grad_epilogue_launch[(EPI_JOBS, triton.cdiv(C, EPI_COLS))](
+                part, part.shape[1], wg, 1, bp, 1, b1, flat, C, d, ROWS=EPI_ROWS, COLS=EPI_COLS,
+                ACC=triton.language.float32, num_warps=4)
+        print(f"| {M}x{C} | " + " | ".join(f"{us(lambda: run(s)):.1f}" for s in LN_PER_SM) + " |")
 
 
 if __name__ == "__main__":

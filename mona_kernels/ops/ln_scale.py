@@ -18,6 +18,8 @@ from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2, num_wo
 ROW_BLOCK_ELEMS = 4096
 # Smaller blocks in backward: it keeps three (rows, C) accumulators live across its loop.
 BWD_ROW_BLOCK_ELEMS = 2048
+# Backward programs per SM: each writes a (5, C) row of partial sums for the host or epilogue to add.
+BWD_PROGRAMS_PER_SM = 4
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -124,12 +126,12 @@ def _fwd_triton(x, w, b, gamma, gammax, eps):
     return y, mean, rstd
 
 
-def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None, reduce=True):
+def _bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, residual=None, reduce=True, per_sm=BWD_PROGRAMS_PER_SM):
     """``(dx, (4 or 5, C) parameter-gradient rows)``; without ``reduce``, their (rows, programs, C)
     partial sums."""
     M, C = x.shape
     rows, block_c, warps = _row_block(C, BWD_ROW_BLOCK_ELEMS)
-    n_prog = max(1, min(num_workers(x.device), triton.cdiv(M, rows)))
+    n_prog = max(1, min(num_workers(x.device, per_sm), triton.cdiv(M, rows)))
     dx = torch.empty_like(x)
     partial = torch.empty(4 + (residual is not None), n_prog, C, device=x.device, dtype=mean.dtype)
     _ln_scale_bwd_launch[(n_prog,)](
