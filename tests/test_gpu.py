@@ -42,7 +42,8 @@ def test_ln_scale(backend, dtype, shape):
 
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 57, 61, 64), (1, 1, 33, 64), (3, 20, 1, 40), (1, 31, 29, 256)])
+# (1, 257, 259, 24) is over the Triton conv's LARGE_MAP_PIXELS, which switches it to its large-map tile.
+@pytest.mark.parametrize("shape", [(2, 57, 61, 64), (1, 1, 33, 64), (3, 20, 1, 40), (1, 31, 29, 256), (1, 257, 259, 24)])
 def test_multiscale_dwconv(backend, dtype, shape):
     B, H, W, d = shape
     h = torch.randn(shape, device="cuda").to(dtype).requires_grad_()

@@ -20,8 +20,13 @@ from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, 
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
-# Pixels in one program's tile: consecutive pixels of the row-major grid.
-TILE_PIXELS = 64
+# The conv's tile (pixels, warps; consecutive pixels of the row-major grid) for small maps, and for
+# maps of at least LARGE_MAP_PIXELS pixels: the fastest in run 54's graph-timed sweep at 14x14 and
+# 28x28 (8.1 / 21.7 us against 12.7 / 25.6 for 64 px and 4 warps), and at 56x56 and COCO stage 1
+# (67.0 / 89.3 us against 72.5 / 100.4).
+TILE_PIXELS, TILE_WARPS = 64, 8
+LARGE_TILE_PIXELS, LARGE_TILE_WARPS = 16, 2
+LARGE_MAP_PIXELS = 65536
 # The weight gradient's pixel tile and warps: in run 46's sweep (benchmarks/sweep_dwconv.py) the
 # fastest at 14x14 maps and at COCO stage 1, within 6% of the best at 56x56.
 WGRAD_TILE_PIXELS = 8
@@ -150,11 +155,14 @@ _dwconv7_wgrad_launch = Launcher(_dwconv7_wgrad_kernel)
 _merge_launch = Launcher(_merge_kernel)
 
 
-def _conv_triton(h, K, bias, pixels: int = TILE_PIXELS, num_warps: int = 4, flip: bool = False):
+def _conv_triton(h, K, bias, pixels: int | None = None, num_warps: int | None = None, flip: bool = False):
     B, H, W, D = h.shape
     out = torch.empty_like(h)
     block_d = min(next_pow2(D), MAX_BLOCK_D)
     n_pix = B * H * W
+    if pixels is None:
+        large = n_pix >= LARGE_MAP_PIXELS
+        pixels, num_warps = (LARGE_TILE_PIXELS, LARGE_TILE_WARPS) if large else (TILE_PIXELS, TILE_WARPS)
     grid = (triton.cdiv(n_pix, pixels), triton.cdiv(D, block_d))
     _dwconv7_launch[grid](h, K, bias if bias is not None else K, out, H, W, D, n_pix,
                           HAS_BIAS=bias is not None, FLIP=flip, TILE=pixels, BLOCK_D=block_d,
