@@ -3,7 +3,11 @@ trained, bf16 autocast) with reference Mona adapters, fused adapters, and a zero
 single learned scale that keeps the gradient path). Checks the fused adapter gradients against the
 reference first.
 
-    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--compile] [--graph] [--backends triton,cuda]
+    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--rounds 5] [--compile] [--graph] [--backends triton,cuda]
+
+The eager step is bound by this host's Python and launch speed, which drifts within a run; so the
+variants are timed in turn, ``--rounds`` times, and each is reported by its median over the rounds,
+and its ratio to the zero-cost step by the median of the rounds' ratios (with their range).
 
 ``--graph`` also times the whole step (forward, backward, AdamW with ``capturable=True``) captured
 once in a CUDA graph and replayed: the GPU time of a step, without the host's.
@@ -101,6 +105,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5, help="eager timings of every variant, in turn")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of each variant")
     ap.add_argument("--graph", action="store_true", help="also time each variant's step replayed from a CUDA graph")
     ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
@@ -165,27 +170,42 @@ def main():
 
     rows = []
     variants = [("reference", reference, None)] + [(f"fused[{b}]", fused, b) for b in backends]
-    for label, adapters, b in variants + [("zero-cost", zero, None)]:
+    variants.append(("zero-cost", zero, None))
+
+    def use(adapters, b):
         if b is not None:
             set_backend(b)
         install(model, adapters)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ms, gb = time_steps(step_fn(model, x, y, opt), args.steps)
-        rows.append((label, "eager", ms, gb))
+
+    opts, eager = {}, {label: [] for label, _, _ in variants}
+    for _ in range(args.rounds):
+        for label, adapters, b in variants:
+            use(adapters, b)
+            if label not in opts:  # the head and this variant's adapters
+                opts[label] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            eager[label].append(time_steps(step_fn(model, x, y, opts[label]), args.steps))
+    for label, adapters, b in variants:
+        ms = sorted(t for t, _ in eager[label])
+        ratios = sorted(t / z for (t, _), (z, _) in zip(eager[label], eager["zero-cost"]))
+        rows.append((label, "eager", ms[len(ms) // 2], max(gb for _, gb in eager[label]),
+                     (ratios[len(ratios) // 2], ratios[0], ratios[-1])))
+        use(adapters, b)
         if args.graph:
             ms, gb = time_steps(graphed_step(model, x, y, [p for p in model.parameters() if p.requires_grad]),
                                 args.steps)
-            rows.append((label, "CUDA graph", ms, gb))
+            rows.append((label, "CUDA graph", ms, gb, None))
         if args.compile:
             compiled = torch.compile(model)
-            ms, gb = time_steps(step_fn(compiled, x, y, opt), args.steps)
-            rows.append((label, "compiled", ms, gb))
-    zero_ms = {mode: ms for label, mode, ms, _ in rows if label == "zero-cost"}
+            ms, gb = time_steps(step_fn(compiled, x, y, opts[label]), args.steps)
+            rows.append((label, "compiled", ms, gb, None))
+    zero_ms = {mode: ms for label, mode, ms, _, _ in rows if label == "zero-cost"}
     print(f"\nSwin-B training step, B={args.batch}, 224x224, bf16 autocast, frozen backbone, "
-          f"{torch.cuda.get_device_name()}")
-    print("| adapter | mode | step ms | vs zero-cost | peak GB |\n|---|---|---|---|---|")
-    for label, mode, ms, gb in rows:
-        print(f"| {label} | {mode} | {ms:.1f} | {ms / zero_ms[mode]:.2f}x | {gb:.2f} |")
+          f"{torch.cuda.get_device_name()}; eager: median of {args.rounds} rounds of {args.steps} steps")
+    print("| adapter | mode | step ms | vs zero-cost | rounds' range | peak GB |\n|---|---|---|---|---|---|")
+    for label, mode, ms, gb, spread in rows:
+        ratio = spread[0] if spread else ms / zero_ms[mode]
+        span = f"{spread[1]:.2f}-{spread[2]:.2f}x" if spread else "-"
+        print(f"| {label} | {mode} | {ms:.1f} | {ratio:.2f}x | {span} | {gb:.2f} |")
 
 
 if __name__ == "__main__":
