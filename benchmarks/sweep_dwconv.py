@@ -11,7 +11,7 @@ import triton.testing
 from mona_kernels.backend import _can_run
 from mona_kernels.ops import cuda_ext
 from mona_kernels.ops import ln_scale
-from mona_kernels.ops.mona_adapter import EPI_COLS, EPI_JOBS, EPI_ROWS, _grad_epilogue_launch, _tail_triton
+from mona_kernels.ops.mona_adapter import _grad_epilogue, _tail_triton
 from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
 SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 28, 28, 64), (32, 14, 14, 64)]
@@ -101,9 +101,7 @@ def ln_sweep():
 
         def run(per_sm):
             _, part = ln_scale._bwd_triton(dy, x, w, b, gamma, gammax, mean, rstd, res, reduce=False, per_sm=per_sm)
-            _grad_epilogue_launch[(EPI_JOBS, triton.cdiv(C, EPI_COLS))](
-                part, part.shape[1], wg, 1, bp, 1, b1, flat, C, d, ROWS=EPI_ROWS, COLS=EPI_COLS,
-                ACC=triton.language.float32, num_warps=4)
+            _grad_epilogue(part, wg, bp, b1, flat, d)
         print(f"| {M}x{C} | " + " | ".join(f"{us(lambda: run(s)):.1f}" for s in LN_PER_SM) + " |")
 
 

@@ -457,37 +457,43 @@ def _adapter_bwd(g, x, h1, mean, rstd, seed, params, bhw, eps, p):
     sums the partials and writes the rest."""
     w_ln, b_ln, gamma, gammax, W1, _, K, bias_k, Wp, bp, W2, _ = _merged(x, params)
     B, H, W = bhw
-    M, C = x.shape
+    C = x.shape[1]
     d = h1.shape[1]
     cdt = h1.dtype
     acc = acc_dtype(cdt)
     flat = torch.empty(sum(q.numel() for q in params), device=x.device, dtype=_grad_dtype(params))
-    o_w1 = 4 * C
-    o_wp = o_w1 + d * C + d + 86 * d  # past b1 and the three depthwise convs' weights and biases
-    o_w2 = o_wp + d * d + d
+    grads = flat.split([q.numel() for q in params])  # views in the parameters' order
     h2, h3, a = _recompute("triton", h1, bhw, K, bias_k, Wp, bp, seed, p)
     gc = _cast(g, cdt)
-    _mm_into(flat[o_w2:o_w2 + C * d].view(C, d), gc.t(), a)
+    _mm_into(grads[14].view(C, d), gc.t(), a)  # dW2
     da = gc @ _cast(W2, cdt)
     if _fused_tail("triton", h1):
         dh3, bp_partial, dh2 = _gelu_bwd_triton(da, h3, seed, p, Wp, reduce=False)
     else:
         dh3, bp_partial = _gelu_bwd_triton(da, h3, seed, p, reduce=False)
         dh2 = torch.addmm(dh3, dh3, _cast(Wp, cdt))
-    _mm_into(flat[o_wp:o_wp + d * d].view(d, d), dh3.t(), h2)
+    _mm_into(grads[12].view(d, d), dh3.t(), h2)  # dWp
     dh1 = conv_flipped("triton", dh2.view(B, H, W, d), K).view(-1, d)
     wg_partial = WGRAD["triton"](h1.view(B, H, W, d), dh2.view(B, H, W, d), reduce=False)
     db1 = _column_sums(dh1, acc)
     y, _, _ = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps)
-    _mm_into(flat[o_w1:o_w1 + d * C].view(d, C), dh1.t(), _cast(y, cdt))
+    _mm_into(grads[4].view(d, C), dh1.t(), _cast(y, cdt))  # dW1
     dy = dh1 @ _cast(W1, cdt)
     # The LN backward adds the residual gradient g to dx; its fifth partial row sums g (db2).
     dx, ln_partial = LN_BACKWARD["triton"](dy, x, w_ln, b_ln, gamma, gammax, mean, rstd, g, reduce=False)
+    _grad_epilogue(ln_partial, wg_partial, bp_partial, db1, flat, d)
+    return dx, flat
+
+
+def _grad_epilogue(ln_partial, wg_partial, bp_partial, db1, flat, d):
+    """Launches :func:`_grad_epilogue_kernel`: the LN backward's (5, programs, C), the weight
+    gradient's (programs, 50, d) and the GELU backward's (programs, d) partials, and the summed
+    down-projection bias ``db1``, into the flat gradient buffer ``flat``."""
+    C = ln_partial.shape[2]
+    acc = torch.promote_types(ln_partial.dtype, wg_partial.dtype)
     _grad_epilogue_launch[(EPI_JOBS, triton.cdiv(max(C, d), EPI_COLS))](
         ln_partial, ln_partial.shape[1], wg_partial, wg_partial.shape[0], bp_partial, bp_partial.shape[0], db1,
-        flat, C, d, ROWS=EPI_ROWS, COLS=EPI_COLS, ACC=tl_acc(torch.promote_types(ln_partial.dtype, acc)),
-        num_warps=4)
-    return dx, flat
+        flat, C, d, ROWS=EPI_ROWS, COLS=EPI_COLS, ACC=tl_acc(acc), num_warps=4)
 
 
 def _unflatten(flat, params):
