@@ -11,8 +11,10 @@ import triton.testing
 from mona_kernels.backend import _can_run
 from mona_kernels.ops import cuda_ext
 from mona_kernels.ops import ln_scale
-from mona_kernels.ops.mona_adapter import _grad_epilogue, _tail_triton
-from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
+import sys
+
+from mona_kernels.ops.mona_adapter import _gelu_bwd_triton, _grad_epilogue, _tail_rows_triton, _tail_triton
+from mona_kernels.ops.multiscale_dwconv import _conv_rows_triton, _conv_triton, _wgrad_triton
 
 SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 28, 28, 64), (32, 14, 14, 64)]
 CONV_TILES = [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
@@ -21,6 +23,13 @@ LN_SHAPES = [(134400, 128), (100352, 128), (25088, 256), (6272, 512), (4096, 768
 LN_PER_SM = [1, 2, 4, 8]
 WGRAD_TILES = [(8, 4), (16, 4), (16, 8), (32, 8), (32, 16)]
 TAIL_TILES = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]
+# Row-blocked tiles (output rows, columns, warps, unrolled rows) of the conv and the tail
+ROW_CONV_TILES = [(1, 16, 2, False), (2, 16, 2, False), (4, 16, 2, False), (4, 16, 4, False), (2, 32, 4, False),
+                  (4, 32, 4, False), (4, 32, 8, False), (2, 16, 2, True), (4, 16, 2, True), (4, 32, 4, True)]
+ROW_TAIL_TILES = [(2, 16, 4, False), (4, 16, 4, False), (4, 16, 2, False), (2, 32, 4, False), (4, 32, 4, False),
+                  (4, 32, 8, False), (2, 16, 4, True), (4, 16, 4, True), (4, 32, 4, True)]
+# GELU backward (with the projector's input gradient): programs per SM, rows per step, warps
+GELU_BWD_TILES = [(4, 64, 4), (8, 64, 4), (16, 64, 4), (4, 128, 8), (8, 32, 4), (16, 32, 4), (32, 32, 2)]
 
 
 def us(fn):
@@ -105,5 +114,65 @@ def ln_sweep():
         print(f"| {M}x{C} | " + " | ".join(f"{us(lambda: run(s)):.1f}" for s in LN_PER_SM) + " |")
 
 
+def row_sweep():
+    """The row-blocked conv and tail against the shipped one-row tiles, and the GELU backward's
+    programs per SM and rows per step."""
+    torch.manual_seed(0)
+    conv_rows, tail_rows, gelu_rows = [], [], []
+    for B, H, W, d in SHAPES:
+        shape = f"{B}x{H}x{W}x{d}"
+        h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn_like(h)
+        K = torch.randn(49, d, device="cuda")
+        bias = torch.randn(d, device="cuda")
+        ref = _conv_triton(g, K, None, flip=True)
+        times = [us(lambda: _conv_triton(g, K, None, flip=True))]
+        for r, tw, w, un in ROW_CONV_TILES:
+            out = _conv_rows_triton(g, K, None, r, tw, w, flip=True, unroll=un)
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err < 0.1, (shape, r, tw, w, un, err)
+            times.append(us(lambda: _conv_rows_triton(g, K, None, r, tw, w, flip=True, unroll=un)))
+        conv_rows.append((shape, times))
+        wp, bp, seed = torch.randn(d, d, device="cuda") / 8, torch.randn(d, device="cuda"), torch.tensor([1])
+        h1 = h.view(-1, d)
+        times = []
+        for store in (False, True):
+            ref = _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store)
+            times.append(us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store)))
+            for r, tw, w, un in ROW_TAIL_TILES:
+                out = _tail_rows_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store, r, tw, w, un)
+                err = max((o.float() - q.float()).abs().max().item() for o, q in zip(out, ref))
+                assert err < 0.1, (shape, store, r, tw, w, un, err)
+                times.append(us(lambda: _tail_rows_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store,
+                                                          r, tw, w, un)))
+        tail_rows.append((shape, times))
+        h3, da = h1.clone(), g.view(-1, d)
+        gelu_rows.append((shape, [us(lambda: _gelu_bwd_triton(da, h3, seed, 0.1, wp, False, s, r, w))
+                                  for s, r, w in GELU_BWD_TILES]))
+    print("\nTriton conv, flipped, no bias: shipped one-row tiles against row-blocked tiles "
+          "(rows x columns / warps, u = rows unrolled), us")
+    print("| shape | shipped | " + " | ".join(f"{r}x{tw}/{w}{' u' if un else ''}" for r, tw, w, un in ROW_CONV_TILES)
+          + " |")
+    print("|---|---|" + "---|" * len(ROW_CONV_TILES))
+    for shape, times in conv_rows:
+        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+    print("\nTriton fused tail, forward (a' only) then backward (h2, h3 too): shipped 32 px / 4 warps against "
+          "row-blocked tiles, us")
+    cols = [f"{r}x{tw}/{w}{' u' if un else ''}" for r, tw, w, un in ROW_TAIL_TILES]
+    print("| shape | " + " | ".join(f"{k} {c}" for k in ("fwd", "bwd") for c in ["shipped"] + cols) + " |")
+    print("|---|" + "---|" * (2 * len(cols) + 2))
+    for shape, times in tail_rows:
+        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+    print("\nTriton GELU backward with the projector (dropout 0.1, partials) by programs per SM / rows per step / "
+          "warps, us")
+    print("| shape | " + " | ".join(f"{s}/{r}/{w}" for s, r, w in GELU_BWD_TILES) + " |")
+    print("|---|" + "---|" * len(GELU_BWD_TILES))
+    for shape, times in gelu_rows:
+        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+
+
 if __name__ == "__main__":
-    main()
+    if "--rows" in sys.argv[1:]:
+        row_sweep()
+    else:
+        main()

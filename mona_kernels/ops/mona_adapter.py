@@ -25,7 +25,8 @@ from .. import backend as _backend
 from . import cuda_ext
 from .graphs import CACHE as _GRAPHS, CopyOut, Staging, capture
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
-from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, merge, tile_coords
+from .multiscale_dwconv import (CONV, TAPS, WGRAD, conv_flipped, dwconv7_rows, dwconv7_tile, merge, row_tile_coords,
+                                tile_coords)
 from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers, tl_acc
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -82,6 +83,53 @@ def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H
     tl.store(a_ptr + offs, a.to(cdt), mask=mask)
 
 
+@triton.jit
+def _tail_row(acc, bk, wpt, bp, b, i, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
+              STORE_H: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """The tail's work after the conv for one row of a row-blocked tile: bias, projector, GELU, dropout."""
+    cdt = a_ptr.dtype.element_ty
+    offs = ((b * H + i) * W + j.to(tl.int64))[:, None] * D + ch[None, :]
+    mask = ((i + j * 0 < H) & (j < W))[:, None] & cmask[None, :]
+    h2 = (acc + bk[None, :]).to(cdt)
+    h3 = tl.dot(h2, wpt, input_precision=PRECISION, out_dtype=tl.float32)
+    h3 = (h3 + h2.to(tl.float32) + bp[None, :]).to(cdt)
+    if STORE_H:
+        tl.store(h2_ptr + offs, h2, mask=mask)
+        tl.store(h3_ptr + offs, h3, mask=mask)
+    a = _gelu(h3.to(tl.float32))
+    if HAS_DROPOUT:
+        a = tl.where(_keep(seed_ptr, offs, p), a * scale, 0.0)
+    tl.store(a_ptr + offs, a.to(cdt), mask=mask)
+
+
+@triton.jit(do_not_specialize=["H", "W", "n_jt"])
+def _tail_rows_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H, W, D, n_jt, seed_ptr, p, scale,
+                      STORE_H: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, TW: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr):
+    """:func:`_tail_kernel` on row-blocked tiles: ROWS image rows by TW columns, the conv sharing
+    each loaded input row between the output rows (:func:`dwconv7_rows`)."""
+    b, i0, j = row_tile_coords(tl.program_id(0), H, W, n_jt, ROWS, TW)
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    cdt = a_ptr.dtype.element_ty
+    acc0, acc1, acc2, acc3 = dwconv7_rows(h1_ptr, k_ptr, b, i0, j, H, W, D, ch, cmask, ROWS, TW, BLOCK_D,
+                                          tl.float32, False, UNROLL)
+    bk = tl.load(bk_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    bp = tl.load(bp_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0).to(cdt)
+    _tail_row(acc0, bk, wpt, bp, b, i0, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
+              STORE_H, HAS_DROPOUT, PRECISION)
+    if ROWS > 1:
+        _tail_row(acc1, bk, wpt, bp, b, i0 + 1, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
+                  STORE_H, HAS_DROPOUT, PRECISION)
+    if ROWS > 2:
+        _tail_row(acc2, bk, wpt, bp, b, i0 + 2, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
+                  STORE_H, HAS_DROPOUT, PRECISION)
+    if ROWS > 3:
+        _tail_row(acc3, bk, wpt, bp, b, i0 + 3, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
+                  STORE_H, HAS_DROPOUT, PRECISION)
+
+
 @triton.jit(do_not_specialize=["N"])
 def _gelu_dropout_fwd_kernel(h3_ptr, a_ptr, N, seed_ptr, p, scale, HAS_DROPOUT: tl.constexpr,
                              BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -130,6 +178,7 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, wp_ptr, dh3_ptr, dh2_ptr, partial_p
 
 
 _tail_launch = Launcher(_tail_kernel)
+_tail_rows_launch = Launcher(_tail_rows_kernel)
 _gelu_dropout_fwd_launch = Launcher(_gelu_dropout_fwd_kernel)
 _gelu_dropout_bwd_launch = Launcher(_gelu_dropout_bwd_kernel)
 
@@ -227,18 +276,18 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gelu_bwd_triton(da, h3, seed, p, Wp=None, reduce=True):
+def _gelu_bwd_triton(da, h3, seed, p, Wp=None, reduce=True, per_sm=4, rows=GELU_BWD_ROWS, num_warps=4):
     """``(dh3, dbp)``, or ``(dh3, dbp, dh2)`` when the projector weight ``Wp`` (d, d) is given; without
     ``reduce``, the (programs, d) partial sums stand in for dbp."""
     M, D = h3.shape
     dh3 = torch.empty_like(h3)
     dh2 = torch.empty_like(h3) if Wp is not None else dh3
-    n_prog = max(1, min(num_workers(h3.device), triton.cdiv(M, GELU_BWD_ROWS)))
+    n_prog = max(1, min(num_workers(h3.device, per_sm), triton.cdiv(M, rows)))
     partial = torch.empty(n_prog, D, device=h3.device, dtype=acc_dtype(h3.dtype))
     _gelu_dropout_bwd_launch[(n_prog,)](
         da, h3, Wp if Wp is not None else h3, dh3, dh2, partial, M, D, _seed_arg(seed, h3, p), p, 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0, PROJECT=Wp is not None, ROWS=GELU_BWD_ROWS, BLOCK_D=max(16, next_pow2(D)),
-        ACC=tl_acc(h3.dtype), PRECISION=_precision(h3.dtype), num_warps=4)
+        HAS_DROPOUT=p > 0, PROJECT=Wp is not None, ROWS=rows, BLOCK_D=max(16, next_pow2(D)),
+        ACC=tl_acc(h3.dtype), PRECISION=_precision(h3.dtype), num_warps=num_warps)
     dbp = partial.sum(0) if reduce else partial
     return (dh3, dbp) if Wp is None else (dh3, dbp, dh2)
 
@@ -258,6 +307,19 @@ def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num
         h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, M, _seed_arg(seed, h1, p), p, 1.0 / (1.0 - p),
         STORE_H=store, HAS_DROPOUT=p > 0, TILE=tile, BLOCK_D=max(16, next_pow2(d)),
         PRECISION=_precision(h1.dtype), num_warps=num_warps)
+    return h2, h3, a
+
+
+def _tail_rows_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, rows=4, tw=16, num_warps=4, unroll=False):
+    B, H, W = bhw
+    M, d = h1.shape
+    a = torch.empty_like(h1)
+    h2, h3 = (torch.empty_like(h1), torch.empty_like(h1)) if store else (a, a)
+    n_jt = triton.cdiv(W, tw)
+    _tail_rows_launch[(B * triton.cdiv(H, rows) * n_jt,)](
+        h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, n_jt, _seed_arg(seed, h1, p), p, 1.0 / (1.0 - p),
+        STORE_H=store, HAS_DROPOUT=p > 0, ROWS=rows, TW=tw, BLOCK_D=max(16, next_pow2(d)),
+        PRECISION=_precision(h1.dtype), UNROLL=unroll, num_warps=num_warps)
     return h2, h3, a
 
 
