@@ -23,11 +23,9 @@ LN_SHAPES = [(134400, 128), (100352, 128), (25088, 256), (6272, 512), (4096, 768
 LN_PER_SM = [1, 2, 4, 8]
 WGRAD_TILES = [(8, 4), (16, 4), (16, 8), (32, 8), (32, 16)]
 TAIL_TILES = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]
-# Row-blocked tiles (output rows, columns, warps, unrolled rows) of the conv and the tail
-ROW_CONV_TILES = [(1, 16, 2, False), (2, 16, 2, False), (4, 16, 2, False), (4, 16, 4, False), (2, 32, 4, False),
-                  (4, 32, 4, False), (4, 32, 8, False), (2, 16, 2, True), (4, 16, 2, True), (4, 32, 4, True)]
-ROW_TAIL_TILES = [(2, 16, 4, False), (4, 16, 4, False), (4, 16, 2, False), (2, 32, 4, False), (4, 32, 4, False),
-                  (4, 32, 8, False), (2, 16, 4, True), (4, 16, 4, True), (4, 32, 4, True)]
+# Row-blocked tiles (output rows, columns, warps) of the conv and the tail
+ROW_CONV_TILES = [(1, 16, 2), (2, 16, 2), (2, 16, 4), (4, 16, 4), (4, 16, 8), (2, 32, 4), (4, 32, 8)]
+ROW_TAIL_TILES = [(2, 16, 2), (2, 16, 4), (4, 16, 4), (4, 16, 8), (2, 32, 4), (4, 32, 8)]
 # GELU backward (with the projector's input gradient): programs per SM, rows per step, warps
 GELU_BWD_TILES = [(4, 64, 4), (8, 64, 4), (16, 64, 4), (4, 128, 8), (8, 32, 4), (16, 32, 4), (32, 32, 2)]
 
@@ -127,38 +125,41 @@ def row_sweep():
         bias = torch.randn(d, device="cuda")
         ref = _conv_triton(g, K, None, flip=True)
         times = [us(lambda: _conv_triton(g, K, None, flip=True))]
-        for r, tw, w, un in ROW_CONV_TILES:
-            out = _conv_rows_triton(g, K, None, r, tw, w, flip=True, unroll=un)
+        for r, tw, w in ROW_CONV_TILES:
+            out = _conv_rows_triton(g, K, None, r, tw, w, flip=True)
             err = (out.float() - ref.float()).abs().max().item()
-            assert err < 0.1, (shape, r, tw, w, un, err)
-            times.append(us(lambda: _conv_rows_triton(g, K, None, r, tw, w, flip=True, unroll=un)))
+            assert err < 0.1, (shape, r, tw, w, err)
+            times.append(us(lambda: _conv_rows_triton(g, K, None, r, tw, w, flip=True)))
         conv_rows.append((shape, times))
+        print("conv", shape, [f"{t:.1f}" for t in times], flush=True)
         wp, bp, seed = torch.randn(d, d, device="cuda") / 8, torch.randn(d, device="cuda"), torch.tensor([1])
         h1 = h.view(-1, d)
         times = []
         for store in (False, True):
             ref = _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store)
             times.append(us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store)))
-            for r, tw, w, un in ROW_TAIL_TILES:
-                out = _tail_rows_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store, r, tw, w, un)
+            for r, tw, w in ROW_TAIL_TILES:
+                out = _tail_rows_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store, r, tw, w)
                 err = max((o.float() - q.float()).abs().max().item() for o, q in zip(out, ref))
-                assert err < 0.1, (shape, store, r, tw, w, un, err)
+                assert err < 0.1, (shape, store, r, tw, w, err)
                 times.append(us(lambda: _tail_rows_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store,
-                                                          r, tw, w, un)))
+                                                          r, tw, w)))
         tail_rows.append((shape, times))
-        h3, da = h1.clone(), g.view(-1, d)
+        print("tail", shape, [f"{t:.1f}" for t in times], flush=True)
+        h3, da, seed = h1.clone(), g.view(-1, d), seed.cuda()
         gelu_rows.append((shape, [us(lambda: _gelu_bwd_triton(da, h3, seed, 0.1, wp, False, s, r, w))
                                   for s, r, w in GELU_BWD_TILES]))
+        print("gelu", shape, [f"{t:.1f}" for t in gelu_rows[-1][1]], flush=True)
     print("\nTriton conv, flipped, no bias: shipped one-row tiles against row-blocked tiles "
-          "(rows x columns / warps, u = rows unrolled), us")
-    print("| shape | shipped | " + " | ".join(f"{r}x{tw}/{w}{' u' if un else ''}" for r, tw, w, un in ROW_CONV_TILES)
+          "(rows x columns / warps), us")
+    print("| shape | shipped | " + " | ".join(f"{r}x{tw}/{w}" for r, tw, w in ROW_CONV_TILES)
           + " |")
     print("|---|---|" + "---|" * len(ROW_CONV_TILES))
     for shape, times in conv_rows:
         print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
     print("\nTriton fused tail, forward (a' only) then backward (h2, h3 too): shipped 32 px / 4 warps against "
           "row-blocked tiles, us")
-    cols = [f"{r}x{tw}/{w}{' u' if un else ''}" for r, tw, w, un in ROW_TAIL_TILES]
+    cols = [f"{r}x{tw}/{w}" for r, tw, w in ROW_TAIL_TILES]
     print("| shape | " + " | ".join(f"{k} {c}" for k in ("fwd", "bwd") for c in ["shipped"] + cols) + " |")
     print("|---|" + "---|" * (2 * len(cols) + 2))
     for shape, times in tail_rows:
