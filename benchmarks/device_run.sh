@@ -11,8 +11,8 @@
 #   host      host cost by layer at a tiny shape, cuda and triton backends (benchmarks/host_cost.py)
 #   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py;
 #             PROFILE_SHAPES="B,H,W,C ..." picks its shapes)
-#   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py; SWEEP_ARGS=--rows:
-#             the row-blocked conv and tail, and the GELU backward's programs, instead)
+#   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py; SWEEP_ARGS names
+#             its sections, e.g. "gelu copies")
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py; SWIN_ARGS
 #             passes it arguments, e.g. --graph)
 #   bench     python -m mona_kernels.benchmark with the arguments after --

@@ -1,20 +1,21 @@
 """Raw launches of the merged 7x7 depthwise conv and its kernel gradient (GPU time only): the
 Triton kernels, the CUDA extension's, and cuDNN's single 7x7 depthwise conv on the same tensor; then
-the Triton kernels' tile sizes, and the Triton LN-scaling backward's programs per SM with the
-adapter's gradient epilogue that sums their partials.
+the Triton kernels' tile sizes (section ``kernels``); the Triton LN-scaling backward's programs per
+SM with the adapter's gradient epilogue that sums their partials (``ln``); the GELU backward's
+programs, rows and warps (``gelu``); the graph caches' staging copies (``copies``).
 
-    python benchmarks/sweep_dwconv.py
+    python benchmarks/sweep_dwconv.py [kernels] [ln] [gelu] [copies]    (default: all)
 """
+import sys
+
 import torch
 import triton.testing
 
 from mona_kernels.backend import _can_run
 from mona_kernels.ops import cuda_ext
 from mona_kernels.ops import ln_scale
-import sys
-
-from mona_kernels.ops.mona_adapter import _gelu_bwd_triton, _grad_epilogue, _tail_rows_triton, _tail_triton
-from mona_kernels.ops.multiscale_dwconv import _conv_rows_triton, _conv_triton, _wgrad_triton
+from mona_kernels.ops.mona_adapter import _gelu_bwd_triton, _grad_epilogue, _tail_triton
+from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
 SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 28, 28, 64), (32, 14, 14, 64)]
 CONV_TILES = [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 4), (128, 8)]
@@ -23,11 +24,8 @@ LN_SHAPES = [(134400, 128), (100352, 128), (25088, 256), (6272, 512), (4096, 768
 LN_PER_SM = [1, 2, 4, 8]
 WGRAD_TILES = [(8, 4), (16, 4), (16, 8), (32, 8), (32, 16)]
 TAIL_TILES = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]
-# Row-blocked tiles (output rows, columns, warps) of the conv and the tail
-ROW_CONV_TILES = [(1, 16, 2), (2, 16, 2), (2, 16, 4), (4, 16, 4), (4, 16, 8), (2, 32, 4), (4, 32, 8)]
-ROW_TAIL_TILES = [(2, 16, 2), (2, 16, 4), (4, 16, 4), (4, 16, 8), (2, 32, 4), (4, 32, 8)]
 # GELU backward (with the projector's input gradient): programs per SM, rows per step, warps
-GELU_BWD_TILES = [(4, 64, 4), (8, 64, 4), (16, 64, 4), (4, 128, 8), (8, 32, 4), (16, 32, 4), (32, 32, 2)]
+GELU_BWD_TILES = [(8, 32, 4), (4, 64, 4), (8, 16, 4), (16, 16, 2), (8, 32, 2), (12, 32, 4)]
 
 
 def us(fn):
@@ -88,7 +86,6 @@ def main():
     print("|---|" + "---|" * (2 * len(TAIL_TILES)))
     for shape, times in tails:
         print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
-    ln_sweep()
 
 
 def ln_sweep():
@@ -112,68 +109,52 @@ def ln_sweep():
         print(f"| {M}x{C} | " + " | ".join(f"{us(lambda: run(s)):.1f}" for s in LN_PER_SM) + " |")
 
 
-def row_sweep():
-    """The row-blocked conv and tail against the shipped one-row tiles, and the GELU backward's
-    programs per SM and rows per step."""
+def gelu_sweep():
+    """The GELU backward (with the projector's input gradient, dropout 0.1, partials left unsummed)
+    by programs per SM, rows per loop step and warps; the first column is the shipped setting."""
     torch.manual_seed(0)
-    conv_rows, tail_rows, gelu_rows = [], [], []
-    for B, H, W, d in SHAPES:
-        shape = f"{B}x{H}x{W}x{d}"
-        h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn_like(h)
-        K = torch.randn(49, d, device="cuda")
-        bias = torch.randn(d, device="cuda")
-        ref = _conv_triton(g, K, None, flip=True)
-        times = [us(lambda: _conv_triton(g, K, None, flip=True))]
-        for r, tw, w in ROW_CONV_TILES:
-            out = _conv_rows_triton(g, K, None, r, tw, w, flip=True)
-            err = (out.float() - ref.float()).abs().max().item()
-            assert err < 0.1, (shape, r, tw, w, err)
-            times.append(us(lambda: _conv_rows_triton(g, K, None, r, tw, w, flip=True)))
-        conv_rows.append((shape, times))
-        print("conv", shape, [f"{t:.1f}" for t in times], flush=True)
-        wp, bp, seed = torch.randn(d, d, device="cuda") / 8, torch.randn(d, device="cuda"), torch.tensor([1])
-        h1 = h.view(-1, d)
-        times = []
-        for store in (False, True):
-            ref = _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store)
-            times.append(us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store)))
-            for r, tw, w in ROW_TAIL_TILES:
-                out = _tail_rows_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store, r, tw, w)
-                err = max((o.float() - q.float()).abs().max().item() for o, q in zip(out, ref))
-                assert err < 0.1, (shape, store, r, tw, w, err)
-                times.append(us(lambda: _tail_rows_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, store,
-                                                          r, tw, w)))
-        tail_rows.append((shape, times))
-        print("tail", shape, [f"{t:.1f}" for t in times], flush=True)
-        h3, da, seed = h1.clone(), g.view(-1, d), seed.cuda()
-        gelu_rows.append((shape, [us(lambda: _gelu_bwd_triton(da, h3, seed, 0.1, wp, False, s, r, w))
-                                  for s, r, w in GELU_BWD_TILES]))
-        print("gelu", shape, [f"{t:.1f}" for t in gelu_rows[-1][1]], flush=True)
-    print("\nTriton conv, flipped, no bias: shipped one-row tiles against row-blocked tiles "
-          "(rows x columns / warps), us")
-    print("| shape | shipped | " + " | ".join(f"{r}x{tw}/{w}" for r, tw, w in ROW_CONV_TILES)
-          + " |")
-    print("|---|---|" + "---|" * len(ROW_CONV_TILES))
-    for shape, times in conv_rows:
-        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
-    print("\nTriton fused tail, forward (a' only) then backward (h2, h3 too): shipped 32 px / 4 warps against "
-          "row-blocked tiles, us")
-    cols = [f"{r}x{tw}/{w}" for r, tw, w in ROW_TAIL_TILES]
-    print("| shape | " + " | ".join(f"{k} {c}" for k in ("fwd", "bwd") for c in ["shipped"] + cols) + " |")
-    print("|---|" + "---|" * (2 * len(cols) + 2))
-    for shape, times in tail_rows:
-        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
     print("\nTriton GELU backward with the projector (dropout 0.1, partials) by programs per SM / rows per step / "
           "warps, us")
     print("| shape | " + " | ".join(f"{s}/{r}/{w}" for s, r, w in GELU_BWD_TILES) + " |")
     print("|---|" + "---|" * len(GELU_BWD_TILES))
-    for shape, times in gelu_rows:
-        print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+    for B, H, W, d in SHAPES:
+        h3, da = (torch.randn(B * H * W, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        wp, seed = torch.randn(d, d, device="cuda") / 8, torch.tensor([1], device="cuda")
+        times = [us(lambda: _gelu_bwd_triton(da, h3, seed, 0.1, wp, False, s, r, w)) for s, r, w in GELU_BWD_TILES]
+        print(f"| {B}x{H}x{W}x{d} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
 
+
+def copy_sweep():
+    """The graph caches' staging and copy-out at the adapter's sizes: one foreach launch for every
+    tensor of a dtype (what ``graphs.Staging`` and ``graphs.CopyOut`` launch) against a plain copy per
+    large tensor, GPU and host together (eager, as the caches run them)."""
+    print("\nStaging and copy-out, eager, us: foreach over (x, 16 small tensors) / x.copy_ + foreach over the "
+          "small / foreach_mul(out, h1) / out.clone + h1.clone")
+    print("| M x C | x MB | foreach copy | copy_ + foreach | foreach_mul | clone |")
+    print("|---|---|---|---|---|---|")
+    for M, C in LN_SHAPES:
+        d = 64
+        x, out = (torch.randn(M, C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        h1 = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
+        small = [torch.randn(C, device="cuda", dtype=torch.bfloat16) for _ in range(16)]
+        xs, ss = torch.empty_like(x), [torch.empty_like(t) for t in small]
+
+        def foreach():
+            torch._foreach_copy_([xs, *ss], [x, *small])
+
+        def split():
+            xs.copy_(x)
+            torch._foreach_copy_(ss, small)
+        times = [triton.testing.do_bench(f, return_mode="median") * 1e3 for f in
+                 (foreach, split, lambda: torch._foreach_mul([out, h1], 1.0), lambda: (out.clone(), h1.clone()))]
+        print(f"| {M}x{C} | {x.numel() * 2 / 1e6:.1f} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
+
+
+SECTIONS = {"kernels": main, "ln": ln_sweep, "gelu": gelu_sweep, "copies": copy_sweep}
 
 if __name__ == "__main__":
-    if "--rows" in sys.argv[1:]:
-        row_sweep()
-    else:
-        main()
+    unknown = [name for name in sys.argv[1:] if name not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    for name in sys.argv[1:] or SECTIONS:
+        SECTIONS[name]()

@@ -1,6 +1,7 @@
 """The Triton path's graph cache bookkeeping (ops/graphs.py): when a problem is captured, what is
 evicted, and how the capacity is set. Capture and replay themselves are GPU tests (test_gpu.py)."""
 import pytest
+import torch
 
 from mona_kernels.ops import graphs
 
@@ -65,3 +66,38 @@ def test_bad_environment_value_names_the_variable(raw, monkeypatch):
     monkeypatch.setenv("MONA_KERNELS_CUDA_GRAPHS", raw)
     with pytest.raises(ValueError, match="MONA_KERNELS_CUDA_GRAPHS"):
         graphs._capacity_from_env()
+
+
+def _buffers(seed):
+    """Static buffers of mixed dtypes and sizes, two of them over a lowered large-copy threshold."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(300, 8), (8,), (40, 2), (5,), (300, 8)]
+    dtypes = [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32, torch.float16]
+    return [torch.randn(s, generator=g).to(dt) for s, dt in zip(shapes, dtypes)]
+
+
+@pytest.mark.parametrize("threshold", [1 << 40, 4096, 1])  # all foreach, mixed, all copied alone
+def test_staging_copies_every_source_into_its_buffer(threshold, monkeypatch):
+    monkeypatch.setattr(graphs, "LARGE_COPY_BYTES", threshold)
+    statics = [torch.full_like(t, float("nan")) for t in _buffers(0)]  # poisoned
+    sources = _buffers(1)
+    sources[2][0, 0] = float("-inf")
+    graphs.Staging(statics)(sources)
+    for s, t in zip(statics, sources):
+        assert s.dtype == t.dtype and torch.equal(s, t)
+
+
+@pytest.mark.parametrize("threshold", [1 << 40, 4096, 1])
+def test_copy_out_gives_fresh_exact_copies(threshold, monkeypatch):
+    monkeypatch.setattr(graphs, "LARGE_COPY_BYTES", threshold)
+    statics = _buffers(2)
+    statics[0][0, 0], statics[2][1, 1], statics[3][0] = float("nan"), float("inf"), -0.0
+    copy_out = graphs.CopyOut(statics)
+    out = copy_out()
+    for o, s in zip(out, statics):
+        assert o.dtype == s.dtype and o.data_ptr() != s.data_ptr()
+        assert torch.equal(o.nan_to_num(7.0), s.nan_to_num(7.0)) and torch.equal(o.isnan(), s.isnan())
+        assert torch.equal(torch.signbit(o) & ~o.isnan(), torch.signbit(s) & ~s.isnan())  # -0.0 stays -0.0
+    for s in statics:  # the next call's results must not change these
+        s.fill_(3.0)
+    assert not any(torch.equal(o, s) for o, s in zip(out, statics))

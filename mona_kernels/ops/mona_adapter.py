@@ -25,15 +25,18 @@ from .. import backend as _backend
 from . import cuda_ext
 from .graphs import CACHE as _GRAPHS, CopyOut, Staging, capture
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
-from .multiscale_dwconv import (CONV, TAPS, WGRAD, conv_flipped, dwconv7_rows, dwconv7_tile, merge, row_tile_coords,
-                                tile_coords)
+from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, merge, tile_coords
 from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_workers, tl_acc
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-# Elements per program of the GELU forward; rows per block of the GELU backward.
+# Elements per program of the GELU forward. The GELU backward's rows per loop step, programs per
+# SM and warps: run 58's graph-timed sweep found 32 rows at 8 programs an SM 18-28% faster than
+# 64 rows at 4 at every map size (62.2 against 76.3 us at COCO stage 1, 6.2 against 7.9 at 14x14).
 GELU_BLOCK = 2048
-GELU_BWD_ROWS = 64
+GELU_BWD_ROWS = 32
+GELU_BWD_PER_SM = 8
+GELU_BWD_WARPS = 4
 # The fused tail (merged conv, projector, GELU, dropout in one kernel) holds all d channels of a tile
 # for the projector's tl.dot: pixels per tile and warps (run 49's sweep: 32 px / 4 warps was the
 # fastest at every shape, 10-39% under 64 px), and the widest d it takes (wider d: the composite path).
@@ -81,53 +84,6 @@ def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H
     if HAS_DROPOUT:
         a = tl.where(_keep(seed_ptr, offs, p), a * scale, 0.0)
     tl.store(a_ptr + offs, a.to(cdt), mask=mask)
-
-
-@triton.jit
-def _tail_row(acc, bk, wpt, bp, b, i, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
-              STORE_H: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """The tail's work after the conv for one row of a row-blocked tile: bias, projector, GELU, dropout."""
-    cdt = a_ptr.dtype.element_ty
-    offs = ((b * H + i) * W + j.to(tl.int64))[:, None] * D + ch[None, :]
-    mask = ((i + j * 0 < H) & (j < W))[:, None] & cmask[None, :]
-    h2 = (acc + bk[None, :]).to(cdt)
-    h3 = tl.dot(h2, wpt, input_precision=PRECISION, out_dtype=tl.float32)
-    h3 = (h3 + h2.to(tl.float32) + bp[None, :]).to(cdt)
-    if STORE_H:
-        tl.store(h2_ptr + offs, h2, mask=mask)
-        tl.store(h3_ptr + offs, h3, mask=mask)
-    a = _gelu(h3.to(tl.float32))
-    if HAS_DROPOUT:
-        a = tl.where(_keep(seed_ptr, offs, p), a * scale, 0.0)
-    tl.store(a_ptr + offs, a.to(cdt), mask=mask)
-
-
-@triton.jit(do_not_specialize=["H", "W", "n_jt"])
-def _tail_rows_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H, W, D, n_jt, seed_ptr, p, scale,
-                      STORE_H: tl.constexpr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr, TW: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr):
-    """:func:`_tail_kernel` on row-blocked tiles: ROWS image rows by TW columns, the conv sharing
-    each loaded input row between the output rows (:func:`dwconv7_rows`)."""
-    b, i0, j = row_tile_coords(tl.program_id(0), H, W, n_jt, ROWS, TW)
-    ch = tl.arange(0, BLOCK_D)
-    cmask = ch < D
-    cdt = a_ptr.dtype.element_ty
-    acc0, acc1, acc2, acc3 = dwconv7_rows(h1_ptr, k_ptr, b, i0, j, H, W, D, ch, cmask, ROWS, TW, BLOCK_D,
-                                          tl.float32, False, UNROLL)
-    bk = tl.load(bk_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-    bp = tl.load(bp_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-    wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0).to(cdt)
-    _tail_row(acc0, bk, wpt, bp, b, i0, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
-              STORE_H, HAS_DROPOUT, PRECISION)
-    if ROWS > 1:
-        _tail_row(acc1, bk, wpt, bp, b, i0 + 1, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
-                  STORE_H, HAS_DROPOUT, PRECISION)
-    if ROWS > 2:
-        _tail_row(acc2, bk, wpt, bp, b, i0 + 2, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
-                  STORE_H, HAS_DROPOUT, PRECISION)
-    if ROWS > 3:
-        _tail_row(acc3, bk, wpt, bp, b, i0 + 3, j, H, W, D, ch, cmask, h2_ptr, h3_ptr, a_ptr, seed_ptr, p, scale,
-                  STORE_H, HAS_DROPOUT, PRECISION)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -178,7 +134,6 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, wp_ptr, dh3_ptr, dh2_ptr, partial_p
 
 
 _tail_launch = Launcher(_tail_kernel)
-_tail_rows_launch = Launcher(_tail_rows_kernel)
 _gelu_dropout_fwd_launch = Launcher(_gelu_dropout_fwd_kernel)
 _gelu_dropout_bwd_launch = Launcher(_gelu_dropout_bwd_kernel)
 
@@ -276,7 +231,8 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gelu_bwd_triton(da, h3, seed, p, Wp=None, reduce=True, per_sm=4, rows=GELU_BWD_ROWS, num_warps=4):
+def _gelu_bwd_triton(da, h3, seed, p, Wp=None, reduce=True, per_sm=GELU_BWD_PER_SM, rows=GELU_BWD_ROWS,
+                     num_warps=GELU_BWD_WARPS):
     """``(dh3, dbp)``, or ``(dh3, dbp, dh2)`` when the projector weight ``Wp`` (d, d) is given; without
     ``reduce``, the (programs, d) partial sums stand in for dbp."""
     M, D = h3.shape
@@ -307,19 +263,6 @@ def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num
         h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, M, _seed_arg(seed, h1, p), p, 1.0 / (1.0 - p),
         STORE_H=store, HAS_DROPOUT=p > 0, TILE=tile, BLOCK_D=max(16, next_pow2(d)),
         PRECISION=_precision(h1.dtype), num_warps=num_warps)
-    return h2, h3, a
-
-
-def _tail_rows_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, rows=4, tw=16, num_warps=4, unroll=False):
-    B, H, W = bhw
-    M, d = h1.shape
-    a = torch.empty_like(h1)
-    h2, h3 = (torch.empty_like(h1), torch.empty_like(h1)) if store else (a, a)
-    n_jt = triton.cdiv(W, tw)
-    _tail_rows_launch[(B * triton.cdiv(H, rows) * n_jt,)](
-        h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, n_jt, _seed_arg(seed, h1, p), p, 1.0 / (1.0 - p),
-        STORE_H=store, HAS_DROPOUT=p > 0, ROWS=rows, TW=tw, BLOCK_D=max(16, next_pow2(d)),
-        PRECISION=_precision(h1.dtype), UNROLL=unroll, num_warps=num_warps)
     return h2, h3, a
 
 

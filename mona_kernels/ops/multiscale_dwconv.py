@@ -72,109 +72,6 @@ def dwconv7_tile(h_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE: tl.
     return acc
 
 
-@triton.jit
-def row_tile_coords(tile, H, W, n_jt, ROWS: tl.constexpr, TW: tl.constexpr):
-    """Tile ``tile`` of the row-blocked layout: ROWS image rows from ``i0`` by TW columns ``j`` of
-    image ``b`` (tiles run along a row, then down the rows, then over the batch)."""
-    jt = tile % n_jt
-    rest = tile // n_jt
-    n_it = tl.cdiv(H, ROWS)
-    return (rest // n_it).to(tl.int64), (rest % n_it) * ROWS, jt * TW + tl.arange(0, TW)
-
-
-@triton.jit
-def _row_tap(acc, hv, k_ptr, u, v, D, ch, cmask, FLIP: tl.constexpr):
-    """acc + K[u*7+v] * hv for one output row; a tap row ``u`` outside 0..6 adds nothing."""
-    tap = u * 7 + v
-    if FLIP:
-        tap = 48 - tap
-    uu = u + ch * 0  # the tap row as a vector, for the mask
-    kv = tl.load(k_ptr + tap * D + ch, mask=cmask & (uu >= 0) & (uu < 7), other=0.0)
-    return acc + hv * kv[None, :]
-
-
-@triton.jit
-def _row_load(base, ii, j, v: tl.constexpr, H, W, D, ch, cmask, ACC: tl.constexpr):
-    """Input row ``ii`` (a vector of one value) at columns j + v - 3, zero outside the image, in ACC."""
-    jj = j + (v - 3)
-    ok = (ii >= 0) & (ii < H) & (jj >= 0) & (jj < W)
-    return tl.load(base + (ii * W + jj).to(tl.int64)[:, None] * D + ch[None, :],
-                   mask=ok[:, None] & cmask[None, :], other=0.0).to(ACC)
-
-
-@triton.jit
-def dwconv7_rows(h_ptr, k_ptr, b, i0, j, H, W, D, ch, cmask, ROWS: tl.constexpr, TW: tl.constexpr,
-                 BLOCK_D: tl.constexpr, ACC: tl.constexpr, FLIP: tl.constexpr = False,
-                 UNROLL: tl.constexpr = False):
-    """The merged 7x7 conv for up to four output rows ``i0 .. i0 + ROWS - 1`` at columns ``j`` (TW of
-    them), without bias: ``(acc0, acc1, acc2, acc3)``, each (TW, BLOCK_D) in ACC. Each input row is
-    loaded (and converted) once per column tap and used by every output row it reaches, so a tile
-    loads 7 * (ROWS + 6) times where one-row tiles load 49 * ROWS times. In a real loop over the
-    input rows, an output row's taps outside the kernel multiply by a masked-out zero; UNROLL unrolls
-    the rows instead and skips them at compile time."""
-    base = h_ptr + b * H * W * D
-    acc0 = tl.zeros([TW, BLOCK_D], dtype=ACC)
-    acc1 = tl.zeros([TW, BLOCK_D], dtype=ACC)
-    acc2 = tl.zeros([TW, BLOCK_D], dtype=ACC)
-    acc3 = tl.zeros([TW, BLOCK_D], dtype=ACC)
-    if UNROLL:
-        for r in tl.static_range(ROWS + 6):  # input row i0 + r - 3 feeds output row i0 + o at tap row r - o
-            ii = i0 + (r - 3) + j * 0  # a vector: the interpreter's scalar & vector makes no mask
-            for v in tl.static_range(7):
-                hv = _row_load(base, ii, j, v, H, W, D, ch, cmask, ACC)
-                if r < 7:
-                    acc0 = _row_tap(acc0, hv, k_ptr, r, v, D, ch, cmask, FLIP)
-                if ROWS > 1 and r >= 1 and r < 8:
-                    acc1 = _row_tap(acc1, hv, k_ptr, r - 1, v, D, ch, cmask, FLIP)
-                if ROWS > 2 and r >= 2 and r < 9:
-                    acc2 = _row_tap(acc2, hv, k_ptr, r - 2, v, D, ch, cmask, FLIP)
-                if ROWS > 3 and r >= 3:
-                    acc3 = _row_tap(acc3, hv, k_ptr, r - 3, v, D, ch, cmask, FLIP)
-    else:
-        for r in range(ROWS + 6):
-            ii = i0 + r - 3 + j * 0
-            for v in tl.static_range(7):
-                hv = _row_load(base, ii, j, v, H, W, D, ch, cmask, ACC)
-                acc0 = _row_tap(acc0, hv, k_ptr, r, v, D, ch, cmask, FLIP)
-                if ROWS > 1:
-                    acc1 = _row_tap(acc1, hv, k_ptr, r - 1, v, D, ch, cmask, FLIP)
-                if ROWS > 2:
-                    acc2 = _row_tap(acc2, hv, k_ptr, r - 2, v, D, ch, cmask, FLIP)
-                if ROWS > 3:
-                    acc3 = _row_tap(acc3, hv, k_ptr, r - 3, v, D, ch, cmask, FLIP)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _store_row(out_ptr, acc, bias, b, i, j, H, W, D, ch, cmask):
-    offs = ((b * H + i) * W + j.to(tl.int64))[:, None] * D + ch[None, :]
-    tl.store(out_ptr + offs, (acc + bias[None, :]).to(out_ptr.dtype.element_ty),
-             mask=((i + j * 0 < H) & (j < W))[:, None] & cmask[None, :])
-
-
-@triton.jit(do_not_specialize=["H", "W", "n_jt"])
-def _dwconv7_rows_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_jt,
-                         HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, ROWS: tl.constexpr, TW: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr):
-    """:func:`_dwconv7_kernel` on row-blocked tiles (:func:`row_tile_coords`, :func:`dwconv7_rows`)."""
-    b, i0, j = row_tile_coords(tl.program_id(0), H, W, n_jt, ROWS, TW)
-    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = ch < D
-    acc0, acc1, acc2, acc3 = dwconv7_rows(h_ptr, k_ptr, b, i0, j, H, W, D, ch, cmask, ROWS, TW, BLOCK_D, ACC, FLIP,
-                                             UNROLL)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=ACC)
-    _store_row(out_ptr, acc0, bias, b, i0, j, H, W, D, ch, cmask)
-    if ROWS > 1:
-        _store_row(out_ptr, acc1, bias, b, i0 + 1, j, H, W, D, ch, cmask)
-    if ROWS > 2:
-        _store_row(out_ptr, acc2, bias, b, i0 + 2, j, H, W, D, ch, cmask)
-    if ROWS > 3:
-        _store_row(out_ptr, acc3, bias, b, i0 + 3, j, H, W, D, ch, cmask)
-
-
 @triton.jit(do_not_specialize=["H", "W", "n_pix"])
 def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
                     HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -254,7 +151,6 @@ def _merge_kernel(w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, bias_pt
 
 
 _dwconv7_launch = Launcher(_dwconv7_kernel)
-_dwconv7_rows_launch = Launcher(_dwconv7_rows_kernel)
 _dwconv7_wgrad_launch = Launcher(_dwconv7_wgrad_kernel)
 _merge_launch = Launcher(_merge_kernel)
 
@@ -271,20 +167,6 @@ def _conv_triton(h, K, bias, pixels: int | None = None, num_warps: int | None = 
     _dwconv7_launch[grid](h, K, bias if bias is not None else K, out, H, W, D, n_pix,
                           HAS_BIAS=bias is not None, FLIP=flip, TILE=pixels, BLOCK_D=block_d,
                           ACC=tl_acc(K.dtype), num_warps=num_warps)
-    return out
-
-
-def _conv_rows_triton(h, K, bias, rows: int = 4, tw: int = 16, num_warps: int = 2, flip: bool = False,
-                      unroll: bool = False):
-    """The merged conv on row-blocked tiles: ``rows`` (1-4) output rows by ``tw`` columns a program."""
-    B, H, W, D = h.shape
-    out = torch.empty_like(h)
-    block_d = min(next_pow2(D), MAX_BLOCK_D)
-    n_jt = triton.cdiv(W, tw)
-    grid = (B * triton.cdiv(H, rows) * n_jt, triton.cdiv(D, block_d))
-    _dwconv7_rows_launch[grid](h, K, bias if bias is not None else K, out, H, W, D, n_jt,
-                               HAS_BIAS=bias is not None, FLIP=flip, ROWS=rows, TW=tw, BLOCK_D=block_d,
-                               ACC=tl_acc(K.dtype), UNROLL=unroll, num_warps=num_warps)
     return out
 
 
