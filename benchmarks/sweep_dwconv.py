@@ -25,7 +25,7 @@ LN_PER_SM = [1, 2, 4, 8]
 WGRAD_TILES = [(8, 4), (16, 4), (16, 8), (32, 8), (32, 16)]
 TAIL_TILES = [(32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]
 # GELU backward (with the projector's input gradient): programs per SM, rows per step, warps
-GELU_BWD_TILES = [(8, 32, 4), (4, 64, 4), (8, 16, 4), (16, 16, 2), (8, 32, 2), (12, 32, 4)]
+GELU_BWD_TILES = [(4, 64, 4), (8, 32, 4), (2, 64, 4), (4, 128, 8), (16, 16, 2)]
 
 
 def us(fn):
@@ -33,6 +33,13 @@ def us(fn):
     small maps measure this host's launch cost instead (run 53: 88-99 us for an LN backward and
     epilogue that take 21-46 us of GPU time at 6272x512)."""
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def us_cold(fn):
+    """Median microseconds of ``fn`` with L2 flushed before each call (``triton.testing.do_bench``),
+    as a memory-bound kernel meets its inputs inside the adapter. Graph replays of ``us`` keep inputs
+    of up to ~50 MB in L2: run 58 timed the GELU backward at 62 us that way, 135 us in the adapter."""
+    return triton.testing.do_bench(fn, return_mode="median") * 1e3
 
 
 def main():
@@ -111,7 +118,8 @@ def ln_sweep():
 
 def gelu_sweep():
     """The GELU backward (with the projector's input gradient, dropout 0.1, partials left unsummed)
-    by programs per SM, rows per loop step and warps; the first column is the shipped setting."""
+    by programs per SM, rows per loop step and warps, L2 flushed before each call (at the small maps
+    the times include host launch cost); the first column is the shipped setting."""
     torch.manual_seed(0)
     print("\nTriton GELU backward with the projector (dropout 0.1, partials) by programs per SM / rows per step / "
           "warps, us")
@@ -120,7 +128,8 @@ def gelu_sweep():
     for B, H, W, d in SHAPES:
         h3, da = (torch.randn(B * H * W, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         wp, seed = torch.randn(d, d, device="cuda") / 8, torch.tensor([1], device="cuda")
-        times = [us(lambda: _gelu_bwd_triton(da, h3, seed, 0.1, wp, False, s, r, w)) for s, r, w in GELU_BWD_TILES]
+        times = [us_cold(lambda: _gelu_bwd_triton(da, h3, seed, 0.1, wp, False, s, r, w))
+                 for s, r, w in GELU_BWD_TILES]
         print(f"| {B}x{H}x{W}x{d} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
 
 

@@ -31,11 +31,12 @@ from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_w
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Elements per program of the GELU forward. The GELU backward's rows per loop step, programs per
-# SM and warps: run 58's graph-timed sweep found 32 rows at 8 programs an SM 18-28% faster than
-# 64 rows at 4 at every map size (62.2 against 76.3 us at COCO stage 1, 6.2 against 7.9 at 14x14).
+# SM and warps. Run 58's graph-replayed sweep put 32 rows at 8 programs an SM 18-28% ahead, but with
+# its inputs resident in L2; inside the adapter that setting took 135 us at COCO stage 1 against
+# about 70 for this one (run 58's profile), so this one stays.
 GELU_BLOCK = 2048
-GELU_BWD_ROWS = 32
-GELU_BWD_PER_SM = 8
+GELU_BWD_ROWS = 64
+GELU_BWD_PER_SM = 4
 GELU_BWD_WARPS = 4
 # The fused tail (merged conv, projector, GELU, dropout in one kernel) holds all d channels of a tile
 # for the projector's tl.dot: pixels per tile and warps (run 49's sweep: 32 px / 4 warps was the
