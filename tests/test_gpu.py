@@ -351,11 +351,18 @@ def test_replayed_graphs_match_the_reference_on_fresh_inputs(graph_cache, dtype)
     _assert_replaying(backend)
 
 
+@pytest.mark.parametrize("large_copy", [None, 1024], ids=["default-copies", "large-copies-alone"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_replayed_graphs_keep_each_calls_state(graph_cache, dropout):
+def test_replayed_graphs_keep_each_calls_state(graph_cache, dropout, large_copy, monkeypatch):
     """Two adapters of one shape share a cache entry: both forwards run before either backward, in
-    both orders, and every result must equal the direct path's for the same seeds."""
+    both orders, and every result must equal the direct path's for the same seeds. ``large_copy``
+    lowers the Triton cache's large-tensor threshold, so that tokens, outputs, h1 and the larger
+    weights take the copy-alone path (``copy_``/``clone``) at this small shape."""
     backend, graph_cache = graph_cache
+    if large_copy is not None:
+        if backend != "triton":
+            pytest.skip("the threshold is the Triton path's")
+        monkeypatch.setattr(mk.ops.graphs, "LARGE_COPY_BYTES", large_copy)
     dtype = torch.bfloat16
     mods = [randomize_(mk.Mona(64, 32, dropout=dropout, backend=backend)).cuda().to(dtype) for _ in range(2)]
     xs = [torch.randn(2, 9 * 7, 64, device="cuda").to(dtype).requires_grad_() for _ in range(2)]

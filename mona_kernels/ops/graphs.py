@@ -97,10 +97,11 @@ def graph_cache(capacity: int | None = None) -> int:
 
 
 # Tensors of at least this many bytes are copied on their own (a memcpy), the rest by one foreach
-# launch per dtype. The foreach kernels moved 2.1 TB/s at COCO stage 1 (run 52 profile: 190 us for
-# the caches' copies), where a large copy is GPU-bound; for the small tensors, and at the shapes
-# where the host sets the pace, one launch for many tensors costs less host time.
-LARGE_COPY_BYTES = 16 << 20
+# launch per dtype. Run 58's same-run A/B (benchmarks/ab_staging.py, eager fwd+bwd, bf16): copying
+# the 34 MB tokens alone took 3.4% off at COCO stage 1, where the GPU sets the pace; at 25.7 MB
+# (Swin stage 1, 32 images) the extra launches cost host time and the step took 5% longer. Below
+# the threshold one launch for many tensors costs the least host time.
+LARGE_COPY_BYTES = 32 << 20
 
 
 def _split(statics):
