@@ -1,5 +1,5 @@
 """Same-run A/B of the Triton graph cache's staging: every tensor by foreach launches (the rule before
-run 58) against large tensors copied on their own (``graphs.LARGE_COPY_BYTES``), eager module
+session 8) against large tensors copied on their own (``graphs.LARGE_COPY_BYTES``), eager module
 forward+backward in bf16, the two settings timed in turn over several rounds.
 
     python benchmarks/ab_staging.py [B,H,W,C ...]      (default: the three largest SPEC §2 shapes)

@@ -38,7 +38,8 @@ def us(fn):
 def us_cold(fn):
     """Median microseconds of ``fn`` with L2 flushed before each call (``triton.testing.do_bench``),
     as a memory-bound kernel meets its inputs inside the adapter. Graph replays of ``us`` keep inputs
-    of up to ~50 MB in L2: run 58 timed the GELU backward at 62 us that way, 135 us in the adapter."""
+    of up to ~50 MB in L2: run 59 timed the GELU backward at 62 us that way, 135 us in the adapter
+    (flushed, run 60 still timed 66 us: L2 is not the whole difference)."""
     return triton.testing.do_bench(fn, return_mode="median") * 1e3
 
 

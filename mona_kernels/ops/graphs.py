@@ -97,10 +97,11 @@ def graph_cache(capacity: int | None = None) -> int:
 
 
 # Tensors of at least this many bytes are copied on their own (a memcpy), the rest by one foreach
-# launch per dtype. Run 58's same-run A/B (benchmarks/ab_staging.py, eager fwd+bwd, bf16): copying
-# the 34 MB tokens alone took 3.4% off at COCO stage 1, where the GPU sets the pace; at 25.7 MB
-# (Swin stage 1, 32 images) the extra launches cost host time and the step took 5% longer. Below
-# the threshold one launch for many tensors costs the least host time.
+# launch per dtype. Same-run A/B (benchmarks/ab_staging.py, eager fwd+bwd, bf16): copying the 34 MB
+# tokens alone took 3.4% off at COCO stage 1 with a 16 MB threshold (run 61) and 2.0% with this one
+# (run 62), where the GPU sets the pace; at 25.7 MB (Swin stage 1, 32 images) the extra launches
+# cost host time and the step took 5% longer (run 61). Below the threshold one launch for many
+# tensors costs the least host time.
 LARGE_COPY_BYTES = 32 << 20
 
 

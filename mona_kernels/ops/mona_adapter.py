@@ -31,9 +31,9 @@ from .utils import Launcher, acc_dtype, cast as _cast, call_op, next_pow2, num_w
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Elements per program of the GELU forward. The GELU backward's rows per loop step, programs per
-# SM and warps. Run 58's graph-replayed sweep put 32 rows at 8 programs an SM 18-28% ahead, but with
-# its inputs resident in L2; inside the adapter that setting took 135 us at COCO stage 1 against
-# about 70 for this one (run 58's profile), so this one stays.
+# SM and warps. Run 59's graph-replayed sweep put 32 rows at 8 programs an SM 18-28% ahead (and run
+# 60's, with L2 flushed, 16%); inside the adapter that setting took 135 us at COCO stage 1 against
+# about 70 for this one (run 59's profile, cause unknown), so this one stays.
 GELU_BLOCK = 2048
 GELU_BWD_ROWS = 64
 GELU_BWD_PER_SM = 4
