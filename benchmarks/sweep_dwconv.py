@@ -2,9 +2,10 @@
 Triton kernels, the CUDA extension's, and cuDNN's single 7x7 depthwise conv on the same tensor; then
 the Triton kernels' tile sizes (section ``kernels``); the Triton LN-scaling backward's programs per
 SM with the adapter's gradient epilogue that sums their partials (``ln``); the GELU backward's
-programs, rows and warps (``gelu``); the graph caches' staging copies (``copies``).
+programs, rows and warps (``gelu``); the graph caches' staging copies (``copies``); the CUDA
+extension's conv and wgrad variants, graph-replayed and with L2 flushed (``cuda``).
 
-    python benchmarks/sweep_dwconv.py [kernels] [ln] [gelu] [copies]    (default: all)
+    python benchmarks/sweep_dwconv.py [cuda] [kernels] [ln] [gelu] [copies]    (default: all)
 """
 import sys
 
@@ -160,7 +161,42 @@ def copy_sweep():
         print(f"| {M}x{C} | {x.numel() * 2 / 1e6:.1f} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
 
 
-SECTIONS = {"kernels": main, "ln": ln_sweep, "gelu": gelu_sweep, "copies": copy_sweep}
+# CUDA conv variants: 0 the register-row default; 4-6 the shared-memory tiles (rows x columns a block,
+# rows x columns a thread): 8x16 / 2x8, 8x16 / 4x4, 8x32 / 2x8. wgrad: 0 the sliding window, 2-3 the
+# shared-memory tiles 8x16 and 4x32.
+CUDA_CONVS = [0, 4, 5, 6]
+CUDA_WGRADS = [0, 2, 3]
+
+
+def cuda_sweep():
+    """The CUDA extension's conv (plain and flipped) and wgrad variants against cuDNN and the Triton
+    kernels, each timed twice: replayed from a CUDA graph (inputs stay in L2) and with L2 flushed."""
+    torch.manual_seed(0)
+    if _can_run("cuda", torch.device("cuda")) is not None:
+        print("cuda section: the CUDA extension is unavailable")
+        return
+    cols = (["cuDNN 7x7", "triton conv"] + [f"cuda conv v{v}" for v in CUDA_CONVS] + ["cuda flip v0", "cuda flip v4"]
+            + ["triton wgrad"] + [f"cuda wgrad v{v}" for v in CUDA_WGRADS])
+    print("\nCUDA conv and wgrad variants, us: graph-replayed / L2 flushed")
+    print("| shape | floor fwd | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for B, H, W, d in SHAPES:
+        h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn_like(h)
+        K = torch.randn(49, d, device="cuda")
+        bias = torch.randn(d, device="cuda")
+        conv = torch.nn.Conv2d(d, d, 7, padding=3, groups=d).cuda().bfloat16().to(memory_format=torch.channels_last)
+        hc = h.permute(0, 3, 1, 2)
+        fns = ([lambda: conv(hc), lambda: _conv_triton(h, K, bias)]
+               + [lambda v=v: cuda_ext.dwconv7_fwd(h, K, bias, False, v) for v in CUDA_CONVS]
+               + [lambda v=v: cuda_ext.dwconv7_fwd(g, K, None, True, v) for v in (0, 4)]
+               + [lambda: _wgrad_triton(h, g)] + [lambda v=v: cuda_ext.dwconv7_wgrad(h, g, v) for v in CUDA_WGRADS])
+        floor = 2 * h.numel() * 2 / 4.25e12 * 1e6
+        cells = [f"{us(f):.1f} / {us_cold(f):.1f}" for f in fns]
+        print(f"| {B}x{H}x{W}x{d} | {floor:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+
+SECTIONS = {"cuda": cuda_sweep, "kernels": main, "ln": ln_sweep, "gelu": gelu_sweep, "copies": copy_sweep}
 
 if __name__ == "__main__":
     unknown = [name for name in sys.argv[1:] if name not in SECTIONS]

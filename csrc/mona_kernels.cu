@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <initializer_list>
 #include <type_traits>
 #include <utility>
 
@@ -465,6 +466,205 @@ WgradShape wgrad_shape(int64_t B, int64_t H, int64_t W) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Shared-memory tiles of the conv and its kernel gradient. A block stages the input tile of TH x TW
+// pixels and 64 channels with its 3-pixel halo (zeros outside the image) in shared memory once,
+// so the 49 taps read shared memory instead of L1/L2, and every thread owns one channel pair.
+// Conv: a thread computes an R x Q patch of outputs; it reads each of its R + 6 input rows (Q + 6
+// pixels) once and applies it to every output row of the patch, so a shared-memory read feeds
+// 7 * Q * R / (R + 6) / (Q + 6) * 7 multiply-adds per channel. The merged kernel (and bias) sit in
+// shared memory too, rotated on the way in for the input gradient.
+
+constexpr int kTileChannels = 64;
+constexpr int kPairs = kTileChannels / 2;  // threadIdx.x: one channel pair each
+
+template <typename T>
+__device__ __forceinline__ float2 load_pair(const T* p) {
+  const Vec<T, 2> raw = *reinterpret_cast<const Vec<T, 2>*>(p);
+  return make_float2(to_float(raw.v[0]), to_float(raw.v[1]));
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b) {
+  Vec<T, 2> raw;
+  raw.v[0] = from_float<T>(a);
+  raw.v[1] = from_float<T>(b);
+  *reinterpret_cast<Vec<T, 2>*>(p) = raw;
+}
+
+// Copies rows [i0, i0 + rows) x columns [j0, j0 + cols) of image `img` and channels [c0, c0 + 64)
+// into tile[(row * cols + col) * 64 + channel], zero outside the image and past D. 16-byte
+// chunks: D is a multiple of 16 / sizeof(T) and the tensor 16-byte aligned (checked by the host).
+template <typename T>
+__device__ __forceinline__ void stage_tile(const T* __restrict__ src, T* tile, int64_t img, int i0, int j0, int rows,
+                                           int cols, int c0, int H, int W, int D) {
+  constexpr int kPer = 16 / sizeof(T);
+  constexpr int kChunks = kTileChannels / kPer;
+  const int n = rows * cols * kChunks;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int k = tid; k < n; k += blockDim.x * blockDim.y) {
+    const int chunk = k % kChunks, pix = k / kChunks;
+    const int i = i0 + pix / cols, j = j0 + pix % cols, c = c0 + chunk * kPer;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (i >= 0 && i < H && j >= 0 && j < W && c < D)
+      v = *reinterpret_cast<const uint4*>(src + ((img * H + i) * (int64_t)W + j) * D + c);
+    *reinterpret_cast<uint4*>(tile + (int64_t)pix * kTileChannels + chunk * kPer) = v;
+  }
+}
+
+template <typename T, int TH, int TW>
+constexpr size_t conv_smem_bytes() {
+  return sizeof(float) * (kTaps + 1) * kTileChannels + sizeof(T) * (TH + 6) * (TW + 6) * kTileChannels;
+}
+
+template <typename T, bool FLIP, int TH, int TW, int R, int Q>
+__global__ void __launch_bounds__(kPairs * (TH / R) * (TW / Q)) dwconv7_smem_kernel(
+    const T* __restrict__ h, const float* __restrict__ K, const float* __restrict__ bias, T* __restrict__ out,
+    T* __restrict__ out2, int H, int W, int D, int col_tiles, int row_tiles) {
+  constexpr int kCols = TW + 2 * kHalo;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* wsm = reinterpret_cast<float*>(smem_raw);  // (50, 64): taps, then bias
+  T* tile = reinterpret_cast<T*>(wsm + (kTaps + 1) * kTileChannels);
+  int64_t t = blockIdx.x;
+  const int ct = (int)(t % col_tiles);
+  t /= col_tiles;
+  const int rt = (int)(t % row_tiles);
+  const int64_t img = t / row_tiles;
+  const int c0 = blockIdx.y * kTileChannels;
+  const int i0 = rt * TH, j0 = ct * TW;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int k = tid; k < (kTaps + 1) * kTileChannels; k += blockDim.x * blockDim.y) {
+    const int tap = k / kTileChannels, c = c0 + k % kTileChannels;
+    float v = 0.f;
+    if (c < D) {
+      if (tap < kTaps) {
+        v = K[(int64_t)(FLIP ? kTaps - 1 - tap : tap) * D + c];
+      } else if (bias != nullptr) {
+        v = bias[c];
+      }
+    }
+    wsm[k] = v;
+  }
+  stage_tile(h, tile, img, i0 - kHalo, j0 - kHalo, TH + 2 * kHalo, kCols, c0, H, W, D);
+  __syncthreads();
+
+  const int cp = threadIdx.x;
+  const int oi = (threadIdx.y / (TW / Q)) * R, oj = (threadIdx.y % (TW / Q)) * Q;
+  const float2* w2 = reinterpret_cast<const float2*>(wsm) + cp;  // tap t of this pair: w2[t * kPairs]
+  const float2 b = w2[kTaps * kPairs];
+  float acc[R][Q][2];
+#pragma unroll
+  for (int o = 0; o < R; ++o)
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      acc[o][q][0] = b.x;
+      acc[o][q][1] = b.y;
+    }
+#pragma unroll
+  for (int r = 0; r < R + 2 * kHalo; ++r) {
+    float2 row[Q + 2 * kHalo];
+    const T* src = tile + ((oi + r) * kCols + oj) * kTileChannels + 2 * cp;
+#pragma unroll
+    for (int k = 0; k < Q + 2 * kHalo; ++k) row[k] = load_pair(src + k * kTileChannels);
+#pragma unroll
+    for (int o = 0; o < R; ++o) {
+      const int u = r - o;  // the tap row joining input row r to output row o
+      if (u < 0 || u >= kKernel) continue;
+#pragma unroll
+      for (int v = 0; v < kKernel; ++v) {
+        const float2 w = w2[(u * kKernel + v) * kPairs];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          acc[o][q][0] += row[q + v].x * w.x;
+          acc[o][q][1] += row[q + v].y * w.y;
+        }
+      }
+    }
+  }
+  const int c = c0 + 2 * cp;
+  if (c >= D) return;
+#pragma unroll
+  for (int o = 0; o < R; ++o) {
+    const int i = i0 + oi + o;
+    if (i >= H) continue;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int j = j0 + oj + q;
+      if (j >= W) continue;
+      const int64_t off = ((img * H + i) * (int64_t)W + j) * D + c;
+      store_pair(out + off, acc[o][q][0], acc[o][q][1]);
+      if (out2 != nullptr) store_pair(out2 + off, acc[o][q][0], acc[o][q][1]);
+    }
+  }
+}
+
+// Kernel gradient from shared-memory tiles: thread (channel pair, tap row u = threadIdx.y) sums
+// dout(i, j) * h(i + u - 3, j + v - 3) over the tile for its seven taps v, reading an input row of
+// TW + 6 pixels once per output row. Blocks loop over tiles and write one partial slot each.
+template <typename T, int TH, int TW>
+constexpr size_t wgrad_smem_bytes() {
+  return sizeof(T) * ((TH + 6) * (TW + 6) + TH * TW) * kTileChannels;
+}
+
+template <typename T, int TH, int TW>
+__global__ void __launch_bounds__(kPairs * kKernel) dwconv7_wgrad_smem_kernel(
+    const T* __restrict__ h, const T* __restrict__ dout, float* __restrict__ partial, int H, int W, int D,
+    int col_tiles, int row_tiles, int64_t n_tiles) {
+  constexpr int kCols = TW + 2 * kHalo;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* htile = reinterpret_cast<T*>(smem_raw);
+  T* gtile = htile + (TH + 2 * kHalo) * kCols * kTileChannels;
+  const int cp = threadIdx.x, u = threadIdx.y;
+  const int c0 = blockIdx.y * kTileChannels;
+  float2 acc[kKernel], dsum = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int v = 0; v < kKernel; ++v) acc[v] = make_float2(0.f, 0.f);
+  for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+    int64_t r = t;
+    const int ct = (int)(r % col_tiles);
+    r /= col_tiles;
+    const int rt = (int)(r % row_tiles);
+    const int64_t img = r / row_tiles;
+    const int i0 = rt * TH, j0 = ct * TW;
+    __syncthreads();  // the previous tile's readers are done
+    stage_tile(h, htile, img, i0 - kHalo, j0 - kHalo, TH + 2 * kHalo, kCols, c0, H, W, D);
+    stage_tile(dout, gtile, img, i0, j0, TH, TW, c0, H, W, D);
+    __syncthreads();
+    for (int oi = 0; oi < TH; ++oi) {
+      const T* hrow = htile + ((oi + u) * kCols) * kTileChannels + 2 * cp;
+      const T* grow = gtile + (oi * TW) * kTileChannels + 2 * cp;
+      float2 hr[TW + 2 * kHalo];
+#pragma unroll
+      for (int k = 0; k < TW + 2 * kHalo; ++k) hr[k] = load_pair(hrow + k * kTileChannels);
+#pragma unroll
+      for (int q = 0; q < TW; ++q) {
+        const float2 g = load_pair(grow + q * kTileChannels);
+        if (u == kHalo) {
+          dsum.x += g.x;
+          dsum.y += g.y;
+        }
+#pragma unroll
+        for (int v = 0; v < kKernel; ++v) {
+          acc[v].x += g.x * hr[q + v].x;
+          acc[v].y += g.y * hr[q + v].y;
+        }
+      }
+    }
+  }
+  const int c = c0 + 2 * cp;
+  if (c >= D) return;
+  float* mine = partial + (int64_t)blockIdx.x * (kTaps + 1) * D + c;
+#pragma unroll
+  for (int v = 0; v < kKernel; ++v) {
+    mine[(int64_t)(u * kKernel + v) * D] = acc[v].x;
+    mine[(int64_t)(u * kKernel + v) * D + 1] = acc[v].y;
+  }
+  if (u == kHalo) {
+    mine[(int64_t)kTaps * D] = dsum.x;
+    mine[(int64_t)kTaps * D + 1] = dsum.y;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // GELU (exact erf form) and dropout. The mask is a hash of (seed, flat element index): splitmix64,
 // whose 24 top bits give a uniform draw in [0, 1); kept when the draw is >= p.
 
@@ -733,11 +933,67 @@ cudaError_t launch_conv(const T* h, const float* K, const float* bias, T* out, T
   return cudaGetLastError();
 }
 
+constexpr int kMaxDevices = 64;
+
+// Whether a block may use `bytes` of shared memory on the current device (Turing: 64 KB, Hopper: 227 KB).
+bool smem_available(size_t bytes) {
+  static int optin[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  int limit = dev < kMaxDevices ? optin[dev] : 0;
+  if (limit == 0) {
+    if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return false;
+    if (dev < kMaxDevices) optin[dev] = limit;
+  }
+  return bytes <= (size_t)limit;
+}
+
+// Dynamic shared memory past 48 KB needs an opt-in, once per kernel and device.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  static bool done[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (bytes <= 48 * 1024 || (dev < kMaxDevices && done[dev])) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (err == cudaSuccess && dev < kMaxDevices) done[dev] = true;
+  return err;
+}
+
+// The shared-memory tiles take 16-byte chunks of 64 channels.
+template <typename T>
+bool smem_tiles_fit(int64_t D, std::initializer_list<const void*> ptrs) {
+  if (D % (16 / (int64_t)sizeof(T)) != 0) return false;
+  for (const void* p : ptrs)
+    if (!aligned(p, 16)) return false;
+  return true;
+}
+
+template <typename T, int TH, int TW, int R, int Q>
+cudaError_t launch_conv_smem(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
+                             int64_t W, int64_t D, bool flip, cudaStream_t stream) {
+  const int col_tiles = (int)cdiv(W, TW), row_tiles = (int)cdiv(H, TH);
+  const dim3 grid((unsigned)(B * col_tiles * row_tiles), (unsigned)cdiv(D, kTileChannels));
+  const dim3 block(kPairs, (TH / R) * (TW / Q));
+  constexpr size_t smem = conv_smem_bytes<T, TH, TW>();
+  if (!smem_available(smem)) return launch_conv<T, 4, 3>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+  auto kernel = flip ? dwconv7_smem_kernel<T, true, TH, TW, R, Q> : dwconv7_smem_kernel<T, false, TH, TW, R, Q>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, block, smem, stream>>>(h, K, bias, out, out2, (int)H, (int)W, (int)D, col_tiles, row_tiles);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
                         int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream) {
   if (B * H * W * D == 0) return cudaSuccess;
+  if (variant >= 4 && !smem_tiles_fit<T>(D, {h, out, out2})) variant = 0;
   switch (variant) {
+    case 4: return launch_conv_smem<T, 8, 16, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 5: return launch_conv_smem<T, 8, 16, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 6: return launch_conv_smem<T, 8, 32, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     // measured on the H200 at 2x200x336x64 bf16 (sweep_dwconv.py): 87, 123, 93 and 140 us
     case 1: return launch_conv<T, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 2: return launch_conv<T, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
@@ -751,11 +1007,32 @@ int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(s.units, 8 * (int64_t)sms));
 }
 
+template <typename T, int TH, int TW>
+cudaError_t launch_wgrad_smem(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
+                              int64_t D, cudaStream_t stream) {
+  const int col_tiles = (int)cdiv(W, TW), row_tiles = (int)cdiv(H, TH);
+  const dim3 grid((unsigned)slots, (unsigned)cdiv(D, kTileChannels));  // one partial slot per block
+  const dim3 block(kPairs, kKernel);
+  constexpr size_t smem = wgrad_smem_bytes<T, TH, TW>();
+  auto kernel = dwconv7_wgrad_smem_kernel<T, TH, TW>;
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, block, smem, stream>>>(h, dout, partial, (int)H, (int)W, (int)D, col_tiles, row_tiles,
+                                        B * col_tiles * row_tiles);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
                           int64_t D, int variant, cudaStream_t stream) {
   const WgradShape s = wgrad_shape(B, H, W);
   if (D == 0) return cudaSuccess;
+  if (variant >= 2 && smem_tiles_fit<T>(D, {h, dout})) {
+    if (variant == 3 && smem_available(wgrad_smem_bytes<T, 4, 32>()))
+      return launch_wgrad_smem<T, 4, 32>(h, dout, partial, slots, B, H, W, D, stream);
+    if (variant != 3 && smem_available(wgrad_smem_bytes<T, 8, 16>()))
+      return launch_wgrad_smem<T, 8, 16>(h, dout, partial, slots, B, H, W, D, stream);
+  }
   const int want = variant == 1 ? 2 : 4;  // channels a thread: 4 (default) or 2 (fewer registers)
   const int vec = D % want == 0 && aligned(h, want * sizeof(T)) && aligned(dout, want * sizeof(T)) ? want : 1;
   const int64_t groups = D / vec;

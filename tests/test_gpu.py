@@ -304,6 +304,31 @@ def test_cuda_tilings_give_identical_results(dtype):
     assert torch.equal(cuda_ext.dwconv7_wgrad(h, g, 1), cuda_ext.dwconv7_wgrad(h, g, 0))
 
 
+@pytest.mark.skipif("cuda" not in DEVICE_BACKENDS, reason="the CUDA extension is not available")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 13, 19, 64), (1, 9, 40, 40), (3, 5, 7, 128), (1, 20, 33, 200), (1, 9, 11, 6)])
+def test_cuda_shared_memory_tiles_match_the_register_kernels(dtype, shape):
+    """Conv variants 4-6 and wgrad variants 2-3 (shared-memory tiles) sum the same products in another
+    order: equal to the default kernels up to fp32 reassociation and one rounding of the output, at
+    partial row, column and channel tiles. D = 6 is not a multiple of a 16-byte chunk and falls back."""
+    from mona_kernels.ops import cuda_ext
+    h = torch.randn(shape, device="cuda").to(dtype)
+    g = torch.randn_like(h)
+    D = shape[-1]
+    K, bias = torch.randn(49, D, device="cuda"), torch.randn(D, device="cuda")
+    rtol = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    for flip in (False, True):
+        base = cuda_ext.dwconv7_fwd(h, K, bias, flip, 0).float()
+        for variant in (4, 5, 6):
+            out = cuda_ext.dwconv7_fwd(h, K, bias, flip, variant)
+            assert out.dtype == dtype and out.shape == h.shape
+            torch.testing.assert_close(out.float(), base, rtol=rtol, atol=1e-4, msg=f"flip {flip} variant {variant}")
+    wbase = cuda_ext.dwconv7_wgrad(h, g, 0)
+    for variant in (2, 3):
+        torch.testing.assert_close(cuda_ext.dwconv7_wgrad(h, g, variant), wbase, rtol=1e-4, atol=1e-3,
+                                   msg=f"wgrad variant {variant}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The graph caches of the Triton path (ops/graphs.py) and the CUDA backend (csrc/adapter.cpp): a
 # problem seen before replays captured graphs over static buffers. The first call of a shape runs
