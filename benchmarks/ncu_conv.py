@@ -1,10 +1,13 @@
-"""One launch each of the CUDA extension's conv and wgrad kernels at COCO stage 1 (for ncu).
+"""One launch each of the depthwise kernels at COCO stage 1 (for ncu): the Triton conv and wgrad,
+and the CUDA extension's register-row conv (variant 0), shared-memory conv (4), sliding-window wgrad
+(0) and shared-memory wgrad (2).
 
     ncu --section SpeedOfLight --section Occupancy --section WarpStateStats python benchmarks/ncu_conv.py
 """
 import torch
 
 from mona_kernels.ops import cuda_ext
+from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
 B, H, W, d = 2, 200, 336, 64
 h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
@@ -12,6 +15,10 @@ g = torch.randn_like(h)
 K = torch.randn(49, d, device="cuda")
 bias = torch.randn(d, device="cuda")
 for _ in range(2):
-    cuda_ext.dwconv7_fwd(h, K, bias)
-    cuda_ext.dwconv7_wgrad(h, g)
+    _conv_triton(h, K, bias)
+    _wgrad_triton(h, g)
+    for v in (0, 4):
+        cuda_ext.dwconv7_fwd(h, K, bias, False, v)
+    for v in (0, 2):
+        cuda_ext.dwconv7_wgrad(h, g, v)
 torch.cuda.synchronize()

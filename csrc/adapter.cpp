@@ -84,7 +84,7 @@ Tensor conv(const Tensor& h, const float* K, const float* bias, int64_t B, int64
   dispatch(h.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check_cuda(mona::dwconv7_fwd<T>(ptr<T>(h), K, bias, ptr<T>(out), copy.defined() ? ptr<T>(copy) : nullptr, B, H,
-                                    W, h.size(1), flip, 0, current_stream()),
+                                    W, h.size(1), flip, -1, current_stream()),
                "dwconv7_fwd");
   });
   return out;
@@ -207,7 +207,7 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
   auto dh1 = conv(dh2, s, nullptr, B, H, W, true);
   dispatch(cdt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check_cuda(mona::dwconv7_wgrad<T>(ptr<T>(h1), ptr<T>(dh2), wpartial, wslots, B, H, W, d, 0, current_stream()),
+    check_cuda(mona::dwconv7_wgrad<T>(ptr<T>(h1), ptr<T>(dh2), wpartial, wslots, B, H, W, d, -1, current_stream()),
                "dwconv7_wgrad");
   });
   auto dKb = sum_slots(wpartial, wslots, {kTaps + 1, d}, x);

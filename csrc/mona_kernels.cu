@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <initializer_list>
 #include <type_traits>
 #include <utility>
@@ -948,6 +949,15 @@ bool smem_available(size_t bytes) {
   return bytes <= (size_t)limit;
 }
 
+static std::atomic<int> default_conv_variant{0}, default_wgrad_variant{0};
+
+std::pair<int, int> dwconv7_defaults(int conv, int wgrad) {
+  const std::pair<int, int> old(default_conv_variant.load(), default_wgrad_variant.load());
+  if (conv >= 0) default_conv_variant = conv;
+  if (wgrad >= 0) default_wgrad_variant = wgrad;
+  return old;
+}
+
 // Dynamic shared memory past 48 KB needs an opt-in, once per kernel and device.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {
@@ -989,6 +999,7 @@ template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
                         int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream) {
   if (B * H * W * D == 0) return cudaSuccess;
+  if (variant < 0) variant = default_conv_variant.load(std::memory_order_relaxed);
   if (variant >= 4 && !smem_tiles_fit<T>(D, {h, out, out2})) variant = 0;
   switch (variant) {
     case 4: return launch_conv_smem<T, 8, 16, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
@@ -1027,6 +1038,7 @@ cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, 
                           int64_t D, int variant, cudaStream_t stream) {
   const WgradShape s = wgrad_shape(B, H, W);
   if (D == 0) return cudaSuccess;
+  if (variant < 0) variant = default_wgrad_variant.load(std::memory_order_relaxed);
   if (variant >= 2 && smem_tiles_fit<T>(D, {h, dout})) {
     if (variant == 3 && smem_available(wgrad_smem_bytes<T, 4, 32>()))
       return launch_wgrad_smem<T, 4, 32>(h, dout, partial, slots, B, H, W, D, stream);

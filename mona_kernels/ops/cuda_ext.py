@@ -56,14 +56,20 @@ def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     return dx, (rows if residual is not None else rows[:4])
 
 
-# `variant` picks a tiling of the conv / wgrad kernel (csrc: dwconv7_fwd / dwconv7_wgrad); 0 is the one
-# benchmarks/sweep_dwconv.py measured fastest on the H200, and every variant computes the same result.
-def dwconv7_fwd(h, K, bias, flip=False, variant=0):
+# `variant` picks a tiling of the conv / wgrad kernel (csrc: dwconv7_fwd / dwconv7_wgrad); -1 is the
+# adapter's (`dwconv7_defaults`), and every variant computes the same sums.
+def dwconv7_fwd(h, K, bias, flip=False, variant=-1):
     return load().dwconv7_fwd(h.contiguous(), K, bias, flip, variant)
 
 
-def dwconv7_wgrad(h, dout, variant=0):
+def dwconv7_wgrad(h, dout, variant=-1):
     return load().dwconv7_wgrad(h.contiguous(), dout.contiguous(), variant)
+
+
+def dwconv7_defaults(conv=-1, wgrad=-1):
+    """The conv and wgrad variants the adapter uses (benchmarks/ tune them; graphs already captured keep
+    theirs): sets those given (>= 0) and returns the previous ``(conv, wgrad)``."""
+    return tuple(load().dwconv7_defaults(conv, wgrad))
 
 
 def gelu_dropout_fwd(h3, seed, p):
