@@ -10,6 +10,8 @@
 
 #include <atomic>
 #include <initializer_list>
+#include <mutex>
+#include <set>
 #include <type_traits>
 #include <utility>
 
@@ -958,16 +960,21 @@ std::pair<int, int> dwconv7_defaults(int conv, int wgrad) {
   return old;
 }
 
-// Dynamic shared memory past 48 KB needs an opt-in, once per kernel and device.
+// Dynamic shared memory past 48 KB needs an opt-in, once per kernel and device (the kernels' types
+// are alike, so the registry keys on the function's address).
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  static bool done[kMaxDevices] = {};
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  static std::mutex lock;
+  static std::set<std::pair<const void*, int>> done;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (bytes <= 48 * 1024 || (dev < kMaxDevices && done[dev])) return cudaSuccess;
+  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), dev);
+  std::lock_guard<std::mutex> guard(lock);
+  if (done.count(key)) return cudaSuccess;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-  if (err == cudaSuccess && dev < kMaxDevices) done[dev] = true;
+  if (err == cudaSuccess) done.insert(key);
   return err;
 }
 
