@@ -141,7 +141,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mona_adapter", &mona_adapter,
         "the whole adapter on (M, C) tokens, forward and backward in C++ (one autograd node)");
   m.def("dwconv7_defaults", [](int64_t conv, int64_t wgrad) { return mona::dwconv7_defaults((int)conv, (int)wgrad); },
-        "set the conv and wgrad variants the adapter uses (negative: keep); returns the previous pair");
+        "set the conv and wgrad variants the adapter uses (-1: keep, -2: by map size); returns the previous pair");
   m.def("graph_cache", &graph_cache,
         "set the CUDA-graph cache's capacity (0: off) unless negative; returns the previous capacity");
 }

@@ -951,12 +951,18 @@ bool smem_available(size_t bytes) {
   return bytes <= (size_t)limit;
 }
 
-static std::atomic<int> default_conv_variant{0}, default_wgrad_variant{0};
+// kByShape: the shared-memory tiles from maps of these many pixels, the register kernels below.
+// Same-run A/B in the adapter (benchmarks/ab_conv.py, run 65, bf16 H200, GPU time of fwd+bwd): the
+// tiles took 0.77x at 2x200x336, 0.81x at 32x56x56 and 0.86-0.90x at 128x128, 100x168 and 50x84;
+// at 14x14 they cost 5%; at 32x32 the wgrad's gained 2% and the conv's lost 2%.
+constexpr int kByShape = -2;
+constexpr int64_t kConvTileMinPixels = 2048, kWgradTileMinPixels = 1024;
+static std::atomic<int> default_conv_variant{kByShape}, default_wgrad_variant{kByShape};
 
 std::pair<int, int> dwconv7_defaults(int conv, int wgrad) {
   const std::pair<int, int> old(default_conv_variant.load(), default_wgrad_variant.load());
-  if (conv >= 0) default_conv_variant = conv;
-  if (wgrad >= 0) default_wgrad_variant = wgrad;
+  if (conv != -1) default_conv_variant = conv;
+  if (wgrad != -1) default_wgrad_variant = wgrad;
   return old;
 }
 
@@ -1006,7 +1012,8 @@ template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
                         int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream) {
   if (B * H * W * D == 0) return cudaSuccess;
-  if (variant < 0) variant = default_conv_variant.load(std::memory_order_relaxed);
+  if (variant == -1) variant = default_conv_variant.load(std::memory_order_relaxed);
+  if (variant < 0) variant = H * W >= kConvTileMinPixels ? 4 : 0;
   if (variant >= 4 && !smem_tiles_fit<T>(D, {h, out, out2})) variant = 0;
   switch (variant) {
     case 4: return launch_conv_smem<T, 8, 16, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
@@ -1045,7 +1052,8 @@ cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, 
                           int64_t D, int variant, cudaStream_t stream) {
   const WgradShape s = wgrad_shape(B, H, W);
   if (D == 0) return cudaSuccess;
-  if (variant < 0) variant = default_wgrad_variant.load(std::memory_order_relaxed);
+  if (variant == -1) variant = default_wgrad_variant.load(std::memory_order_relaxed);
+  if (variant < 0) variant = H * W >= kWgradTileMinPixels ? 2 : 0;
   if (variant >= 2 && smem_tiles_fit<T>(D, {h, dout})) {
     if (variant == 3 && smem_available(wgrad_smem_bytes<T, 4, 32>()))
       return launch_wgrad_smem<T, 4, 32>(h, dout, partial, slots, B, H, W, D, stream);

@@ -33,19 +33,19 @@ cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b
 // out = conv7(h, K or K rotated by 180 degrees when flip) (+ bias when not null), zero "same"
 // padding, depthwise over (H, W); out2, when not null, receives a second copy (the accumulator of a
 // following in-place GEMM). `variant` picks a tiling (0: the default; 1-3: the alternatives
-// benchmarks/sweep_dwconv.py measures: 1-3 register rows, 4-6 shared-memory tiles; a negative
-// variant takes the default set by dwconv7_defaults). Every variant computes the same sums, the
+// benchmarks/sweep_dwconv.py measures: 0-3 register rows, 4-6 shared-memory tiles; -1 takes the
+// default set by dwconv7_defaults, -2 chooses by the map's size, the default's default). Every variant computes the same sums, the
 // shared-memory tiles in another order.
 template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
                         int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream);
 
 // partial (slots, 50, D): rows 0..48 sum dout * h shifted by the tap, row 49 sums dout. `variant`:
-// 0 four channels a thread, 1 two, 2-3 shared-memory tiles; negative: the default.
+// 0 four channels a thread, 1 two, 2-3 shared-memory tiles; -1 and -2 as for the conv.
 int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms);
 
-// The variants a negative `variant` means (the adapter's): sets them when given values >= 0 and
-// returns the previous pair. A tuning switch for benchmarks/; captured graphs keep the kernels they
+// The variants that `variant` -1 means (the adapter's; -2, by the map's size, unless set): sets each
+// given as other than -1 and returns the previous pair. A tuning switch for benchmarks/; captured graphs keep the kernels they
 // captured.
 std::pair<int, int> dwconv7_defaults(int conv, int wgrad);
 template <typename T>

@@ -329,6 +329,25 @@ def test_cuda_shared_memory_tiles_match_the_register_kernels(dtype, shape):
                                    msg=f"wgrad variant {variant}")
 
 
+@pytest.mark.skipif("cuda" not in DEVICE_BACKENDS, reason="the CUDA extension is not available")
+def test_cuda_default_variants_follow_the_map_size_and_can_be_set():
+    from mona_kernels.ops import cuda_ext
+    K, bias = torch.randn(49, 64, device="cuda"), torch.randn(64, device="cuda")
+    before = cuda_ext.dwconv7_defaults()
+    assert before == (-2, -2)
+    try:
+        for shape, conv, wgrad in (((2, 40, 60, 64), 4, 2), ((2, 13, 19, 64), 0, 0), ((1, 32, 32, 64), 0, 2)):
+            h = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+            g = torch.randn_like(h)
+            assert torch.equal(cuda_ext.dwconv7_fwd(h, K, bias), cuda_ext.dwconv7_fwd(h, K, bias, False, conv)), shape
+            assert torch.equal(cuda_ext.dwconv7_wgrad(h, g), cuda_ext.dwconv7_wgrad(h, g, wgrad)), shape
+        assert cuda_ext.dwconv7_defaults(5, -1) == (-2, -2)
+        assert cuda_ext.dwconv7_defaults() == (5, -2)
+        assert torch.equal(cuda_ext.dwconv7_fwd(h, K, bias), cuda_ext.dwconv7_fwd(h, K, bias, False, 5))
+    finally:
+        cuda_ext.dwconv7_defaults(*before)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The graph caches of the Triton path (ops/graphs.py) and the CUDA backend (csrc/adapter.cpp): a
 # problem seen before replays captured graphs over static buffers. The first call of a shape runs

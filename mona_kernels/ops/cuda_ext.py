@@ -57,7 +57,8 @@ def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
 
 
 # `variant` picks a tiling of the conv / wgrad kernel (csrc: dwconv7_fwd / dwconv7_wgrad); -1 is the
-# adapter's (`dwconv7_defaults`), and every variant computes the same sums.
+# adapter's (`dwconv7_defaults`; unless set, shared-memory tiles on maps of 32x32 pixels and up, by
+# run 65's A/B), and every variant computes the same sums.
 def dwconv7_fwd(h, K, bias, flip=False, variant=-1):
     return load().dwconv7_fwd(h.contiguous(), K, bias, flip, variant)
 
@@ -68,7 +69,8 @@ def dwconv7_wgrad(h, dout, variant=-1):
 
 def dwconv7_defaults(conv=-1, wgrad=-1):
     """The conv and wgrad variants the adapter uses (benchmarks/ tune them; graphs already captured keep
-    theirs): sets those given (>= 0) and returns the previous ``(conv, wgrad)``."""
+    theirs): sets those given (-2: chosen by the map's size, the default; -1: unchanged) and returns the
+    previous ``(conv, wgrad)``."""
     return tuple(load().dwconv7_defaults(conv, wgrad))
 
 
