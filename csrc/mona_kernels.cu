@@ -1019,9 +1019,6 @@ cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T
     case 4: return launch_conv_smem<T, 8, 16, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 5: return launch_conv_smem<T, 8, 16, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 6: return launch_conv_smem<T, 8, 32, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
-    case 7: return launch_conv_smem<T, 8, 16, 2, 16>(h, K, bias, out, out2, B, H, W, D, flip, stream);
-    case 8: return launch_conv_smem<T, 8, 32, 2, 16>(h, K, bias, out, out2, B, H, W, D, flip, stream);
-    case 9: return launch_conv_smem<T, 8, 16, 4, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     // measured on the H200 at 2x200x336x64 bf16 (sweep_dwconv.py): 87, 123, 93 and 140 us
     case 1: return launch_conv<T, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 2: return launch_conv<T, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
