@@ -163,9 +163,9 @@ def copy_sweep():
 
 # CUDA conv variants: 0 the register rows; 4-6 the shared-memory tiles (rows x columns a block,
 # rows x columns a thread): 8x16 / 2x8, 8x16 / 4x4, 8x32 / 2x8 (run 68 also measured 8x16 / 2x16,
-# 8x32 / 2x16 and 8x16 / 4x8: slower, since removed). wgrad: 0 the sliding window, 2-3 the
+# 8x32 / 2x16 and 8x16 / 4x8: slower, since removed); 7-8 are 4 and 6 with 64 registers a thread. wgrad: 0 the sliding window, 2-3 the
 # shared-memory tiles 8x16 and 4x32.
-CUDA_CONVS = [0, 4, 5, 6]
+CUDA_CONVS = [0, 4, 5, 6, 7, 8]
 CUDA_WGRADS = [0, 2, 3]
 
 

@@ -519,8 +519,8 @@ constexpr size_t conv_smem_bytes() {
   return sizeof(float) * (kTaps + 1) * kTileChannels + sizeof(T) * (TH + 6) * (TW + 6) * kTileChannels;
 }
 
-template <typename T, bool FLIP, int TH, int TW, int R, int Q>
-__global__ void __launch_bounds__(kPairs * (TH / R) * (TW / Q)) dwconv7_smem_kernel(
+template <typename T, bool FLIP, int TH, int TW, int R, int Q, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kPairs * (TH / R) * (TW / Q), MIN_BLOCKS) dwconv7_smem_kernel(
     const T* __restrict__ h, const float* __restrict__ K, const float* __restrict__ bias, T* __restrict__ out,
     T* __restrict__ out2, int H, int W, int D, int col_tiles, int row_tiles) {
   constexpr int kCols = TW + 2 * kHalo;
@@ -993,7 +993,7 @@ bool smem_tiles_fit(int64_t D, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-template <typename T, int TH, int TW, int R, int Q>
+template <typename T, int TH, int TW, int R, int Q, int MIN_BLOCKS = 1>
 cudaError_t launch_conv_smem(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
                              int64_t W, int64_t D, bool flip, cudaStream_t stream) {
   const int col_tiles = (int)cdiv(W, TW), row_tiles = (int)cdiv(H, TH);
@@ -1001,7 +1001,8 @@ cudaError_t launch_conv_smem(const T* h, const float* K, const float* bias, T* o
   const dim3 block(kPairs, (TH / R) * (TW / Q));
   constexpr size_t smem = conv_smem_bytes<T, TH, TW>();
   if (!smem_available(smem)) return launch_conv<T, 4, 3>(h, K, bias, out, out2, B, H, W, D, flip, stream);
-  auto kernel = flip ? dwconv7_smem_kernel<T, true, TH, TW, R, Q> : dwconv7_smem_kernel<T, false, TH, TW, R, Q>;
+  auto kernel = flip ? dwconv7_smem_kernel<T, true, TH, TW, R, Q, MIN_BLOCKS>
+                     : dwconv7_smem_kernel<T, false, TH, TW, R, Q, MIN_BLOCKS>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, block, smem, stream>>>(h, K, bias, out, out2, (int)H, (int)W, (int)D, col_tiles, row_tiles);
@@ -1019,6 +1020,8 @@ cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T
     case 4: return launch_conv_smem<T, 8, 16, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 5: return launch_conv_smem<T, 8, 16, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 6: return launch_conv_smem<T, 8, 32, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 7: return launch_conv_smem<T, 8, 16, 2, 8, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 8: return launch_conv_smem<T, 8, 32, 2, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     // measured on the H200 at 2x200x336x64 bf16 (sweep_dwconv.py): 87, 123, 93 and 140 us
     case 1: return launch_conv<T, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 2: return launch_conv<T, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);

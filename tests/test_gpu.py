@@ -308,7 +308,7 @@ def test_cuda_tilings_give_identical_results(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 13, 19, 64), (1, 9, 40, 40), (3, 5, 7, 128), (1, 20, 33, 200), (1, 9, 11, 6)])
 def test_cuda_shared_memory_tiles_match_the_register_kernels(dtype, shape):
-    """Conv variants 4-6 and wgrad variants 2-3 (shared-memory tiles) sum the same products in another
+    """Conv variants 4-8 and wgrad variants 2-3 (shared-memory tiles) sum the same products in another
     order: equal to the default kernels up to fp32 reassociation and one rounding of the output, at
     partial row, column and channel tiles. D = 6 is not a multiple of a 16-byte chunk and falls back."""
     from mona_kernels.ops import cuda_ext
@@ -319,7 +319,7 @@ def test_cuda_shared_memory_tiles_match_the_register_kernels(dtype, shape):
     rtol = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
     for flip in (False, True):
         base = cuda_ext.dwconv7_fwd(h, K, bias, flip, 0).float()
-        for variant in (4, 5, 6):
+        for variant in (4, 5, 6, 7, 8):
             out = cuda_ext.dwconv7_fwd(h, K, bias, flip, variant)
             assert out.dtype == dtype and out.shape == h.shape
             torch.testing.assert_close(out.float(), base, rtol=rtol, atol=1e-4, msg=f"flip {flip} variant {variant}")
