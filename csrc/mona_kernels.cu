@@ -938,25 +938,34 @@ cudaError_t launch_conv(const T* h, const float* K, const float* bias, T* out, T
 
 constexpr int kMaxDevices = 64;
 
+// An attribute of the current device, cached per device (0 when it cannot be read).
+template <cudaDeviceAttr ATTR>
+int current_device_attr() {
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  int value = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    if (cudaDeviceGetAttribute(&value, ATTR, dev) != cudaSuccess) return 0;
+    if (dev < kMaxDevices) cache[dev].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
 // Whether a block may use `bytes` of shared memory on the current device (Turing: 64 KB, Hopper: 227 KB).
 bool smem_available(size_t bytes) {
-  static int optin[kMaxDevices] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  int limit = dev < kMaxDevices ? optin[dev] : 0;
-  if (limit == 0) {
-    if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return false;
-    if (dev < kMaxDevices) optin[dev] = limit;
-  }
-  return bytes <= (size_t)limit;
+  return bytes <= (size_t)current_device_attr<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
 }
 
 // kByShape: the shared-memory tiles from maps of these many pixels, the register kernels below.
 // Same-run A/B in the adapter (benchmarks/ab_conv.py, run 65, bf16 H200, GPU time of fwd+bwd): the
 // tiles took 0.77x at 2x200x336, 0.81x at 32x56x56 and 0.86-0.90x at 128x128, 100x168 and 50x84;
-// at 14x14 they cost 5%; at 32x32 the wgrad's gained 2% and the conv's lost 2%.
+// at 14x14 they cost 5%; at 32x32 the wgrad's gained 2% and the conv's lost 2%. With at least
+// kConvBusyTiles tiles an SM, the conv tiles held to 64 registers (4 blocks an SM) took 1-4% less
+// (run 70: 0.758 / 0.799 / 0.827 against 0.766 / 0.808 / 0.858 at 2x200x336, 32x56x56, 4x128x128);
+// with fewer (2x50x84, 84 tiles) 1% more, and the kernel alone 9% more at 32x28x28 (256 tiles).
 constexpr int kByShape = -2;
-constexpr int64_t kConvTileMinPixels = 2048, kWgradTileMinPixels = 1024;
+constexpr int64_t kConvTileMinPixels = 2048, kWgradTileMinPixels = 1024, kConvBusyTiles = 2;
 static std::atomic<int> default_conv_variant{kByShape}, default_wgrad_variant{kByShape};
 
 std::pair<int, int> dwconv7_defaults(int conv, int wgrad) {
@@ -1014,7 +1023,11 @@ cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T
                         int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream) {
   if (B * H * W * D == 0) return cudaSuccess;
   if (variant == -1) variant = default_conv_variant.load(std::memory_order_relaxed);
-  if (variant < 0) variant = H * W >= kConvTileMinPixels ? 4 : 0;
+  if (variant < 0) {
+    const int64_t tiles = B * cdiv(H, 8) * cdiv(W, 16) * cdiv(D, kTileChannels);
+    const int64_t sms = current_device_attr<cudaDevAttrMultiProcessorCount>();
+    variant = H * W < kConvTileMinPixels ? 0 : tiles >= kConvBusyTiles * sms ? 7 : 4;
+  }
   if (variant >= 4 && !smem_tiles_fit<T>(D, {h, out, out2})) variant = 0;
   switch (variant) {
     case 4: return launch_conv_smem<T, 8, 16, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);

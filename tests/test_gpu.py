@@ -336,7 +336,11 @@ def test_cuda_default_variants_follow_the_map_size_and_can_be_set():
     before = cuda_ext.dwconv7_defaults()
     assert before == (-2, -2)
     try:
-        for shape, conv, wgrad in (((2, 40, 60, 64), 4, 2), ((2, 13, 19, 64), 0, 0), ((1, 32, 32, 64), 0, 2)):
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        # conv: register rows below 2048 pixels; tiles (4), held to 64 registers (7) from 2 tiles an SM
+        busy = 7 if 16 * 8 * 4 >= 2 * sms else 4
+        for shape, conv, wgrad in (((2, 40, 60, 64), 4, 2), ((16, 64, 64, 64), busy, 2), ((2, 13, 19, 64), 0, 0),
+                                   ((1, 32, 32, 64), 0, 2)):
             h = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
             g = torch.randn_like(h)
             assert torch.equal(cuda_ext.dwconv7_fwd(h, K, bias), cuda_ext.dwconv7_fwd(h, K, bias, False, conv)), shape
