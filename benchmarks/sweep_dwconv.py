@@ -44,6 +44,17 @@ def us_cold(fn):
     return triton.testing.do_bench(fn, return_mode="median") * 1e3
 
 
+def conv_case(B, H, W, d):
+    """Random bf16 input h and gradient g (B, H, W, d), merged kernel K and bias, and cuDNN's 7x7
+    depthwise conv in channels-last bf16 with h and g as its NCHW views."""
+    h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(h)
+    K = torch.randn(49, d, device="cuda")
+    bias = torch.randn(d, device="cuda")
+    conv = torch.nn.Conv2d(d, d, 7, padding=3, groups=d).cuda().bfloat16().to(memory_format=torch.channels_last)
+    return h, g, K, bias, conv, h.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
+
+
 def main():
     torch.manual_seed(0)
     has_cuda_ext = _can_run("cuda", torch.device("cuda")) is None
@@ -54,12 +65,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     tiles, tails, convs = [], [], []
     for B, H, W, d in SHAPES:
-        h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn_like(h)
-        K = torch.randn(49, d, device="cuda")
-        bias = torch.randn(d, device="cuda")
-        conv = torch.nn.Conv2d(d, d, 7, padding=3, groups=d).cuda().bfloat16().to(memory_format=torch.channels_last)
-        hc, gc = h.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
+        h, g, K, bias, conv, hc, gc = conv_case(B, H, W, d)
         floor = 2 * h.numel() * 2 / 4.25e12 * 1e6
         row = [f"{B}x{H}x{W}x{d}", f"{floor:.1f}", us(lambda: conv(hc)),
                us(lambda: torch.nn.grad.conv2d_weight(hc, conv.weight.shape, gc, padding=3, groups=d)),
@@ -182,12 +188,7 @@ def cuda_sweep():
     print("| shape | floor fwd | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for B, H, W, d in SHAPES:
-        h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn_like(h)
-        K = torch.randn(49, d, device="cuda")
-        bias = torch.randn(d, device="cuda")
-        conv = torch.nn.Conv2d(d, d, 7, padding=3, groups=d).cuda().bfloat16().to(memory_format=torch.channels_last)
-        hc = h.permute(0, 3, 1, 2)
+        h, g, K, bias, conv, hc, _ = conv_case(B, H, W, d)
         fns = ([lambda: conv(hc), lambda: _conv_triton(h, K, bias)]
                + [lambda v=v: cuda_ext.dwconv7_fwd(h, K, bias, False, v) for v in CUDA_CONVS]
                + [lambda v=v: cuda_ext.dwconv7_fwd(g, K, None, True, v) for v in (0, 4)]
