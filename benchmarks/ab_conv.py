@@ -12,18 +12,16 @@ import torch
 import triton.testing
 
 import mona_kernels as mk
-from mona_kernels.benchmark import capture_graph
+from mona_kernels.benchmark import SPEC_SHAPES, capture_graph
 from mona_kernels.ops import cuda_ext
 
-SHAPES = [(2, 200, 336, 128), (32, 56, 56, 128), (4, 128, 128, 192), (2, 100, 168, 256), (32, 14, 14, 512),
-          (2, 50, 84, 512), (4, 32, 32, 768)]
 # (conv variant, wgrad variant; -2: chosen by the map size, the default); the first is the baseline
 SETTINGS = [(0, 0), (-2, -2), (4, -2), (7, -2)]
 ROUNDS = 5
 
 
 def main():
-    shapes = [tuple(int(v) for v in s.split(",")) for s in sys.argv[1:]] or SHAPES
+    shapes = [tuple(int(v) for v in s.split(",")) for s in sys.argv[1:]] or SPEC_SHAPES
     cache = cuda_ext.graph_cache(0)  # the direct path, captured here as a whole
     before = cuda_ext.dwconv7_defaults()
     names = [f"c{c}/w{w}" for c, w in SETTINGS]

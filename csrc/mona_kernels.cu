@@ -964,14 +964,16 @@ bool smem_available(size_t bytes) {
 // kConvBusyTiles tiles an SM, the conv tiles held to 64 registers (4 blocks an SM) took 1-4% less
 // (run 70: 0.758 / 0.799 / 0.827 against 0.766 / 0.808 / 0.858 at 2x200x336, 32x56x56, 4x128x128);
 // with fewer (2x50x84, 84 tiles) 1% more, and the kernel alone 9% more at 32x28x28 (256 tiles).
-constexpr int kByShape = -2;
+constexpr int kUseDefault = -1, kByShape = -2;
 constexpr int64_t kConvTileMinPixels = 2048, kWgradTileMinPixels = 1024, kConvBusyTiles = 2;
+// The tile (rows x columns a block) of the conv variants chosen by shape, 4 and 7.
+constexpr int kConvTileRows = 8, kConvTileCols = 16;
 static std::atomic<int> default_conv_variant{kByShape}, default_wgrad_variant{kByShape};
 
 std::pair<int, int> dwconv7_defaults(int conv, int wgrad) {
   const std::pair<int, int> old(default_conv_variant.load(), default_wgrad_variant.load());
-  if (conv != -1) default_conv_variant = conv;
-  if (wgrad != -1) default_wgrad_variant = wgrad;
+  if (conv != kUseDefault) default_conv_variant = conv;
+  if (wgrad != kUseDefault) default_wgrad_variant = wgrad;
   return old;
 }
 
@@ -1009,7 +1011,7 @@ cudaError_t launch_conv_smem(const T* h, const float* K, const float* bias, T* o
   const dim3 grid((unsigned)(B * col_tiles * row_tiles), (unsigned)cdiv(D, kTileChannels));
   const dim3 block(kPairs, (TH / R) * (TW / Q));
   constexpr size_t smem = conv_smem_bytes<T, TH, TW>();
-  if (!smem_available(smem)) return launch_conv<T, 4, 3>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+  if (!smem_available(smem)) return dwconv7_fwd<T>(h, K, bias, out, out2, B, H, W, D, flip, 0, stream);
   auto kernel = flip ? dwconv7_smem_kernel<T, true, TH, TW, R, Q, MIN_BLOCKS>
                      : dwconv7_smem_kernel<T, false, TH, TW, R, Q, MIN_BLOCKS>;
   cudaError_t err = allow_smem(kernel, smem);
@@ -1022,18 +1024,20 @@ template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
                         int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream) {
   if (B * H * W * D == 0) return cudaSuccess;
-  if (variant == -1) variant = default_conv_variant.load(std::memory_order_relaxed);
+  if (variant == kUseDefault) variant = default_conv_variant.load(std::memory_order_relaxed);
   if (variant < 0) {
-    const int64_t tiles = B * cdiv(H, 8) * cdiv(W, 16) * cdiv(D, kTileChannels);
+    const int64_t tiles = B * cdiv(H, kConvTileRows) * cdiv(W, kConvTileCols) * cdiv(D, kTileChannels);
     const int64_t sms = current_device_attr<cudaDevAttrMultiProcessorCount>();
     variant = H * W < kConvTileMinPixels ? 0 : tiles >= kConvBusyTiles * sms ? 7 : 4;
   }
   if (variant >= 4 && !smem_tiles_fit<T>(D, {h, out, out2})) variant = 0;
   switch (variant) {
-    case 4: return launch_conv_smem<T, 8, 16, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 4: return launch_conv_smem<T, kConvTileRows, kConvTileCols, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip,
+                                                                           stream);
     case 5: return launch_conv_smem<T, 8, 16, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 6: return launch_conv_smem<T, 8, 32, 2, 8>(h, K, bias, out, out2, B, H, W, D, flip, stream);
-    case 7: return launch_conv_smem<T, 8, 16, 2, 8, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
+    case 7: return launch_conv_smem<T, kConvTileRows, kConvTileCols, 2, 8, 4>(h, K, bias, out, out2, B, H, W, D, flip,
+                                                                              stream);
     case 8: return launch_conv_smem<T, 8, 32, 2, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     // measured on the H200 at 2x200x336x64 bf16 (sweep_dwconv.py): 87, 123, 93 and 140 us
     case 1: return launch_conv<T, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
@@ -1068,7 +1072,7 @@ cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, 
                           int64_t D, int variant, cudaStream_t stream) {
   const WgradShape s = wgrad_shape(B, H, W);
   if (D == 0) return cudaSuccess;
-  if (variant == -1) variant = default_wgrad_variant.load(std::memory_order_relaxed);
+  if (variant == kUseDefault) variant = default_wgrad_variant.load(std::memory_order_relaxed);
   if (variant < 0) variant = H * W >= kWgradTileMinPixels ? 2 : 0;
   if (variant >= 2 && smem_tiles_fit<T>(D, {h, dout})) {
     if (variant == 3 && smem_available(wgrad_smem_bytes<T, 4, 32>()))

@@ -32,9 +32,9 @@ cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b
 
 // out = conv7(h, K or K rotated by 180 degrees when flip) (+ bias when not null), zero "same"
 // padding, depthwise over (H, W); out2, when not null, receives a second copy (the accumulator of a
-// following in-place GEMM). `variant` picks a tiling (0: the default; 1-3: the alternatives
-// benchmarks/sweep_dwconv.py measures: 0-3 register rows, 4-8 shared-memory tiles; -1 takes the
-// default set by dwconv7_defaults, -2 chooses by the map's size, the default's default). Every variant computes the same sums, the
+// following in-place GEMM). `variant` picks a tiling, as benchmarks/sweep_dwconv.py measures them:
+// 0-3 register rows, 4-8 shared-memory tiles; -1 takes the default set by dwconv7_defaults, -2
+// chooses by the map's size (the default's default). Every variant computes the same sums, the
 // shared-memory tiles in another order.
 template <typename T>
 cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
@@ -43,14 +43,14 @@ cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T
 // partial (slots, 50, D): rows 0..48 sum dout * h shifted by the tap, row 49 sums dout. `variant`:
 // 0 four channels a thread, 1 two, 2-3 shared-memory tiles; -1 and -2 as for the conv.
 int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms);
-
-// The variants that `variant` -1 means (the adapter's; -2, by the map's size, unless set): sets each
-// given as other than -1 and returns the previous pair. A tuning switch for benchmarks/; captured graphs keep the kernels they
-// captured.
-std::pair<int, int> dwconv7_defaults(int conv, int wgrad);
 template <typename T>
 cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
                           int64_t D, int variant, cudaStream_t stream);
+
+// The variants that `variant` -1 means (the adapter's; -2, by the map's size, unless set): sets each
+// given as other than -1 and returns the previous pair. A tuning switch for benchmarks/; captured
+// graphs keep the kernels they captured.
+std::pair<int, int> dwconv7_defaults(int conv, int wgrad);
 
 // a = gelu(h3 + bias) * m over (M, D), m the dropout multiplier for flat element index and seed (0 or
 // 1/(1-p); 1 when p == 0); bias (D) may be null. seed_dev, when not null, holds the seed on the device

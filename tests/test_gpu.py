@@ -309,7 +309,7 @@ def test_cuda_tilings_give_identical_results(dtype):
 @pytest.mark.parametrize("shape", [(2, 13, 19, 64), (1, 9, 40, 40), (3, 5, 7, 128), (1, 20, 33, 200), (1, 9, 11, 6)])
 def test_cuda_shared_memory_tiles_match_the_register_kernels(dtype, shape):
     """Conv variants 4-8 and wgrad variants 2-3 (shared-memory tiles) sum the same products in another
-    order: equal to the default kernels up to fp32 reassociation and one rounding of the output, at
+    order: equal to the register kernels (variant 0) up to fp32 reassociation and one rounding of the output, at
     partial row, column and channel tiles. D = 6 is not a multiple of a 16-byte chunk and falls back."""
     from mona_kernels.ops import cuda_ext
     h = torch.randn(shape, device="cuda").to(dtype)
