@@ -91,8 +91,18 @@ void pick(int v, Fn&& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LayerNorm-scaling. Block = (bx threads over the row's channels) x (R row slots); a row's sums are
-// warp shuffles, then one shared-memory pass across the row's warps, in a fixed order.
+// LayerNorm-scaling. Block = (bx threads over the row's channels) x (row slots). A loop step takes
+// kLnFwdRows (kLnBwdRows) rows a slot (row base + r * slots + threadIdx.y) and loads all of them before the first
+// reduction, so that each warp keeps several rows' loads in flight: with one row at a time the kernels
+// moved 1.4-1.9 TB/s (run 69). A row's sums are warp shuffles, then, when the row spans several warps,
+// one shared-memory pass across them in a fixed order.
+
+constexpr int kLnFwdRows = 4;
+constexpr int kLnBwdRows = 2;  // the backward holds x, dy and the residual of each row
+constexpr int kLnRows = kLnFwdRows > kLnBwdRows ? kLnFwdRows : kLnBwdRows;
+// Both kernels are capped at 64 registers (2 blocks of 512 or 4 of 256 threads an SM): every block of
+// the ln_blocks grid is resident at once, so the grid-stride loop has no second wave.
+constexpr int kLnMinBlocks = 2;
 
 struct RowShape {
   int vec, chunks, bx, slots_per_block;
@@ -108,156 +118,222 @@ RowShape row_shape(int64_t C, int vec) {
   return s;
 }
 
-// Sums of a and b over the bx threads of this row slot; every thread of the slot gets them.
-__device__ __forceinline__ void row_sums(float& a, float& b, float2* scratch) {
+// Floats of row-sum scratch a block needs: N sums of R rows for each warp of each slot.
+constexpr int kLnSums = 2;
+size_t ln_scratch_floats(const RowShape& s) { return (size_t)s.slots_per_block * (s.bx / 32) * kLnSums * kLnRows; }
+
+// s[n][r] summed over the bx threads of this row slot; every thread of the slot gets the sums. N <= kLnSums.
+template <int N, int R>
+__device__ __forceinline__ void row_sums(float (&s)[N][R], float* scratch) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, o);
-    b += __shfl_xor_sync(0xffffffffu, b, o);
-  }
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s[n][r] += __shfl_xor_sync(0xffffffffu, s[n][r], o);
   const int warps = blockDim.x / 32;
-  float2* mine = scratch + threadIdx.y * warps;
-  if (threadIdx.x % 32 == 0) mine[threadIdx.x / 32] = make_float2(a, b);
-  __syncthreads();
-  a = 0.f;
-  b = 0.f;
-  for (int k = 0; k < warps; ++k) {
-    a += mine[k].x;
-    b += mine[k].y;
+  if (warps == 1) return;  // the butterfly left every lane the same sums; no block-wide barrier
+  float* mine = scratch + threadIdx.y * warps * N * R;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+      for (int r = 0; r < R; ++r) mine[(n * R + r) * warps + threadIdx.x / 32] = s[n][r];
   }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float v = 0.f;
+      for (int k = 0; k < warps; ++k) v += mine[(n * R + r) * warps + k];
+      s[n][r] = v;
+    }
   __syncthreads();  // the scratch is reused by the next call
 }
 
-template <typename T, int VEC, int CH>
-__global__ void __launch_bounds__(512) ln_scale_fwd_kernel(
-    const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-    const float* __restrict__ gamma, const float* __restrict__ gammax, T* __restrict__ y, float* __restrict__ mean,
-    float* __restrict__ rstd, int64_t M, int C, float eps) {
-  extern __shared__ float2 scratch[];
-  const int slots = blockDim.y;
-  for (int64_t base = (int64_t)blockIdx.x * slots; base < M; base += (int64_t)gridDim.x * slots) {
-    const int64_t row = base + threadIdx.y;
-    const bool row_ok = row < M;
-    float xv[CH][VEC];
-    float s = 0.f, unused = 0.f;
-#pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      const int c = (k * blockDim.x + threadIdx.x) * VEC;
-      if (row_ok && c < C) {
-        load_vec<T, VEC>(x + row * C + c, xv[k]);
-      } else {
-        zero(xv[k]);
-      }
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) s += xv[k][e];
-    }
-    row_sums(s, unused, scratch);
-    const float mu = s / C;
-    float q = 0.f;
+// The four parameter vectors at this thread's channels (zeros past C).
+template <int VEC, int CH>
+struct LnParams {
+  float w[CH][VEC], b[CH][VEC], g[CH][VEC], gx[CH][VEC];
+  __device__ __forceinline__ LnParams(const float* w_, const float* b_, const float* g_, const float* gx_, int C) {
 #pragma unroll
     for (int k = 0; k < CH; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
       if (c < C) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) q += (xv[k][e] - mu) * (xv[k][e] - mu);
+        load_floats(w_ + c, w[k]);
+        load_floats(b_ + c, b[k]);
+        load_floats(g_ + c, g[k]);
+        load_floats(gx_ + c, gx[k]);
+      } else {
+        zero(w[k]);
+        zero(b[k]);
+        zero(g[k]);
+        zero(gx[k]);
       }
     }
-    row_sums(q, unused, scratch);
-    const float rs = rsqrtf(q / C + eps);
-    if (!row_ok) continue;
+  }
+};
+
+template <typename T, int VEC, int CH>
+__global__ void __launch_bounds__(512, kLnMinBlocks) ln_scale_fwd_kernel(
+    const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    const float* __restrict__ gamma, const float* __restrict__ gammax, T* __restrict__ y, float* __restrict__ mean,
+    float* __restrict__ rstd, int64_t M, int C, float eps) {
+  extern __shared__ float scratch[];
+  constexpr int R = kLnFwdRows;
+  const int slots = blockDim.y;
+  const LnParams<VEC, CH> prm(w, b, gamma, gammax, C);
+  for (int64_t base = (int64_t)blockIdx.x * slots * R; base < M; base += (int64_t)gridDim.x * slots * R) {
+    float xv[R][CH][VEC];
+    float s[1][R];
 #pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      const int c = (k * blockDim.x + threadIdx.x) * VEC;
-      if (c >= C) continue;
-      float wv[VEC], bv[VEC], gv[VEC], gxv[VEC], out[VEC];
-      load_floats(w + c, wv);
-      load_floats(b + c, bv);
-      load_floats(gamma + c, gv);
-      load_floats(gammax + c, gxv);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = base + r * slots + threadIdx.y;
+      s[0][r] = 0.f;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) out[e] = ((xv[k][e] - mu) * rs * wv[e] + bv[e]) * gv[e] + xv[k][e] * gxv[e];
-      store_vec<T, VEC>(y + row * C + c, out);
+      for (int k = 0; k < CH; ++k) {
+        const int c = (k * blockDim.x + threadIdx.x) * VEC;
+        if (row < M && c < C) {
+          load_vec<T, VEC>(x + row * C + c, xv[r][k]);
+        } else {
+          zero(xv[r][k]);
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[0][r] += xv[r][k][e];
+      }
     }
-    if (threadIdx.x == 0 && mean != nullptr) {
-      mean[row] = mu;
-      rstd[row] = rs;
+    row_sums(s, scratch);
+    float mu[R], q[1][R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      mu[r] = s[0][r] / C;
+      q[0][r] = 0.f;
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const int c = (k * blockDim.x + threadIdx.x) * VEC;
+        if (c < C) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) q[0][r] += (xv[r][k][e] - mu[r]) * (xv[r][k][e] - mu[r]);
+        }
+      }
+    }
+    row_sums(q, scratch);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = base + r * slots + threadIdx.y;
+      if (row >= M) continue;
+      const float rs = rsqrtf(q[0][r] / C + eps);
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const int c = (k * blockDim.x + threadIdx.x) * VEC;
+        if (c >= C) continue;
+        float out[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float xe = xv[r][k][e];
+          out[e] = ((xe - mu[r]) * rs * prm.w[k][e] + prm.b[k][e]) * prm.g[k][e] + xe * prm.gx[k][e];
+        }
+        store_vec<T, VEC>(y + row * C + c, out);
+      }
+      if (threadIdx.x == 0 && mean != nullptr) {
+        mean[row] = mu[r];
+        rstd[row] = rs;
+      }
     }
   }
 }
 
 template <typename T, int VEC, int CH>
-__global__ void __launch_bounds__(512) ln_scale_bwd_kernel(
+__global__ void __launch_bounds__(512, kLnMinBlocks) ln_scale_bwd_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     const float* __restrict__ gamma, const float* __restrict__ gammax, const float* __restrict__ mean,
     const float* __restrict__ rstd, const T* __restrict__ residual, T* __restrict__ dx, float* __restrict__ partial,
     int64_t M, int C) {
-  extern __shared__ float2 scratch[];
+  extern __shared__ float scratch[];
+  constexpr int R = kLnBwdRows;
   const int slots = blockDim.y;
-  // acc[k][0..4][e]: the five column sums of this thread's channels over the rows of its slot
-  float acc[CH][5][VEC];
+  // acc[k][0..3][e]: column sums over the rows of this slot of dy * xn, dy * x, dy and the residual;
+  // the epilogue scales them into the five partial rows
+  float acc[CH][4][VEC];
 #pragma unroll
   for (int k = 0; k < CH; ++k)
 #pragma unroll
-    for (int r = 0; r < 5; ++r) zero(acc[k][r]);
-  for (int64_t base = (int64_t)blockIdx.x * slots; base < M; base += (int64_t)gridDim.x * slots) {
-    const int64_t row = base + threadIdx.y;
-    const bool row_ok = row < M;
-    const float mu = row_ok ? mean[row] : 0.f, rs = row_ok ? rstd[row] : 0.f;
-    float xv[CH][VEC], gv[CH][VEC];
-    float st = 0.f, stx = 0.f;
+    for (int r = 0; r < 4; ++r) zero(acc[k][r]);
+  for (int64_t base = (int64_t)blockIdx.x * slots * R; base < M; base += (int64_t)gridDim.x * slots * R) {
+    float xv[R][CH][VEC], gv[R][CH][VEC], res[R][CH][VEC], mu[R], rs[R];
+    float sums[2][R];  // row sums of t = dy * gamma * w and of t * xn
 #pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      const int c = (k * blockDim.x + threadIdx.x) * VEC;
-      if (row_ok && c < C) {
-        load_vec<T, VEC>(x + row * C + c, xv[k]);
-        load_vec<T, VEC>(dy + row * C + c, gv[k]);
-        float gm[VEC], wv[VEC];
-        load_floats(gamma + c, gm);
-        load_floats(w + c, wv);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = base + r * slots + threadIdx.y;
+      const bool row_ok = row < M;
+      mu[r] = row_ok ? mean[row] : 0.f;
+      rs[r] = row_ok ? rstd[row] : 0.f;
+      sums[0][r] = sums[1][r] = 0.f;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float t = gv[k][e] * gm[e] * wv[e];
-          st += t;
-          stx += t * (xv[k][e] - mu) * rs;
+      for (int k = 0; k < CH; ++k) {
+        const int c = (k * blockDim.x + threadIdx.x) * VEC;
+        if (row_ok && c < C) {
+          load_vec<T, VEC>(x + row * C + c, xv[r][k]);
+          load_vec<T, VEC>(dy + row * C + c, gv[r][k]);
+          if (residual != nullptr) {
+            load_vec<T, VEC>(residual + row * C + c, res[r][k]);
+          } else {
+            zero(res[r][k]);
+          }
+        } else {
+          zero(xv[r][k]);
+          zero(gv[r][k]);
+          zero(res[r][k]);
         }
-      } else {
-        zero(xv[k]);
-        zero(gv[k]);
       }
     }
-    row_sums(st, stx, scratch);
-    if (!row_ok) continue;
-    const float mean_t = st / C, mean_txn = stx / C;
 #pragma unroll
     for (int k = 0; k < CH; ++k) {
       const int c = (k * blockDim.x + threadIdx.x) * VEC;
       if (c >= C) continue;
-      float wv[VEC], bv[VEC], gm[VEC], gxv[VEC], res[VEC], out[VEC];
+      float gw[VEC], wv[VEC];
+      load_floats(gamma + c, gw);
       load_floats(w + c, wv);
-      load_floats(b + c, bv);
-      load_floats(gamma + c, gm);
-      load_floats(gammax + c, gxv);
-      if (residual != nullptr) {
-        load_vec<T, VEC>(residual + row * C + c, res);
-      } else {
-        zero(res);
-      }
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const float g = gv[k][e], xe = xv[k][e], xn = (xe - mu) * rs;
-        out[e] = g * gxv[e] + rs * (g * gm[e] * wv[e] - mean_t - xn * mean_txn) + res[e];
-        acc[k][0][e] += g * (xn * wv[e] + bv[e]);
-        acc[k][1][e] += g * xe;
-        acc[k][2][e] += g * gm[e] * xn;
-        acc[k][3][e] += g * gm[e];
-        acc[k][4][e] += res[e];
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float t = gv[r][k][e] * gw[e] * wv[e];
+          sums[0][r] += t;
+          sums[1][r] += t * (xv[r][k][e] - mu[r]) * rs[r];
+        }
+    }
+    row_sums(sums, scratch);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = base + r * slots + threadIdx.y;
+      if (row >= M) continue;
+      const float mean_t = sums[0][r] / C, mean_txn = sums[1][r] / C;
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        const int c = (k * blockDim.x + threadIdx.x) * VEC;
+        if (c >= C) continue;
+        float wv[VEC], gmv[VEC], gxv[VEC], out[VEC];
+        load_floats(w + c, wv);
+        load_floats(gamma + c, gmv);
+        load_floats(gammax + c, gxv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float g = gv[r][k][e], xe = xv[r][k][e], xn = (xe - mu[r]) * rs[r];
+          out[e] = g * gxv[e] + rs[r] * (g * gmv[e] * wv[e] - mean_t - xn * mean_txn) + res[r][k][e];
+          acc[k][0][e] += g * xn;
+          acc[k][1][e] += g * xe;
+          acc[k][2][e] += g;
+          acc[k][3][e] += res[r][k][e];
+        }
+        store_vec<T, VEC>(dx + row * C + c, out);
       }
-      store_vec<T, VEC>(dx + row * C + c, out);
     }
   }
   // One partial slot per block: row slot 0's threads add the other slots' sums in slot order. A block
   // has several row slots only when bx < 256, hence CH == 1 and slots * C <= 256 * VEC floats a row.
-  float* red = reinterpret_cast<float*>(scratch + slots * (blockDim.x / 32));
+  float* red = scratch + (size_t)slots * (blockDim.x / 32) * kLnSums * kLnRows;
   float* out = partial + (int64_t)blockIdx.x * 5 * C;
 #pragma unroll
   for (int k = 0; k < CH; ++k) {
@@ -265,9 +341,9 @@ __global__ void __launch_bounds__(512) ln_scale_bwd_kernel(
     if (c >= C) continue;
     if (slots > 1) {
 #pragma unroll
-      for (int r = 0; r < 5; ++r)
+      for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) red[((int64_t)threadIdx.y * 5 + r) * C + c + e] = acc[k][r][e];
+        for (int e = 0; e < VEC; ++e) red[((int64_t)threadIdx.y * 4 + r) * C + c + e] = acc[k][r][e];
     }
   }
   if (slots > 1) __syncthreads();
@@ -276,14 +352,26 @@ __global__ void __launch_bounds__(512) ln_scale_bwd_kernel(
   for (int k = 0; k < CH; ++k) {
     const int c = (k * blockDim.x + threadIdx.x) * VEC;
     if (c >= C) continue;
+    float sum[4][VEC], wv[VEC], bv[VEC], gmv[VEC];
 #pragma unroll
-    for (int r = 0; r < 5; ++r)
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         float v = acc[k][r][e];
-        for (int q = 1; q < slots; ++q) v += red[((int64_t)q * 5 + r) * C + c + e];
-        out[(int64_t)r * C + c + e] = v;
+        for (int q = 1; q < slots; ++q) v += red[((int64_t)q * 4 + r) * C + c + e];
+        sum[r][e] = v;
       }
+    load_floats(w + c, wv);
+    load_floats(b + c, bv);
+    load_floats(gamma + c, gmv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      out[c + e] = sum[0][e] * wv[e] + sum[2][e] * bv[e];  // gamma: sum of dy * (xn * w + b)
+      out[(int64_t)C + c + e] = sum[1][e];                // gammax: sum of dy * x
+      out[(int64_t)2 * C + c + e] = sum[0][e] * gmv[e];   // LN weight: sum of dy * gamma * xn
+      out[(int64_t)3 * C + c + e] = sum[2][e] * gmv[e];   // LN bias: sum of dy * gamma
+      out[(int64_t)4 * C + c + e] = sum[3][e];            // the residual's column sums
+    }
   }
 }
 
@@ -304,8 +392,8 @@ void pick_row_layout(const RowShape& s, Fn&& fn) {
 }
 
 size_t ln_smem(const RowShape& s, int64_t C, bool reduce) {
-  size_t bytes = sizeof(float2) * s.slots_per_block * (s.bx / 32);
-  if (reduce && s.slots_per_block > 1) bytes += sizeof(float) * s.slots_per_block * 5 * C;
+  size_t bytes = sizeof(float) * ln_scratch_floats(s);
+  if (reduce && s.slots_per_block > 1) bytes += sizeof(float) * s.slots_per_block * 4 * C;
   return bytes;
 }
 
@@ -668,6 +756,9 @@ __global__ void __launch_bounds__(kPairs * kKernel) dwconv7_wgrad_smem_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Vectors (forward) or rows (backward) a thread loads before computing, to keep loads in flight.
+constexpr int kGeluUnroll = 4;
+
 // GELU (exact erf form) and dropout. The mask is a hash of (seed, flat element index): splitmix64,
 // whose 24 top bits give a uniform draw in [0, 1); kept when the draw is >= p.
 
@@ -692,20 +783,36 @@ __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* _
                                         int64_t n_vec, int D, uint64_t seed, const uint64_t* __restrict__ seed_dev,
                                         float p, float scale) {
   if (seed_dev != nullptr) seed = *seed_dev;
-  for (int64_t q = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < n_vec; q += (int64_t)gridDim.x * blockDim.x) {
-    float v[VEC];
-    load_vec<T, VEC>(h3 + q * VEC, v);
-    if (bias != nullptr) {
-      const int c = (int)((q * VEC) % D);  // VEC divides D, so the VEC channels are c .. c + VEC - 1
+  // A loop step loads kGeluUnroll vectors a thread (blockDim.x apart) before computing any of them.
+  constexpr int U = kGeluUnroll;
+  const int64_t step = (int64_t)gridDim.x * blockDim.x * U;
+  for (int64_t q0 = (int64_t)blockIdx.x * blockDim.x * U + threadIdx.x; q0 < n_vec; q0 += step) {
+    float v[U][VEC];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) v[e] += __ldg(bias + c + e);
+    for (int u = 0; u < U; ++u) {
+      const int64_t q = q0 + (int64_t)u * blockDim.x;
+      if (q < n_vec) {
+        load_vec<T, VEC>(h3 + q * VEC, v[u]);
+      } else {
+        zero(v[u]);
+      }
     }
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      v[e] = gelu(v[e]);
-      if (p > 0.f) v[e] *= keep_scale(seed, (uint64_t)(q * VEC + e), p, scale);
+    for (int u = 0; u < U; ++u) {
+      const int64_t q = q0 + (int64_t)u * blockDim.x;
+      if (q >= n_vec) continue;
+      if (bias != nullptr) {
+        const int c = (int)((q * VEC) % D);  // VEC divides D, so the VEC channels are c .. c + VEC - 1
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[u][e] += __ldg(bias + c + e);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        v[u][e] = gelu(v[u][e]);
+        if (p > 0.f) v[u][e] *= keep_scale(seed, (uint64_t)(q * VEC + e), p, scale);
+      }
+      store_vec<T, VEC>(a + q * VEC, v[u]);
     }
-    store_vec<T, VEC>(a + q * VEC, v);
   }
 }
 
@@ -727,20 +834,36 @@ __global__ void gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __res
 #pragma unroll
     for (int e = 0; e < VEC; ++e) bv[e] = __ldg(bias + c + e);
   }
-  for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; active && row < M;
-       row += (int64_t)gridDim.x * blockDim.y) {
-    const int64_t off = row * D + c;
-    float g[VEC], hv[VEC];
-    load_vec<T, VEC>(da + off, g);
-    load_vec<T, VEC>(h3 + off, hv);
+  // A loop step loads kGeluUnroll rows a thread (blockDim.y apart) before computing any of them.
+  constexpr int U = kGeluUnroll;
+  const int64_t step = (int64_t)gridDim.x * blockDim.y * U;
+  for (int64_t row0 = (int64_t)blockIdx.x * blockDim.y * U + threadIdx.y; active && row0 < M; row0 += step) {
+    float g[U][VEC], hv[U][VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      g[e] *= gelu_grad(hv[e] + bv[e]);
-      if (p > 0.f) g[e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
-      acc[e] += g[e];
+    for (int u = 0; u < U; ++u) {
+      const int64_t row = row0 + (int64_t)u * blockDim.y;
+      if (row < M) {
+        load_vec<T, VEC>(da + row * D + c, g[u]);
+        load_vec<T, VEC>(h3 + row * D + c, hv[u]);
+      } else {
+        zero(g[u]);
+        zero(hv[u]);
+      }
     }
-    store_vec<T, VEC>(dh3 + off, g);
-    if (dh3_copy != nullptr) store_vec<T, VEC>(dh3_copy + off, g);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t row = row0 + (int64_t)u * blockDim.y;
+      if (row >= M) continue;
+      const int64_t off = row * D + c;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        g[u][e] *= gelu_grad(hv[u][e] + bv[e]);
+        if (p > 0.f) g[u][e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
+        acc[e] += g[u][e];
+      }
+      store_vec<T, VEC>(dh3 + off, g[u]);
+      if (dh3_copy != nullptr) store_vec<T, VEC>(dh3_copy + off, g[u]);
+    }
   }
   float* mine = lanes + (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
@@ -1101,7 +1224,7 @@ cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, in
   const float scale = p > 0.f ? 1.f / (1.f - p) : 1.f;
   const int vec = D % 4 == 0 && aligned(h3, 4 * sizeof(T)) && aligned(a, 4 * sizeof(T)) ? 4 : 1;
   const int64_t n_vec = n / vec;
-  const unsigned blocks = (unsigned)std::min<int64_t>(cdiv(n_vec, kThreads), 65535);
+  const unsigned blocks = (unsigned)std::min<int64_t>(cdiv(n_vec, (int64_t)kThreads * kGeluUnroll), 65535);
   pick<4, 1>(vec, [&](auto v) {
     gelu_dropout_fwd_kernel<T, decltype(v)::value>
         <<<blocks, kThreads, 0, stream>>>(h3, bias, a, n_vec, (int)D, seed, seed_dev, p, scale);
