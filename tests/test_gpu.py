@@ -28,7 +28,7 @@ def _grads(out, inputs, g):
 
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(4, 37, 96), (2, 33, 1536), (3, 5, 2048)])
+@pytest.mark.parametrize("shape", [(4, 37, 96), (2, 33, 1536), (3, 5, 2048), (6, 7, 512), (3, 7, 130), (5, 11, 6), (2, 9, 2046)])
 def test_ln_scale(backend, dtype, shape):
     C = shape[-1]
     x64 = torch.randn(shape, device="cuda", dtype=torch.float64) * 2 + 0.5
