@@ -779,6 +779,21 @@ __device__ __forceinline__ float gelu_grad(float v) {
   return 0.5f * (1.f + erff(v * 0.70710678118654752f)) + v * __expf(-0.5f * v * v) * 0.3989422804014327f;
 }
 
+// Rows row0, row0 + blockDim.y, ... (U of them) of an (M, D) tensor at channels c .. c + VEC - 1;
+// zeros past M.
+template <typename T, int U, int VEC>
+__device__ __forceinline__ void load_rows(const T* p, int64_t row0, int64_t M, int D, int c, float (&v)[U][VEC]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t row = row0 + (int64_t)u * blockDim.y;
+    if (row < M) {
+      load_vec<T, VEC>(p + row * D + c, v[u]);
+    } else {
+      zero(v[u]);
+    }
+  }
+}
+
 // h3 is the projector output before its bias: the kernels add bias[channel] (when not null) first.
 // Both kernels: block = (bx channel groups) x (by row lanes), so a thread's channels, and its bias,
 // stay fixed while it walks rows.
@@ -800,15 +815,7 @@ __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* _
   const int64_t step = (int64_t)gridDim.x * blockDim.y * U;
   for (int64_t row0 = (int64_t)blockIdx.x * blockDim.y * U + threadIdx.y; row0 < M; row0 += step) {
     float v[U][VEC];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t row = row0 + (int64_t)u * blockDim.y;
-      if (row < M) {
-        load_vec<T, VEC>(h3 + row * D + c, v[u]);
-      } else {
-        zero(v[u]);
-      }
-    }
+    load_rows(h3, row0, M, D, c, v);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t row = row0 + (int64_t)u * blockDim.y;
@@ -847,17 +854,8 @@ __global__ void __launch_bounds__(kThreads, kGeluBwdBlocks) gelu_dropout_bwd_ker
   const int64_t step = (int64_t)gridDim.x * blockDim.y * U;
   for (int64_t row0 = (int64_t)blockIdx.x * blockDim.y * U + threadIdx.y; active && row0 < M; row0 += step) {
     float g[U][VEC], hv[U][VEC];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t row = row0 + (int64_t)u * blockDim.y;
-      if (row < M) {
-        load_vec<T, VEC>(da + row * D + c, g[u]);
-        load_vec<T, VEC>(h3 + row * D + c, hv[u]);
-      } else {
-        zero(g[u]);
-        zero(hv[u]);
-      }
-    }
+    load_rows(da, row0, M, D, c, g);
+    load_rows(h3, row0, M, D, c, hv);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t row = row0 + (int64_t)u * blockDim.y;
