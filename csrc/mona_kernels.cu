@@ -92,9 +92,9 @@ void pick(int v, Fn&& fn) {
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm-scaling. Block = (bx threads over the row's channels) x (row slots). A loop step takes
-// kLnFwdRows (kLnBwdRows) rows a slot (row base + r * slots + threadIdx.y) and loads all of them before the first
-// reduction, so that each warp keeps several rows' loads in flight: with one row at a time the kernels
-// moved 1.4-1.9 TB/s (run 69). A row's sums are warp shuffles, then, when the row spans several warps,
+// kLnFwdRows (kLnBwdRows) rows a slot (row base + r * slots + threadIdx.y) and loads all of them
+// before the first reduction, so that each warp keeps several rows' loads in flight: with one row at
+// a time the kernels moved 1.4-1.9 TB/s (run 69). A row's sums are warp shuffles, then, when the row spans several warps,
 // one shared-memory pass across them in a fixed order.
 
 constexpr int kLnFwdRows = 4;
@@ -834,10 +834,10 @@ __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* _
 // Block = (bx channel groups) x (by row lanes); each thread sums dh3 of its channels over its rows,
 // then lane 0 adds the other lanes' sums in lane order: one partial slot per block.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kGeluBwdBlocks) gelu_dropout_bwd_kernel(const T* __restrict__ da, const T* __restrict__ h3,
-                                        const float* __restrict__ bias, T* __restrict__ dh3, T* __restrict__ dh3_copy,
-                                        float* __restrict__ partial, int64_t M, int D, uint64_t seed,
-                                        const uint64_t* __restrict__ seed_dev, float p, float scale) {
+__global__ void __launch_bounds__(kThreads, kGeluBwdBlocks) gelu_dropout_bwd_kernel(
+    const T* __restrict__ da, const T* __restrict__ h3, const float* __restrict__ bias, T* __restrict__ dh3,
+    T* __restrict__ dh3_copy, float* __restrict__ partial, int64_t M, int D, uint64_t seed,
+    const uint64_t* __restrict__ seed_dev, float p, float scale) {
   __shared__ float lanes[kThreads * 4];
   if (seed_dev != nullptr) seed = *seed_dev;
   const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
@@ -981,8 +981,8 @@ __global__ void sum_slots_kernel(const float* __restrict__ partial, T* __restric
 }
 
 // ---------------------------------------------------------------------------------------------
-// Several device-to-device copies in one launch: block row y copies job y, 16 bytes a thread and step
-// when both ends are 16-byte aligned (the tail and unaligned jobs byte by byte).
+// Several device-to-device copies in one launch: block row y copies job y, kCopyUnroll 16-byte chunks
+// a thread and step when both ends are 16-byte aligned (the tail and unaligned jobs byte by byte).
 
 constexpr int kCopyUnroll = 4;
 
@@ -1299,7 +1299,7 @@ cudaError_t multi_copy(const CopyList& list, int sms, cudaStream_t stream) {
   int64_t most = 0;
   for (int k = 0; k < list.n; ++k) most = std::max<int64_t>(most, list.job[k].bytes);
   // about 64 KiB a block, and at most four blocks an SM for the largest job: with two blocks of one
-  // 16-byte load a thread the copies moved 2.2 TB/s (run 73)
+  // 16-byte load a thread the copies moved 2.2 TB/s (runs 69 and 73), with this 2.5 (run 74)
   const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>(cdiv(most, 64 * 1024), 4 * (int64_t)sms));
   multi_copy_kernel<<<dim3(blocks, std::max(list.n, 1)), kThreads, 0, stream>>>(list);
   return cudaGetLastError();
