@@ -11,12 +11,14 @@
 #   host      host cost by layer at a tiny shape, cuda and triton backends (benchmarks/host_cost.py)
 #   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py;
 #             PROFILE_SHAPES="B,H,W,C ..." picks its shapes)
+#   abgraphs  eager graph caches against the direct path, per backend and shape (benchmarks/ab_graphs.py;
+#             ABGRAPHS_SHAPES="B,H,W,C ..." picks its shapes)
 #   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py; SWEEP_ARGS names
 #             its sections, e.g. "gelu copies")
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py; SWIN_ARGS
 #             passes it arguments, e.g. --graph)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
-# Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) SWEEP_S (150) BENCH_S (240);
+# Limits in seconds: TESTS_S (300) ABGRAPHS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) SWEEP_S (150) BENCH_S (240);
 # MEMCHECK_BACKENDS (cuda) names the backends the memcheck stage runs.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -78,6 +80,10 @@ if has profile; then
   timeout "${PROFILE_S:-180}" python3 benchmarks/profile_adapter.py ${PROFILE_SHAPES:-} > "$OUT/profile.log" 2>&1
   echo "profile_adapter: exit $?" >> "$SUMMARY"
 fi
+if has abgraphs; then
+  timeout "${ABGRAPHS_S:-300}" python3 benchmarks/ab_graphs.py ${ABGRAPHS_SHAPES:-} > "$OUT/abgraphs.log" 2>&1
+  echo "ab_graphs: exit $?" >> "$SUMMARY"
+fi
 if has swin; then
   timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py ${SWIN_ARGS:-} > "$OUT/swin.log" 2>&1
   echo "swin_step: exit $?" >> "$SUMMARY"
@@ -96,6 +102,7 @@ for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
 [ -f "$OUT/host.log" ] && { echo "== host"; grep -E "^\| (ref|fused|torch)" "$OUT/host.log"; }
 [ -f "$OUT/profile.log" ] && { echo "== profile"; grep -v -i warn "$OUT/profile.log" | cut -c1-160; }
+[ -f "$OUT/abgraphs.log" ] && { echo "== abgraphs"; grep "^|" "$OUT/abgraphs.log"; }
 [ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
 [ -f "$OUT/sweep.log" ] && { echo "== sweep"; cat "$OUT/sweep.log" | grep -v -i warn; }
 [ -f "$OUT/bench.log" ] && { echo "== bench"; grep "^| adapter\|^| multi\|^| ln" "$OUT/bench.log" | grep -v "fused\[torch\]" | cut -c1-200; }
