@@ -4,7 +4,6 @@ single learned scale that keeps the gradient path). Checks the fused adapter gra
 reference first.
 
     python benchmarks/swin_step.py [--batch 32] [--steps 20] [--rounds 5] [--compile] [--graph] [--backends triton,cuda]
-        [--direct-bytes N]
 
 The eager step is bound by this host's Python and launch speed, which drifts within a run; so the
 variants are timed in turn, ``--rounds`` times, and each is reported by its median over the rounds,
@@ -110,14 +109,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of each variant")
     ap.add_argument("--graph", action="store_true", help="also time each variant's step replayed from a CUDA graph")
     ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
-    ap.add_argument("--direct-bytes", type=int, default=None,
-                    help="token size in bytes from which the graph caches run calls directly (both backends)")
     args = ap.parse_args()
-    if args.direct_bytes is not None:
-        from mona_kernels.ops import cuda_ext, graphs
-        graphs.graph_direct_bytes(args.direct_bytes)
-        if "cuda" in args.backends:
-            cuda_ext.graph_direct_bytes(args.direct_bytes)
     torch.manual_seed(0)
     model = timm.create_model("swin_base_patch4_window7_224", pretrained=False).cuda()
     add_mona(model, fused=False, dropout=0.0)

@@ -273,13 +273,9 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
 // keep every forward's state for its own backward. A problem is captured the second time it is seen
 // (the first runs directly, which also warms cuBLAS up); entries past the cache's capacity go least
 // recently used first. MONA_KERNELS_CUDA_GRAPHS sets the capacity (default kDefaultGraphs, 0 turns
-// the graphs off); mona_kernels.ops.cuda_ext.graph_cache changes it at run time. Problems whose
-// tokens take kDirectFromBytes or more run directly: there the GPU, not the host, sets the pace, and
-// the staging copies and the entry's static buffers would cost more than the launches they save
-// (mona_kernels.ops.cuda_ext.graph_direct_bytes changes the limit).
+// the graphs off); mona_kernels.ops.cuda_ext.graph_cache changes it at run time.
 
 constexpr int64_t kDefaultGraphs = 8;
-constexpr int64_t kDirectFromBytes = int64_t{32} << 20;
 
 struct Entry {
   at::cuda::CUDAGraph fwd, bwd;
@@ -298,7 +294,6 @@ struct GraphCache {
   std::mutex mu;
   std::map<Key, std::unique_ptr<Entry>> entries;
   int64_t capacity = -1;  // read from the environment on first use
-  int64_t direct_bytes = kDirectFromBytes;
   uint64_t clock = 0;
 
   int64_t cap() {
@@ -349,15 +344,9 @@ GraphCache& graph_cache_instance() {
 }
 
 // The cache key of a call, or an empty key when the call cannot take a graph (the stream is being
-// captured already, an empty problem, tokens of the cache's direct size or more, parameters not
-// contiguous or elsewhere).
+// captured already, an empty problem, parameters not contiguous or elsewhere).
 Key graph_key(const Tensor& x, const Params& P, const Problem& pb) {
   if (x.numel() == 0) return {};
-  {
-    auto& cache = graph_cache_instance();
-    const std::lock_guard<std::mutex> lock(cache.mu);
-    if ((int64_t)x.nbytes() >= cache.direct_bytes) return {};
-  }
   cudaStreamCaptureStatus status;
   check_cuda(cudaStreamIsCapturing(current_stream(), &status), "capture query");
   if (status != cudaStreamCaptureStatusNone) return {};
@@ -596,13 +585,5 @@ int64_t graph_cache(int64_t capacity) {
     cache.capacity = capacity;
     cache.shrink_to(capacity);
   }
-  return previous;
-}
-
-int64_t graph_direct_bytes(int64_t bytes) {
-  auto& cache = graph_cache_instance();
-  const std::lock_guard<std::mutex> lock(cache.mu);
-  const int64_t previous = cache.direct_bytes;
-  if (bytes >= 0) cache.direct_bytes = bytes;
   return previous;
 }

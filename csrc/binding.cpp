@@ -144,6 +144,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "set the conv and wgrad variants the adapter uses (-1: keep, -2: by map size); returns the previous pair");
   m.def("graph_cache", &graph_cache,
         "set the CUDA-graph cache's capacity (0: off) unless negative; returns the previous capacity");
-  m.def("graph_direct_bytes", &graph_direct_bytes,
-        "set the token size in bytes from which calls skip the CUDA-graph cache, unless negative; returns the previous");
 }

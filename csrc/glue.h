@@ -87,7 +87,3 @@ torch::Tensor mona_adapter(torch::Tensor x, int64_t B, int64_t H, int64_t W, tor
 // Sets the CUDA-graph cache's capacity (entries; 0 turns the graphs off, fewer entries evicts the least
 // recently used) unless capacity < 0, and returns the previous capacity (adapter.cpp).
 int64_t graph_cache(int64_t capacity);
-
-// Sets the token size in bytes from which calls run directly instead of through the graph cache,
-// unless bytes < 0, and returns the previous size (adapter.cpp).
-int64_t graph_direct_bytes(int64_t bytes);

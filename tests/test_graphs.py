@@ -61,21 +61,6 @@ def test_capacity_round_trips():
         graphs.graph_cache(previous)
 
 
-@pytest.mark.parametrize("bad", [-1, 2.0, True, "8"])
-def test_direct_size_is_checked(bad):
-    with pytest.raises(ValueError, match="nbytes"):
-        graphs.graph_direct_bytes(bad)
-
-
-def test_direct_size_round_trips():
-    previous = graphs.graph_direct_bytes(1000)
-    try:
-        assert graphs.graph_direct_bytes() == 1000
-    finally:
-        graphs.graph_direct_bytes(previous)
-    assert graphs.graph_direct_bytes() == previous
-
-
 @pytest.mark.parametrize("raw", ["-2", "eight"])
 def test_bad_environment_value_names_the_variable(raw, monkeypatch):
     monkeypatch.setenv("MONA_KERNELS_CUDA_GRAPHS", raw)

@@ -103,11 +103,3 @@ def graph_cache(capacity=None):
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
     return load().graph_cache(-1 if capacity is None else capacity)
-
-
-def graph_direct_bytes(nbytes=None):
-    """The token size in bytes from which the CUDA backend's calls run directly instead of through its
-    graph cache; sets it when ``nbytes`` is given and returns the previous one."""
-    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
-        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
-    return load().graph_direct_bytes(-1 if nbytes is None else nbytes)

@@ -84,11 +84,6 @@ class GraphCache:
 
 CACHE = GraphCache(_capacity_from_env())
 
-# Calls whose tokens take this many bytes or more run directly: there the GPU, not the host, sets
-# the pace, and the staging copies and the entry's static buffers cost more than the launches they
-# save. The CUDA extension's cache has the same rule (csrc/adapter.cpp, kDirectFromBytes).
-DIRECT_FROM_BYTES = 32 << 20
-
 
 def graph_cache(capacity: int | None = None) -> int:
     """The capacity of the Triton path's graph cache (entries, each one problem; 0: off); sets it when
@@ -99,18 +94,6 @@ def graph_cache(capacity: int | None = None) -> int:
         raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
     with CACHE.lock:
         return CACHE.resize(capacity)
-
-
-def graph_direct_bytes(nbytes: int | None = None) -> int:
-    """The token size in bytes from which the Triton path's calls run directly instead of through the
-    graph cache; sets it when ``nbytes`` is given and returns the previous one."""
-    global DIRECT_FROM_BYTES
-    if nbytes is None:
-        return DIRECT_FROM_BYTES
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
-    previous, DIRECT_FROM_BYTES = DIRECT_FROM_BYTES, nbytes
-    return previous
 
 
 # Tensors of at least this many bytes are copied on their own (a memcpy), the rest by one foreach

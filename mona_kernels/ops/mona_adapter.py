@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-from . import cuda_ext, graphs
+from . import cuda_ext
 from .graphs import CACHE as _GRAPHS, CopyOut, Staging, capture
 from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
 from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped, dwconv7_tile, merge, tile_coords
@@ -567,11 +567,9 @@ class AdapterGraphs:
 
 def _graph_key(x, bhw, eps, p, cdt, params):
     """The graph cache's key for a call, or None where it must run directly: not CUDA, no tokens,
-    tokens of ``graphs.DIRECT_FROM_BYTES`` or more, the cache off, inside a capture of the caller's,
-    or parameters of mixed dtypes (their gradients come back from one flat buffer)."""
+    the cache off, inside a capture of the caller's, or parameters of mixed dtypes (their gradients
+    come back from one flat buffer)."""
     if not x.is_cuda or x.numel() == 0 or _GRAPHS.capacity == 0 or torch.cuda.is_current_stream_capturing():
-        return None
-    if x.numel() * x.element_size() >= graphs.DIRECT_FROM_BYTES:
         return None
     pdt = params[0].dtype
     if any(q.dtype != pdt for q in params):
