@@ -1,10 +1,12 @@
 """Where forward+backward GPU time goes, per kernel, and whether the step captures in a CUDA graph.
 
-    python benchmarks/profile_adapter.py [B,H,W,C ...]
+    python benchmarks/profile_adapter.py [--amp] [--rows N] [B,H,W,C ...]
 
 For the eager reference and each fused backend that runs here: torch.profiler's GPU time per kernel
 (microseconds per step, top rows) and the step's total GPU time; then a CUDA-graph capture of the
-step, printing the whole traceback where capture fails.
+step, printing the whole traceback where capture fails. ``--amp`` profiles what a network trained
+under bf16 autocast runs: fp32 tokens and parameters with the step under ``torch.autocast``.
+``--rows`` sets how many kernels each table lists (16).
 """
 import collections
 import sys
@@ -69,20 +71,31 @@ def try_graph(step):
 
 
 def main():
-    shapes = [tuple(map(int, s.split(","))) for s in sys.argv[1:]] or SHAPES
+    args = sys.argv[1:]
+    amp = "--amp" in args
+    rows = 16
+    if "--rows" in args:
+        rows = int(args[args.index("--rows") + 1])
+        del args[args.index("--rows"):args.index("--rows") + 2]
+    args = [a for a in args if a != "--amp"]
+    shapes = [tuple(map(int, s.split(","))) for s in args] or SHAPES
+    dtype = torch.float32 if amp else torch.bfloat16
+    label = "fp32 under bf16 autocast" if amp else "bf16"
     for B, H, W, C in shapes:
-        for name, model in variants(C, torch.bfloat16).items():
-            x = torch.randn(B, H * W, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for name, model in variants(C, dtype).items():
+            x = torch.randn(B, H * W, C, device="cuda", dtype=dtype, requires_grad=True)
             g = torch.randn_like(x)
             params = [x, *model.parameters()]
 
             def step():
-                return torch.autograd.grad(model(x, (H, W)), params, g)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out = model(x, (H, W))
+                return torch.autograd.grad(out, params, g.to(out.dtype))
 
             per, count = kernel_table(step)
-            print(f"\n=== {name} fwd+bwd {B}x{H}x{W}x{C} bf16: {sum(per.values()):.1f} us GPU per step, "
+            print(f"\n=== {name} fwd+bwd {B}x{H}x{W}x{C} {label}: {sum(per.values()):.1f} us GPU per step, "
                   f"{sum(count.values()):.0f} kernels ===")
-            for k, us in per.most_common(16):
+            for k, us in per.most_common(rows):
                 print(f"{us:9.1f} us  x{count[k]:.0f}  {k}")
             print(try_graph(step))
 
