@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -63,17 +64,31 @@ Tensor merged_params(const Tensor& w3, const Tensor& b3, const Tensor& w5, const
   return out;
 }
 
-// y (M, C) in x's dtype of the LN-scaling op; mean and rstd written when given.
-Tensor ln_forward(const Tensor& x, int64_t M, int64_t C, const Tensor& lnp, float eps, float* mean, float* rstd) {
-  auto y = torch::empty({M, C}, x.options());
+// Whether the LN kernels take tokens of dtype t with y (or dy) of dtype u: the same dtype, or float
+// tokens with the half dtypes of autocast (mona::ln_scale_fwd / ln_scale_bwd).
+bool ln_pair(at::ScalarType t, at::ScalarType u) { return t == u || t == at::kFloat; }
+
+template <typename T, typename U>
+constexpr bool kLnPair = std::is_same_v<T, U> || std::is_same_v<T, float>;
+
+// y (M, C) of the LN-scaling op in ydt (the projections' dtype), written by the kernel where ln_pair
+// allows and cast after otherwise; mean and rstd written when given.
+Tensor ln_forward(const Tensor& x, int64_t M, int64_t C, const Tensor& lnp, float eps, float* mean, float* rstd,
+                  at::ScalarType ydt) {
+  auto y = torch::empty({M, C}, x.options().dtype(ln_pair(x.scalar_type(), ydt) ? ydt : x.scalar_type()));
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const float* p = ptr<float>(lnp);
-    check_cuda(mona::ln_scale_fwd<T>(ptr<T>(x), p, p + C, p + 2 * C, p + 3 * C, ptr<T>(y), mean, rstd, M, C, eps,
-                                     sm_count(x), current_stream()),
-               "ln_scale_fwd");
+    dispatch(y.scalar_type(), [&](auto* ytag) {
+      using TY = std::remove_pointer_t<decltype(ytag)>;
+      if constexpr (kLnPair<T, TY>) {
+        const float* p = ptr<float>(lnp);
+        check_cuda(mona::ln_scale_fwd<T, TY>(ptr<T>(x), p, p + C, p + 2 * C, p + 3 * C, ptr<TY>(y), mean, rstd, M, C,
+                                             eps, sm_count(x), current_stream()),
+                   "ln_scale_fwd");
+      }
+    });
   });
-  return y;
+  return cast(y, ydt);
 }
 
 // The merged depthwise conv over h (M, d) viewed as (B, H, W, d); bias may be null; flip: the input
@@ -143,6 +158,35 @@ struct Saved {
   Tensor out, h1, stats, lnp, small;
 };
 
+// The projections' weights and biases (W1, b1, Wp as (d, d), W2, b2) in the compute dtype. Where any
+// needs a cast (float parameters under autocast), all five come as views of one buffer made by one
+// concatenation and one cast: two launches instead of five.
+struct Weights {
+  Tensor W1, b1, Wp, W2, b2;
+};
+
+Weights compute_weights(const Params& P, at::ScalarType cdt) {
+  constexpr Param ks[5] = {kW1, kB1, kWp, kW2, kB2};
+  const int64_t d = P[kW1].size(0);
+  bool same = true;
+  for (Param k : ks) same = same && P[k].scalar_type() == cdt;
+  Tensor w[5];
+  if (same) {
+    for (int i = 0; i < 5; ++i) w[i] = P[ks[i]];
+  } else {
+    std::vector<Tensor> flat;
+    for (Param k : ks) flat.push_back(P[k].reshape({-1}));
+    const Tensor buf = cast(at::cat(flat), cdt);
+    int64_t off = 0;
+    for (int i = 0; i < 5; ++i) {
+      const int64_t n = P[ks[i]].numel();
+      w[i] = buf.narrow(0, off, n).view(P[ks[i]].sizes());
+      off += n;
+    }
+  }
+  return {w[0], w[1], w[2].reshape({d, d}), w[3], w[4]};
+}
+
 // The forward. seed_dev, when not null, holds the dropout seed on the device instead of `seed`.
 Saved run_forward(const Tensor& x, const Params& P, const Problem& pb, uint64_t seed, const uint64_t* seed_dev) {
   const int64_t C = x.size(-1), M = x.numel() / C, d = P[kW1].size(0);
@@ -151,13 +195,14 @@ Saved run_forward(const Tensor& x, const Params& P, const Problem& pb, uint64_t 
   r.lnp = ln_params(P[kWln], P[kBln], P[kGamma], P[kGammax]);
   r.small = merged_params(P[kW3], P[kB3], P[kW5], P[kB5], P[kW7], P[kB7], P[kBp]);
   r.stats = torch::empty({2, M}, x.options().dtype(at::kFloat));  // mean, rstd
-  auto y = ln_forward(x, M, C, r.lnp, pb.eps, ptr<float>(r.stats), ptr<float>(r.stats) + M);
-  r.h1 = at::addmm(cast(P[kB1], cdt), cast(y, cdt), cast(P[kW1], cdt).t());
-  auto Wpc = cast(P[kWp], cdt).reshape({d, d});
+  auto y = ln_forward(x, M, C, r.lnp, pb.eps, ptr<float>(r.stats), ptr<float>(r.stats) + M, cdt);
+  const Weights wc = compute_weights(P, cdt);
+  r.h1 = at::addmm(wc.b1, y, wc.W1.t());
+  const Tensor& Wpc = wc.Wp;
   auto t = tail(r.h1, r.small, Wpc, pb.B, pb.H, pb.W, seed, seed_dev, pb.p);
   r.out = torch::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), cdt)));
   auto out2 = r.out.view({M, C});  // out itself (not a view) is returned, so callers may modify it in place
-  at::add_out(out2, x.view({M, C}), at::addmm(cast(P[kB2], cdt), t.a, cast(P[kW2], cdt).t()));
+  at::add_out(out2, x.view({M, C}), at::addmm(wc.b2, t.a, wc.W2.t()));
   return r;
 }
 
@@ -174,11 +219,12 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
   auto small = sv.small.defined() ? sv.small : merged_params(P[kW3], P[kB3], P[kW5], P[kB5], P[kW7], P[kB7], P[kBp]);
   const float* s = ptr<float>(small);
 
-  auto Wpc = cast(P[kWp], cdt).reshape({d, d});
+  const Weights wc = compute_weights(P, cdt);
+  const Tensor& Wpc = wc.Wp;
   auto t = tail(h1, small, Wpc, B, H, W, seed, seed_dev, p);
   auto gc = cast(g, cdt);
   auto dW2 = at::mm(gc.t(), t.a);
-  auto da = at::mm(gc, cast(P[kW2], cdt));
+  auto da = at::mm(gc, wc.W2);
 
   // One float buffer holds the per-slot partial sums of the three reductions (16-byte aligned parts).
   const int sms = sm_count(x);
@@ -213,20 +259,26 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
   auto dKb = sum_slots(wpartial, wslots, {kTaps + 1, d}, x);
   auto db1 = column_sums(dh1);
 
-  auto y = ln_forward(x, M, C, lnp, pb.eps, nullptr, nullptr);  // the forward's y again
-  auto dW1 = at::mm(dh1.t(), cast(y, cdt));
-  auto dy = cast(at::mm(dh1, cast(P[kW1], cdt)), x.scalar_type());
+  auto y = ln_forward(x, M, C, lnp, pb.eps, nullptr, nullptr, cdt);  // the forward's y again
+  auto dW1 = at::mm(dh1.t(), y);
+  auto dy = at::mm(dh1, wc.W1);
+  if (!ln_pair(x.scalar_type(), dy.scalar_type())) dy = cast(dy, x.scalar_type());
 
   // The LN backward also adds the residual gradient g to dx; its fifth row is sum(g), db2.
   auto dx = torch::empty_like(x);
   auto gx = cast(g, x.scalar_type());
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const float* q = ptr<float>(lnp);
-    const float* st = ptr<float>(sv.stats);
-    check_cuda(mona::ln_scale_bwd<T>(ptr<T>(dy), ptr<T>(x), q, q + C, q + 2 * C, q + 3 * C, st, st + M, ptr<T>(gx),
-                                     ptr<T>(dx), lpartial, lslots, M, C, current_stream()),
-               "ln_scale_bwd");
+    dispatch(dy.scalar_type(), [&](auto* dtag) {
+      using TD = std::remove_pointer_t<decltype(dtag)>;
+      if constexpr (kLnPair<T, TD>) {
+        const float* q = ptr<float>(lnp);
+        const float* st = ptr<float>(sv.stats);
+        check_cuda(mona::ln_scale_bwd<T, TD>(ptr<TD>(dy), ptr<T>(x), q, q + C, q + 2 * C, q + 3 * C, st, st + M,
+                                             ptr<T>(gx), ptr<T>(dx), lpartial, lslots, M, C, current_stream()),
+                   "ln_scale_bwd");
+      }
+    });
   });
   // dgamma, dgammax, dw_ln, db_ln, db2
   auto rows = sum_slots(lpartial, lslots, {5, C}, x,

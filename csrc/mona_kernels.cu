@@ -175,10 +175,11 @@ struct LnParams {
   }
 };
 
-template <typename T, int VEC, int CH>
+// y is written in TY (the projections' dtype under autocast, so that no cast of y follows).
+template <typename T, typename TY, int VEC, int CH>
 __global__ void __launch_bounds__(512, kLnMinBlocks) ln_scale_fwd_kernel(
     const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-    const float* __restrict__ gamma, const float* __restrict__ gammax, T* __restrict__ y, float* __restrict__ mean,
+    const float* __restrict__ gamma, const float* __restrict__ gammax, TY* __restrict__ y, float* __restrict__ mean,
     float* __restrict__ rstd, int64_t M, int C, float eps) {
   extern __shared__ float scratch[];
   constexpr int R = kLnFwdRows;
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(512, kLnMinBlocks) ln_scale_fwd_kernel(
           const float xe = xv[r][k][e];
           out[e] = ((xe - mu[r]) * rs * prm.w[k][e] + prm.b[k][e]) * prm.g[k][e] + xe * prm.gx[k][e];
         }
-        store_vec<T, VEC>(y + row * C + c, out);
+        store_vec<TY, VEC>(y + row * C + c, out);
       }
       if (threadIdx.x == 0 && mean != nullptr) {
         mean[row] = mu[r];
@@ -244,9 +245,10 @@ __global__ void __launch_bounds__(512, kLnMinBlocks) ln_scale_fwd_kernel(
   }
 }
 
-template <typename T, int VEC, int CH>
+// dy is read in TD (the projections' dtype under autocast, so that no cast of dy comes first).
+template <typename T, typename TD, int VEC, int CH>
 __global__ void __launch_bounds__(512, kLnMinBlocks) ln_scale_bwd_kernel(
-    const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+    const TD* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
     const float* __restrict__ gamma, const float* __restrict__ gammax, const float* __restrict__ mean,
     const float* __restrict__ rstd, const T* __restrict__ residual, T* __restrict__ dx, float* __restrict__ partial,
     int64_t M, int C) {
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(512, kLnMinBlocks) ln_scale_bwd_kernel(
         const int c = (k * blockDim.x + threadIdx.x) * VEC;
         if (row_ok && c < C) {
           load_vec<T, VEC>(x + row * C + c, xv[r][k]);
-          load_vec<T, VEC>(dy + row * C + c, gv[r][k]);
+          load_vec<TD, VEC>(dy + row * C + c, gv[r][k]);
           if (residual != nullptr) {
             load_vec<T, VEC>(residual + row * C + c, res[r][k]);
           } else {
@@ -1016,17 +1018,17 @@ __global__ void multi_copy_kernel(const CopyList list) {
 
 int64_t ln_max_channels(int64_t) { return 2048; }
 
-template <typename T>
-cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax, T* y,
+template <typename T, typename TY>
+cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax, TY* y,
                          float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(y, 4 * sizeof(T)) && aligned(w, 16) &&
+  const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(y, 4 * sizeof(TY)) && aligned(w, 16) &&
                                       aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16));
   const dim3 block(s.bx, s.slots_per_block);
   const size_t smem = ln_smem(s, C, false);
   const int blocks = ln_blocks(M, sms);
   pick_row_layout(s, [&](auto vec, auto ch) {
-    ln_scale_fwd_kernel<T, decltype(vec)::value, decltype(ch)::value>
+    ln_scale_fwd_kernel<T, TY, decltype(vec)::value, decltype(ch)::value>
         <<<blocks, block, smem, stream>>>(x, w, b, gamma, gammax, y, mean, rstd, M, (int)C, eps);
   });
   return cudaGetLastError();
@@ -1034,19 +1036,19 @@ cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float
 
 int ln_bwd_slots(int64_t M, int64_t C, int sms) { return ln_blocks(M, sms); }
 
-template <typename T>
-cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b, const float* gamma,
+template <typename T, typename TD>
+cudaError_t ln_scale_bwd(const TD* dy, const T* x, const float* w, const float* b, const float* gamma,
                          const float* gammax, const float* mean, const float* rstd, const T* residual, T* dx,
                          float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream) {
   if (M == 0) return cudaMemsetAsync(partial, 0, sizeof(float) * slots * 5 * C, stream);
-  const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(dy, 4 * sizeof(T)) &&
+  const RowShape s = ln_layout(C, aligned(x, 4 * sizeof(T)) && aligned(dy, 4 * sizeof(TD)) &&
                                       aligned(dx, 4 * sizeof(T)) && aligned(residual, 4 * sizeof(T)) &&
                                       aligned(w, 16) && aligned(b, 16) && aligned(gamma, 16) && aligned(gammax, 16));
   const int blocks = slots;  // one partial slot per block
   const dim3 block(s.bx, s.slots_per_block);
   const size_t smem = ln_smem(s, C, true);
   pick_row_layout(s, [&](auto vec, auto ch) {
-    ln_scale_bwd_kernel<T, decltype(vec)::value, decltype(ch)::value><<<blocks, block, smem, stream>>>(
+    ln_scale_bwd_kernel<T, TD, decltype(vec)::value, decltype(ch)::value><<<blocks, block, smem, stream>>>(
         dy, x, w, b, gamma, gammax, mean, rstd, residual, dx, partial, M, (int)C);
   });
   return cudaGetLastError();
@@ -1305,12 +1307,21 @@ cudaError_t multi_copy(const CopyList& list, int sms, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The LN kernels for tokens in T and y / dy in T2 (T itself, or a half type beside float tokens).
+#define MONA_INSTANTIATE_LN(T, T2)                                                                               \
+  template cudaError_t ln_scale_fwd<T, T2>(const T*, const float*, const float*, const float*, const float*,   \
+                                           T2*, float*, float*, int64_t, int64_t, float, int, cudaStream_t);     \
+  template cudaError_t ln_scale_bwd<T, T2>(const T2*, const T*, const float*, const float*, const float*,      \
+                                           const float*, const float*, const float*, const T*, T*, float*, int,  \
+                                           int64_t, int64_t, cudaStream_t);
+
+MONA_INSTANTIATE_LN(float, float)
+MONA_INSTANTIATE_LN(__half, __half)
+MONA_INSTANTIATE_LN(__nv_bfloat16, __nv_bfloat16)
+MONA_INSTANTIATE_LN(float, __half)
+MONA_INSTANTIATE_LN(float, __nv_bfloat16)
+
 #define MONA_INSTANTIATE(T)                                                                                      \
-  template cudaError_t ln_scale_fwd<T>(const T*, const float*, const float*, const float*, const float*, T*,    \
-                                       float*, float*, int64_t, int64_t, float, int, cudaStream_t);              \
-  template cudaError_t ln_scale_bwd<T>(const T*, const T*, const float*, const float*, const float*,            \
-                                       const float*, const float*, const float*, const T*, T*, float*, int,      \
-                                       int64_t, int64_t, cudaStream_t);                                          \
   template cudaError_t dwconv7_fwd<T>(const T*, const float*, const float*, T*, T*, int64_t, int64_t, int64_t,  \
                                       int64_t, bool, int, cudaStream_t);                                         \
   template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int, int64_t, int64_t, int64_t, int64_t,    \

@@ -16,17 +16,19 @@ namespace mona {
 // four chunks of 512 threads with one channel each).
 int64_t ln_max_channels(int64_t C);
 
-// mean and rstd may be null (a recompute that wants y only).
-template <typename T>
+// mean and rstd may be null (a recompute that wants y only). y is in TY: T, or for float tokens also
+// __half or __nv_bfloat16 (the projections' dtype under autocast).
+template <typename T, typename TY = T>
 cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax,
-                         T* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms,
+                         TY* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms,
                          cudaStream_t stream);
 
 // dx = LN-scaling backward (+ residual when not null); partial (slots, 5, C) receives column sums of
 // (dy*(xn*w+b), dy*x, dy*gamma*xn, dy*gamma, residual) per slot (the fifth row 0 without residual).
+// dy is in TD: T, or for float tokens also __half or __nv_bfloat16.
 int ln_bwd_slots(int64_t M, int64_t C, int sms);
-template <typename T>
-cudaError_t ln_scale_bwd(const T* dy, const T* x, const float* w, const float* b, const float* gamma,
+template <typename T, typename TD = T>
+cudaError_t ln_scale_bwd(const TD* dy, const T* x, const float* w, const float* b, const float* gamma,
                          const float* gammax, const float* mean, const float* rstd, const T* residual, T* dx,
                          float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream);
 

@@ -135,24 +135,32 @@ def test_non_contiguous_tokens():
     _check_adapter(fused, ref, x, (5, 6), torch.float32, CHAIN_SCALE[torch.float32])
 
 
+# (C, d, (H, W)): aligned rows, and odd C and d, whose weights sit misaligned in the CUDA backend's
+# one cast buffer and whose LN rows take the scalar path
+AUTOCAST_CASES = [(128, 64, (15, 17)), (130, 6, (7, 9))]
+
+
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_autocast_keeps_fp32_parameters_and_accurate_gradients(backend, dtype):
-    ref, fused = _adapter_pair(128, torch.float32)
+@pytest.mark.parametrize("case", AUTOCAST_CASES, ids=lambda c: f"C{c[0]}-d{c[1]}")
+def test_autocast_keeps_fp32_parameters_and_accurate_gradients(backend, dtype, case):
+    C, d, hw = case
+    ref, fused = _adapter_pair(C, torch.float32, d=d)
     fused.backend = backend
-    x = torch.randn(2, 15 * 17, 128, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=dtype):
-        out = fused(x, (15, 17))
-    assert out.dtype == torch.float32
-    x_ref = x.detach().double().requires_grad_()
-    out_ref = ref(x_ref, (15, 17))
-    assert_close(out, out_ref, dtype, "out")
-    g = torch.randn_like(out)
-    grads = _grads(out, [x, *fused.parameters()], g)
-    assert all(gr.dtype == torch.float32 for gr in grads[1:])
     names = ["x"] + [n for n, _ in fused.named_parameters()]
-    for name, a, b in zip(names, grads, _grads(out_ref, [x_ref, *ref.parameters()], g.double())):
-        assert_close(a, b, dtype, name, scale=CHAIN_SCALE[dtype])
+    for _ in range(3):  # direct, then the graph caches' capture and replay
+        x = torch.randn(2, hw[0] * hw[1], C, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=dtype):
+            out = fused(x, hw)
+        assert out.dtype == torch.float32
+        x_ref = x.detach().double().requires_grad_()
+        out_ref = ref(x_ref, hw)
+        assert_close(out, out_ref, dtype, "out")
+        g = torch.randn_like(out)
+        grads = _grads(out, [x, *fused.parameters()], g)
+        assert all(gr.dtype == torch.float32 for gr in grads[1:])
+        for name, a, b in zip(names, grads, _grads(out_ref, [x_ref, *ref.parameters()], g.double())):
+            assert_close(a, b, dtype, name, scale=CHAIN_SCALE[dtype])
 
 
 def test_torch_compile_fullgraph_matches_eager():
