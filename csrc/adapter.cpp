@@ -133,11 +133,14 @@ Tail tail(const Tensor& h1, const Tensor& small, const Tensor& Wpc, int64_t B, i
   return t;
 }
 
-// Column sums of a tall (M, n) matrix: cuBLAS's matrix-vector product (fp32 accumulation) beats a
-// column reduction.
-Tensor column_sums(const Tensor& t) {
-  if (t.scalar_type() == at::kFloat) return t.sum(0);
-  return at::mv(t.t(), at::ones({t.size(0)}, t.options()));
+// Column sums of a tall (M, n) matrix into out (n): cuBLAS's matrix-vector product (fp32
+// accumulation) beats a column reduction.
+void column_sums_out(Tensor& out, const Tensor& t) {
+  if (t.scalar_type() == at::kFloat) {
+    at::sum_out(out, t, at::IntArrayRef{0});
+  } else {
+    at::mv_out(out, t.t(), at::ones({t.size(0)}, t.options()));
+  }
 }
 
 // The sixteen parameters in the node's argument order.
@@ -222,8 +225,35 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
   const Weights wc = compute_weights(P, cdt);
   const Tensor& Wpc = wc.Wp;
   auto t = tail(h1, small, Wpc, B, H, W, seed, seed_dev, p);
+  // The projections' gradients dW1, db1, dWp and dW2 come out of cuBLAS in the compute dtype. Where
+  // their parameters share another dtype (float under autocast), they are written into one buffer,
+  // which one cast at the end returns in the parameters' dtype.
+  constexpr Param kProj[4] = {kW1, kB1, kWp, kW2};
+  const auto pdt = P[kW1].scalar_type();
+  bool one_cast = pdt != cdt;
+  int64_t total = 0;
+  for (Param k : kProj) {
+    one_cast = one_cast && P[k].scalar_type() == pdt;
+    total += P[k].numel();
+  }
+  const Tensor gbuf = one_cast ? torch::empty({total}, x.options().dtype(cdt)) : Tensor();
+  auto offset_of = [&](Param k) {
+    int64_t off = 0;
+    for (Param q : kProj) {
+      if (q == k) break;
+      off += P[q].numel();
+    }
+    return off;
+  };
+  // parameter k's gradient in the compute dtype, (rows, cols): a view of gbuf, or a tensor of its own
+  auto proj_grad = [&](Param k, int64_t rows, int64_t cols) {
+    if (!gbuf.defined()) return torch::empty({rows, cols}, x.options().dtype(cdt));
+    return gbuf.narrow(0, offset_of(k), rows * cols).view({rows, cols});
+  };
+
   auto gc = cast(g, cdt);
-  auto dW2 = at::mm(gc.t(), t.a);
+  auto dW2 = proj_grad(kW2, C, d);
+  at::mm_out(dW2, gc.t(), t.a);
   auto da = at::mm(gc, wc.W2);
 
   // One float buffer holds the per-slot partial sums of the three reductions (16-byte aligned parts).
@@ -248,7 +278,8 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
   });
   auto dbp = sum_slots(gpartial, gslots, {d}, x, P[kBp].scalar_type());
   dh2.addmm_(dh3, Wpc);  // dh2 = dh3 + dh3 Wp
-  auto dWp = at::mm(dh3.t(), t.h2);
+  auto dWp = proj_grad(kWp, d, d);
+  at::mm_out(dWp, dh3.t(), t.h2);
 
   auto dh1 = conv(dh2, s, nullptr, B, H, W, true);
   dispatch(cdt, [&](auto* tag) {
@@ -257,10 +288,12 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
                "dwconv7_wgrad");
   });
   auto dKb = sum_slots(wpartial, wslots, {kTaps + 1, d}, x);
-  auto db1 = column_sums(dh1);
+  auto db1 = proj_grad(kB1, 1, d).view({d});
+  column_sums_out(db1, dh1);
 
   auto y = ln_forward(x, M, C, lnp, pb.eps, nullptr, nullptr, cdt);  // the forward's y again
-  auto dW1 = at::mm(dh1.t(), y);
+  auto dW1 = proj_grad(kW1, d, C);
+  at::mm_out(dW1, dh1.t(), y);
   auto dy = at::mm(dh1, wc.W1);
   if (!ln_pair(x.scalar_type(), dy.scalar_type())) dy = cast(dy, x.scalar_type());
 
@@ -294,7 +327,13 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
                "split_kernel_grad");
   });
 
-  auto like = [&](const Tensor& grad, Param k) { return cast(grad, P[k].scalar_type()); };
+  const Tensor gflat = gbuf.defined() ? cast(gbuf, pdt) : Tensor();
+  auto like = [&](const Tensor& grad, Param k) {
+    if (gflat.defined() && (k == kW1 || k == kB1 || k == kWp || k == kW2)) {
+      return gflat.narrow(0, offset_of(k), P[k].numel()).view(P[k].sizes());
+    }
+    return cast(grad, P[k].scalar_type());
+  };
   return {dx,
           like(rows[2], kWln),
           like(rows[3], kBln),
