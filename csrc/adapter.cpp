@@ -192,7 +192,7 @@ Weights compute_weights(const Params& P, at::ScalarType cdt) {
 
 // The forward. seed_dev, when not null, holds the dropout seed on the device instead of `seed`.
 Saved run_forward(const Tensor& x, const Params& P, const Problem& pb, uint64_t seed, const uint64_t* seed_dev) {
-  const int64_t C = x.size(-1), M = x.numel() / C, d = P[kW1].size(0);
+  const int64_t C = x.size(-1), M = x.numel() / C;
   const auto cdt = pb.cdt;
   Saved r;
   r.lnp = ln_params(P[kWln], P[kBln], P[kGamma], P[kGammax]);
