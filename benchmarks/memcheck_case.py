@@ -1,6 +1,7 @@
 """A small odd-shaped adapter forward+backward on one backend, checked against the float64
 reference, three times (on the CUDA backend the first call runs directly, the second captures a CUDA
-graph and the third replays it); meant to run under ``compute-sanitizer --tool memcheck``.
+graph and the third replays it); meant to run under ``compute-sanitizer --tool memcheck``. Each
+shape runs in fp32, in bf16, and in fp32 under bf16 autocast (the mixed-dtype LN kernels and casts).
 
     compute-sanitizer --tool memcheck python benchmarks/memcheck_case.py cuda
 """
@@ -18,8 +19,9 @@ def main():
     worst = 0.0
     # 96 and 64 channels take the vectorised kernels; 30 and 10 the one-channel-per-thread ones; the
     # 37x61 map the shared-memory conv and wgrad tiles, with partial row, column and channel tiles
-    for (B, H, W, C, d), dtype in [(s, t) for s in ((2, 13, 11, 96, 64), (1, 9, 5, 30, 10), (1, 37, 61, 32, 40))
-                                   for t in (torch.float32, torch.bfloat16)]:
+    modes = ((torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16))  # (dtype, autocast)
+    for (B, H, W, C, d), (dtype, amp) in [(s, m) for s in ((2, 13, 11, 96, 64), (1, 9, 5, 30, 10), (1, 37, 61, 32, 40))
+                                          for m in modes]:
         ref = reference.Mona(C, d).cuda().double()
         with torch.no_grad():
             for p in ref.parameters():
@@ -33,12 +35,14 @@ def main():
             xf = x.detach().to(dtype).requires_grad_()
             out_ref = ref(x, (H, W))
             grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
-            out = fused(xf, (H, W))
+            with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                out = fused(xf, (H, W))
             grads = torch.autograd.grad(out, [xf, *fused.parameters()], g.to(dtype))
             errs = [((a.double() - b).norm() / b.norm()).item()
                     for a, b in zip([out, *grads], [out_ref, *grads_ref])]
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            print(f"{backend} {B}x{H}x{W}x{C} d={d} {dtype} call {call + 1}: worst relative error {max(errs):.2e} "
+            tol = 1e-4 if dtype == torch.float32 and amp is None else 3e-2
+            label = f"{dtype} under {amp} autocast" if amp is not None else str(dtype)
+            print(f"{backend} {B}x{H}x{W}x{C} d={d} {label} call {call + 1}: worst relative error {max(errs):.2e} "
                   f"(tolerance {tol})")
             assert max(errs) < tol, errs
             worst = max(worst, max(errs))

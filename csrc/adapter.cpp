@@ -168,24 +168,32 @@ struct Weights {
   Tensor W1, b1, Wp, W2, b2;
 };
 
+// Views of a flat buffer that holds parameters ks[0], ks[1], ... one after another, each in its
+// parameter's shape.
+template <size_t N>
+std::array<Tensor, N> flat_views(const Tensor& buf, const Params& P, const Param (&ks)[N]) {
+  std::array<Tensor, N> v;
+  int64_t off = 0;
+  for (size_t i = 0; i < N; ++i) {
+    const int64_t n = P[ks[i]].numel();
+    v[i] = buf.narrow(0, off, n).view(P[ks[i]].sizes());
+    off += n;
+  }
+  return v;
+}
+
 Weights compute_weights(const Params& P, at::ScalarType cdt) {
   constexpr Param ks[5] = {kW1, kB1, kWp, kW2, kB2};
   const int64_t d = P[kW1].size(0);
   bool same = true;
   for (Param k : ks) same = same && P[k].scalar_type() == cdt;
-  Tensor w[5];
+  std::array<Tensor, 5> w;
   if (same) {
     for (int i = 0; i < 5; ++i) w[i] = P[ks[i]];
   } else {
     std::vector<Tensor> flat;
     for (Param k : ks) flat.push_back(P[k].reshape({-1}));
-    const Tensor buf = cast(at::cat(flat), cdt);
-    int64_t off = 0;
-    for (int i = 0; i < 5; ++i) {
-      const int64_t n = P[ks[i]].numel();
-      w[i] = buf.narrow(0, off, n).view(P[ks[i]].sizes());
-      off += n;
-    }
+    w = flat_views(cast(at::cat(flat), cdt), P, ks);
   }
   return {w[0], w[1], w[2].reshape({d, d}), w[3], w[4]};
 }
@@ -237,22 +245,16 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
     total += P[k].numel();
   }
   const Tensor gbuf = one_cast ? torch::empty({total}, x.options().dtype(cdt)) : Tensor();
-  auto offset_of = [&](Param k) {
-    int64_t off = 0;
-    for (Param q : kProj) {
-      if (q == k) break;
-      off += P[q].numel();
-    }
-    return off;
-  };
-  // parameter k's gradient in the compute dtype, (rows, cols): a view of gbuf, or a tensor of its own
-  auto proj_grad = [&](Param k, int64_t rows, int64_t cols) {
-    if (!gbuf.defined()) return torch::empty({rows, cols}, x.options().dtype(cdt));
-    return gbuf.narrow(0, offset_of(k), rows * cols).view({rows, cols});
-  };
+  // kProj[i]'s gradient in the compute dtype and its parameter's shape: a view of gbuf, or its own
+  std::array<Tensor, 4> gview;
+  if (gbuf.defined()) {
+    gview = flat_views(gbuf, P, kProj);
+  } else {
+    for (int i = 0; i < 4; ++i) gview[i] = torch::empty(P[kProj[i]].sizes(), x.options().dtype(cdt));
+  }
+  Tensor dW1 = gview[0], db1 = gview[1], dWp = gview[2].view({d, d}), dW2 = gview[3];
 
   auto gc = cast(g, cdt);
-  auto dW2 = proj_grad(kW2, C, d);
   at::mm_out(dW2, gc.t(), t.a);
   auto da = at::mm(gc, wc.W2);
 
@@ -278,7 +280,6 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
   });
   auto dbp = sum_slots(gpartial, gslots, {d}, x, P[kBp].scalar_type());
   dh2.addmm_(dh3, Wpc);  // dh2 = dh3 + dh3 Wp
-  auto dWp = proj_grad(kWp, d, d);
   at::mm_out(dWp, dh3.t(), t.h2);
 
   auto dh1 = conv(dh2, s, nullptr, B, H, W, true);
@@ -288,11 +289,9 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
                "dwconv7_wgrad");
   });
   auto dKb = sum_slots(wpartial, wslots, {kTaps + 1, d}, x);
-  auto db1 = proj_grad(kB1, 1, d).view({d});
   column_sums_out(db1, dh1);
 
   auto y = ln_forward(x, M, C, lnp, pb.eps, nullptr, nullptr, cdt);  // the forward's y again
-  auto dW1 = proj_grad(kW1, d, C);
   at::mm_out(dW1, dh1.t(), y);
   auto dy = at::mm(dh1, wc.W1);
   if (!ln_pair(x.scalar_type(), dy.scalar_type())) dy = cast(dy, x.scalar_type());
@@ -327,29 +326,30 @@ Grads run_backward(const Tensor& g, const Tensor& x, const Saved& sv, const Para
                "split_kernel_grad");
   });
 
-  const Tensor gflat = gbuf.defined() ? cast(gbuf, pdt) : Tensor();
-  auto like = [&](const Tensor& grad, Param k) {
-    if (gflat.defined() && (k == kW1 || k == kB1 || k == kWp || k == kW2)) {
-      return gflat.narrow(0, offset_of(k), P[k].numel()).view(P[k].sizes());
-    }
-    return cast(grad, P[k].scalar_type());
-  };
+  // the projections' gradients in their parameters' dtypes: views of one cast of gbuf, or one cast each
+  std::array<Tensor, 4> proj;
+  if (gbuf.defined()) {
+    proj = flat_views(cast(gbuf, pdt), P, kProj);
+  } else {
+    for (int i = 0; i < 4; ++i) proj[i] = cast(gview[i], P[kProj[i]].scalar_type());
+  }
+  auto like = [&](const Tensor& grad, Param k) { return cast(grad, P[k].scalar_type()); };
   return {dx,
           like(rows[2], kWln),
           like(rows[3], kBln),
           like(rows[0], kGamma),
           like(rows[1], kGammax),
-          like(dW1, kW1),
-          like(db1, kB1),
+          proj[0],
+          proj[1],
           like(dw3, kW3),
           like(db3, kB3),
           like(dw5, kW5),
           like(db5, kB5),
           like(dw7, kW7),
           like(db7, kB7),
-          like(dWp, kWp).view(P[kWp].sizes()),
+          proj[2],
           like(dbp, kBp),
-          like(dW2, kW2),
+          proj[3],
           like(rows[4], kB2)};
 }
 

@@ -796,6 +796,23 @@ __device__ __forceinline__ void load_rows(const T* p, int64_t row0, int64_t M, i
   }
 }
 
+// Walks a thread's rows of an (M, D) tensor at channels c .. c + VEC - 1, kGeluUnroll rows (blockDim.y
+// apart) a step: load(row0) loads a step's rows before any is computed, to keep loads in flight; then
+// row(u, off) runs for each of them inside M, off being its element offset.
+template <typename Load, typename Row>
+__device__ __forceinline__ void walk_rows(int64_t M, int D, int c, Load load, Row row) {
+  constexpr int U = kGeluUnroll;
+  const int64_t step = (int64_t)gridDim.x * blockDim.y * U;
+  for (int64_t row0 = (int64_t)blockIdx.x * blockDim.y * U + threadIdx.y; row0 < M; row0 += step) {
+    load(row0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t r = row0 + (int64_t)u * blockDim.y;
+      if (r < M) row(u, r * D + c);
+    }
+  }
+}
+
 // h3 is the projector output before its bias: the kernels add bias[channel] (when not null) first.
 // Both kernels: block = (bx channel groups) x (by row lanes), so a thread's channels, and its bias,
 // stay fixed while it walks rows.
@@ -812,25 +829,17 @@ __global__ void gelu_dropout_fwd_kernel(const T* __restrict__ h3, const float* _
 #pragma unroll
     for (int e = 0; e < VEC; ++e) bv[e] = __ldg(bias + c + e);
   }
-  // A loop step loads kGeluUnroll rows a thread (blockDim.y apart) before computing any of them.
-  constexpr int U = kGeluUnroll;
-  const int64_t step = (int64_t)gridDim.x * blockDim.y * U;
-  for (int64_t row0 = (int64_t)blockIdx.x * blockDim.y * U + threadIdx.y; row0 < M; row0 += step) {
-    float v[U][VEC];
-    load_rows(h3, row0, M, D, c, v);
+  float v[kGeluUnroll][VEC];
+  walk_rows(
+      M, D, c, [&](int64_t row0) { load_rows(h3, row0, M, D, c, v); },
+      [&](int u, int64_t off) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t row = row0 + (int64_t)u * blockDim.y;
-      if (row >= M) continue;
-      const int64_t off = row * D + c;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        v[u][e] = gelu(v[u][e] + bv[e]);
-        if (p > 0.f) v[u][e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
-      }
-      store_vec<T, VEC>(a + off, v[u]);
-    }
-  }
+        for (int e = 0; e < VEC; ++e) {
+          v[u][e] = gelu(v[u][e] + bv[e]);
+          if (p > 0.f) v[u][e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
+        }
+        store_vec<T, VEC>(a + off, v[u]);
+      });
 }
 
 // Block = (bx channel groups) x (by row lanes); each thread sums dh3 of its channels over its rows,
@@ -851,28 +860,23 @@ __global__ void __launch_bounds__(kThreads, kGeluBwdBlocks) gelu_dropout_bwd_ker
 #pragma unroll
     for (int e = 0; e < VEC; ++e) bv[e] = __ldg(bias + c + e);
   }
-  // A loop step loads kGeluUnroll rows a thread (blockDim.y apart) before computing any of them.
-  constexpr int U = kGeluUnroll;
-  const int64_t step = (int64_t)gridDim.x * blockDim.y * U;
-  for (int64_t row0 = (int64_t)blockIdx.x * blockDim.y * U + threadIdx.y; active && row0 < M; row0 += step) {
-    float g[U][VEC], hv[U][VEC];
-    load_rows(da, row0, M, D, c, g);
-    load_rows(h3, row0, M, D, c, hv);
+  float g[kGeluUnroll][VEC], hv[kGeluUnroll][VEC];
+  walk_rows(
+      active ? M : 0, D, c,
+      [&](int64_t row0) {
+        load_rows(da, row0, M, D, c, g);
+        load_rows(h3, row0, M, D, c, hv);
+      },
+      [&](int u, int64_t off) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t row = row0 + (int64_t)u * blockDim.y;
-      if (row >= M) continue;
-      const int64_t off = row * D + c;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        g[u][e] *= gelu_grad(hv[u][e] + bv[e]);
-        if (p > 0.f) g[u][e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
-        acc[e] += g[u][e];
-      }
-      store_vec<T, VEC>(dh3 + off, g[u]);
-      if (dh3_copy != nullptr) store_vec<T, VEC>(dh3_copy + off, g[u]);
-    }
-  }
+        for (int e = 0; e < VEC; ++e) {
+          g[u][e] *= gelu_grad(hv[u][e] + bv[e]);
+          if (p > 0.f) g[u][e] *= keep_scale(seed, (uint64_t)(off + e), p, scale);
+          acc[e] += g[u][e];
+        }
+        store_vec<T, VEC>(dh3 + off, g[u]);
+        if (dh3_copy != nullptr) store_vec<T, VEC>(dh3_copy + off, g[u]);
+      });
   float* mine = lanes + (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) mine[e] = acc[e];

@@ -114,10 +114,11 @@ def _row_block(C: int, elems: int = ROW_BLOCK_ELEMS):
     return rows, block_c, warps
 
 
-def _fwd_triton(x, w, b, gamma, gammax, eps):
+def _fwd_triton(x, w, b, gamma, gammax, eps, y_dtype=None):
+    """``(y, mean, rstd)``; y in ``y_dtype`` (default x's), rounded once from the accumulation dtype."""
     M, C = x.shape
     acc = acc_dtype(x.dtype)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=y_dtype)
     mean = torch.empty(M, device=x.device, dtype=acc)
     rstd = torch.empty(M, device=x.device, dtype=acc)
     rows, block_c, warps = _row_block(C)

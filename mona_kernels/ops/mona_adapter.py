@@ -435,9 +435,25 @@ def _merged(x, params):
     return w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp.view(d, d), bp, W2, b2
 
 
+def _cast_together(tensors, dtype):
+    """``tensors`` in ``dtype``: where any needs a cast, all of them as views of one buffer that one
+    concatenation and one cast fill (two launches, not one a tensor)."""
+    if all(t.dtype == dtype for t in tensors):
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def _adapter_fwd(x, params, bhw, eps, p, seed, cdt):
-    """``(out, h1, mean, rstd)`` on the Triton backend from the module's sixteen parameters."""
-    return _mona_fwd(x, *_merged(x, params), bhw, eps, p, seed, cdt, "triton")
+    """``(out, h1, mean, rstd)`` on the Triton backend from the module's sixteen parameters: what
+    :func:`_mona_fwd` computes, with y written in the compute dtype by the LN kernel and the
+    projection weights cast together (under autocast, fp32 tokens and parameters)."""
+    w_ln, b_ln, gamma, gammax, W1, b1, K, bias_k, Wp, bp, W2, b2 = _merged(x, params)
+    y, mean, rstd = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps, cdt)
+    W1, b1, W2, b2 = _cast_together([W1, b1, W2, b2], cdt)
+    h1 = F.linear(y, W1, b1)
+    _, _, a = _recompute("triton", h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
+    return x + F.linear(a, W2, b2), h1, mean, rstd
 
 
 def _grad_dtype(params):
@@ -446,14 +462,6 @@ def _grad_dtype(params):
     if all(q.dtype == pdt for q in params):
         return pdt
     return acc_dtype(functools.reduce(torch.promote_types, [q.dtype for q in params]))
-
-
-def _mm_into(out, a, b):
-    """``out = a @ b``, written by the matmul itself where the dtypes agree."""
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    else:
-        out.copy_(a @ b)
 
 
 def _adapter_bwd(g, x, h1, mean, rstd, seed, params, bhw, eps, p):
@@ -467,26 +475,34 @@ def _adapter_bwd(g, x, h1, mean, rstd, seed, params, bhw, eps, p):
     d = h1.shape[1]
     cdt = h1.dtype
     acc = acc_dtype(cdt)
-    flat = torch.empty(sum(q.numel() for q in params), device=x.device, dtype=_grad_dtype(params))
-    grads = flat.split([q.numel() for q in params])  # views in the parameters' order
+    sizes = [q.numel() for q in params]
+    flat = torch.empty(sum(sizes), device=x.device, dtype=_grad_dtype(params))
+    # The three matmuls write their gradients in the compute dtype into a buffer laid out like flat;
+    # one copy then moves the span from dW1 to dW2 into flat, and the epilogue overwrites the other
+    # gradients inside it (one copy, not one a matmul, where the dtypes differ).
+    dense = flat if flat.dtype == cdt else torch.empty(flat.shape, device=x.device, dtype=cdt)
+    grads = dense.split(sizes)  # views in the parameters' order
     h2, h3, a = _recompute("triton", h1, bhw, K, bias_k, Wp, bp, seed, p)
     gc = _cast(g, cdt)
-    _mm_into(grads[14].view(C, d), gc.t(), a)  # dW2
+    torch.mm(gc.t(), a, out=grads[14].view(C, d))  # dW2
     da = gc @ _cast(W2, cdt)
     if _fused_tail("triton", h1):
         dh3, bp_partial, dh2 = _gelu_bwd_triton(da, h3, seed, p, Wp, reduce=False)
     else:
         dh3, bp_partial = _gelu_bwd_triton(da, h3, seed, p, reduce=False)
         dh2 = torch.addmm(dh3, dh3, _cast(Wp, cdt))
-    _mm_into(grads[12].view(d, d), dh3.t(), h2)  # dWp
+    torch.mm(dh3.t(), h2, out=grads[12].view(d, d))  # dWp
     dh1 = conv_flipped("triton", dh2.view(B, H, W, d), K).view(-1, d)
     wg_partial = WGRAD["triton"](h1.view(B, H, W, d), dh2.view(B, H, W, d), reduce=False)
     db1 = _column_sums(dh1, acc)
-    y, _, _ = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps)
-    _mm_into(grads[4].view(d, C), dh1.t(), _cast(y, cdt))  # dW1
+    y, _, _ = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps, cdt)
+    torch.mm(dh1.t(), y, out=grads[4].view(d, C))  # dW1
     dy = dh1 @ _cast(W1, cdt)
     # The LN backward adds the residual gradient g to dx; its fifth partial row sums g (db2).
     dx, ln_partial = LN_BACKWARD["triton"](dy, x, w_ln, b_ln, gamma, gammax, mean, rstd, g, reduce=False)
+    if dense is not flat:
+        start, end = sum(sizes[:4]), sum(sizes[:15])
+        flat[start:end].copy_(dense[start:end])
     _grad_epilogue(ln_partial, wg_partial, bp_partial, db1, flat, d)
     return dx, flat
 
