@@ -98,7 +98,8 @@ if has bench; then
 fi
 cat "$SUMMARY"
 for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
-[ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|worst|passed|Error" "$OUT/memcheck.log" | head -12; }
+[ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|passed|Error" "$OUT/memcheck.log";
+  echo "$(grep -c worst "$OUT/memcheck.log") cases checked against float64"; }
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
 [ -f "$OUT/host.log" ] && { echo "== host"; grep -E "^\| (ref|fused|torch)" "$OUT/host.log"; }
 [ -f "$OUT/profile.log" ] && { echo "== profile"; grep -v -i warn "$OUT/profile.log" | cut -c1-160; }
