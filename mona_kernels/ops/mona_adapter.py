@@ -1,7 +1,8 @@
 """The whole Mona adapter as one autograd Function that recomputes instead of storing.
 
 Forward: LN-scaling kernel -> down projection (cuBLAS) -> merged multi-scale depthwise kernel ->
-projector with residual -> GELU -> dropout -> up projection -> residual. Backward adds the GELU/dropout
+projector with residual -> GELU -> dropout -> up projection -> residual; on the Triton backend (d up to
+64, not float64) everything after the down projection is one kernel. Backward adds the GELU/dropout
 kernel, the depthwise weight-gradient kernel and the LN-scaling backward kernel (which also adds the
 residual gradient). Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
 ``h3``, ``a`` and the mask are recomputed.
@@ -44,6 +45,8 @@ GELU_BWD_WARPS = 4
 TAIL_TILE = 32
 TAIL_WARPS = 4
 TAIL_MAX_D = 64
+# Output channels a step of the forward's fused up projection (tail kernel with UP).
+TAIL_BLOCK_N = 64
 
 
 @triton.jit
@@ -58,20 +61,25 @@ def _gelu(h):
     return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
 
 
-@triton.jit(do_not_specialize=["H", "W", "n_pix"])
-def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H, W, D, n_pix, seed_ptr, p, scale,
-                 STORE_H: tl.constexpr, HAS_DROPOUT: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+@triton.jit(do_not_specialize=["H", "W", "n_pix", "C"])
+def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, x_ptr, w2_ptr, b2_ptr, out_ptr,
+                 H, W, D, C, n_pix, seed_ptr, p, scale, STORE_H: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 UP: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
     """For TILE pixels and all D channels: h2 = conv7(h1, K) + bias_k, h3 = h2 + h2 Wp^T + bp,
     a' = dropout(gelu(h3)). Writes a' (and h2, h3 when STORE_H, for the backward), each rounded to
-    the compute dtype (a_ptr's) where the composite path rounds; accumulates in fp32. The dropout
-    mask is the GELU kernels' (the same Philox offsets: flat element index)."""
+    the compute dtype (h1's) where the composite path rounds; accumulates in fp32. The dropout
+    mask is the GELU kernels' (the same Philox offsets: flat element index).
+
+    With UP (the forward), a' stays in registers and the kernel writes the adapter's output instead:
+    out = x + (a' W2^T + b2) over the C channels, BLOCK_N at a time, the projection rounded to the
+    compute dtype before the residual add as the composite path rounds it."""
     pix, i, j, inside = tile_coords(tl.program_id(0), H, W, n_pix, TILE)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
     offs = pix[:, None] * D + ch[None, :]
     mask = inside[:, None] & cmask[None, :]
-    cdt = a_ptr.dtype.element_ty
+    cdt = h1_ptr.dtype.element_ty
     h2 = dwconv7_tile(h1_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, tl.float32)
     h2 = (h2 + tl.load(bk_ptr + ch, mask=cmask, other=0.0)[None, :]).to(cdt)
     # Wp^T as a (in, out) tile: element [c_in, c_out] = Wp[c_out, c_in].
@@ -84,7 +92,21 @@ def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, H
     a = _gelu(h3.to(tl.float32))
     if HAS_DROPOUT:
         a = tl.where(_keep(seed_ptr, offs, p), a * scale, 0.0)
-    tl.store(a_ptr + offs, a.to(cdt), mask=mask)
+    a = a.to(cdt)
+    if UP:
+        for n0 in range(0, C, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < C
+            # W2^T as a (D, BLOCK_N) tile: element [c_in, c_out] = W2[c_out, c_in].
+            w2t = tl.load(w2_ptr + n[None, :] * D + ch[:, None], mask=cmask[:, None] & nmask[None, :], other=0.0)
+            up = tl.dot(a, w2t.to(cdt), input_precision=PRECISION, out_dtype=tl.float32)
+            up = (up + tl.load(b2_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]).to(cdt)
+            xo = pix[:, None] * C + n[None, :]
+            xmask = inside[:, None] & nmask[None, :]
+            x = tl.load(x_ptr + xo, mask=xmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + xo, (x + up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=xmask)
+    else:
+        tl.store(a_ptr + offs, a, mask=mask)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -255,16 +277,26 @@ def _fused_tail(name, h1):
     return name == "triton" and h1.shape[1] <= TAIL_MAX_D and h1.dtype != torch.float64
 
 
-def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num_warps=TAIL_WARPS):
+def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num_warps=TAIL_WARPS, up=None):
+    """``(h2, h3, a')``; with ``up = (x, W2, b2)`` (W2 and b2 in h1's dtype), the adapter's output
+    ``x + a' W2^T + b2`` instead, in x's dtype promoted with h1's."""
     B, H, W = bhw
     M, d = h1.shape
-    a = torch.empty_like(h1)
-    h2, h3 = (torch.empty_like(h1), torch.empty_like(h1)) if store else (a, a)
+    if up is None:
+        a = torch.empty_like(h1)
+        h2, h3 = (torch.empty_like(h1), torch.empty_like(h1)) if store else (a, a)
+        x = w2 = b2 = out = a
+        C = d
+    else:
+        x, w2, b2 = up
+        C = x.shape[1]
+        out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, h1.dtype))
+        h2 = h3 = a = out
     _tail_launch[(triton.cdiv(M, tile),)](
-        h1, K, bias_k, Wp, bp, h2, h3, a, H, W, d, M, _seed_arg(seed, h1, p), p, 1.0 / (1.0 - p),
-        STORE_H=store, HAS_DROPOUT=p > 0, TILE=tile, BLOCK_D=max(16, next_pow2(d)),
-        PRECISION=_precision(h1.dtype), num_warps=num_warps)
-    return h2, h3, a
+        h1, K, bias_k, Wp, bp, h2, h3, a, x, w2, b2, out, H, W, d, C, M, _seed_arg(seed, h1, p), p,
+        1.0 / (1.0 - p), STORE_H=store and up is None, HAS_DROPOUT=p > 0, UP=up is not None, TILE=tile,
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_N=TAIL_BLOCK_N, PRECISION=_precision(h1.dtype), num_warps=num_warps)
+    return out if up is not None else (h2, h3, a)
 
 
 def _torch_scale(seed, like, p):
@@ -320,6 +352,15 @@ def _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=True):
     return h2, h3, GELU_FWD[name](h3, seed, p)
 
 
+def _up_residual(name, h1, bhw, K, bias_k, Wp, bp, seed, p, x, W2, b2):
+    """The forward's output ``x + a' W2^T + b2`` from ``h1`` (W2 and b2 in h1's dtype): one kernel
+    where the tail fuses, else the tail (or its parts), a matmul and an add."""
+    if _fused_tail(name, h1):
+        return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=(x, W2, b2))
+    _, _, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
+    return x + F.linear(a, W2, b2)
+
+
 def _column_sums(t, acc):
     """Sum over rows of a tall (M, n) matrix as a matrix-vector product: PyTorch's column reduction
     is several times slower than cuBLAS here. Low-precision inputs accumulate in fp32 in cuBLAS."""
@@ -336,8 +377,8 @@ def _mona_fwd(x: torch.Tensor, w_ln: torch.Tensor, b_ln: torch.Tensor, gamma: to
     """``(out, h1, mean, rstd)`` for (M, C) tokens ``x``."""
     name = _backend.resolve(x.device, backend)
     h1, mean, rstd = _head(name, x, w_ln, b_ln, gamma, gammax, W1, b1, eps, compute_dtype)
-    _, _, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
-    out = x + F.linear(a, _cast(W2, compute_dtype), _cast(b2, compute_dtype))
+    out = _up_residual(name, h1, bhw, K, bias_k, Wp, bp, seed, p, x, _cast(W2, compute_dtype),
+                       _cast(b2, compute_dtype))
     return out, h1, mean, rstd
 
 
@@ -452,8 +493,7 @@ def _adapter_fwd(x, params, bhw, eps, p, seed, cdt):
     y, mean, rstd = LN_FORWARD["triton"](x, w_ln, b_ln, gamma, gammax, eps, cdt)
     W1, b1, W2, b2 = _cast_together([W1, b1, W2, b2], cdt)
     h1 = F.linear(y, W1, b1)
-    _, _, a = _recompute("triton", h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
-    return x + F.linear(a, W2, b2), h1, mean, rstd
+    return _up_residual("triton", h1, bhw, K, bias_k, Wp, bp, seed, p, x, W2, b2), h1, mean, rstd
 
 
 def _grad_dtype(params):
