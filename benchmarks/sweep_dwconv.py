@@ -3,9 +3,11 @@ Triton kernels, the CUDA extension's, and cuDNN's single 7x7 depthwise conv on t
 the Triton kernels' tile sizes (section ``kernels``); the Triton LN-scaling backward's programs per
 SM with the adapter's gradient epilogue that sums their partials (``ln``); the GELU backward's
 programs, rows and warps (``gelu``); the graph caches' staging copies (``copies``); the CUDA
-extension's conv and wgrad variants, graph-replayed and with L2 flushed (``cuda``).
+extension's conv and wgrad variants, graph-replayed and with L2 flushed (``cuda``); the forward's
+fused tail with the up projection and residual by tile, warps and output block, against the tail, a
+matmul and an add (``tailup``).
 
-    python benchmarks/sweep_dwconv.py [cuda] [kernels] [ln] [gelu] [copies]    (default: all)
+    python benchmarks/sweep_dwconv.py [cuda] [kernels] [ln] [gelu] [copies] [tailup]    (default: all)
 """
 import sys
 
@@ -103,6 +105,41 @@ def main():
         print(f"| {shape} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
 
 
+# (B, H, W, C) of Swin-B's four stages at batch 32 (d = 64); (pixel tile, warps, output block)
+UP_SHAPES = [(32, 56, 56, 128), (32, 28, 28, 256), (32, 14, 14, 512), (32, 7, 7, 1024)]
+UP_TILES = [(32, 4, 32), (32, 4, 64), (32, 4, 128), (32, 8, 64), (32, 8, 128), (64, 4, 64), (64, 8, 128)]
+
+
+def tailup_sweep():
+    """The forward after the down projection: the fused tail writing out = x + a' W2^T + b2, by pixel
+    tile, warps and output channels a step, against the tail writing a' followed by cuBLAS's
+    projection and PyTorch's add. x in fp32 (autocast, as Swin-B trains) and bf16; h1 in bf16."""
+    import torch.nn.functional as F
+    print("\nForward tail + up projection + residual, graph-replayed us (d = 64, h1 bf16)")
+    print("| shape | x | tail, mm, add | " + " | ".join(f"{t} px / {w} warps / {n} ch" for t, w, n in UP_TILES)
+          + " |")
+    print("|---|---|---|" + "---|" * len(UP_TILES))
+    d = 64
+    for B, H, W, C in UP_SHAPES:
+        M = B * H * W
+        h1 = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
+        K, bias = torch.randn(49, d, device="cuda") / 7, torch.randn(d, device="cuda")
+        wp, bp = (torch.randn(d, d, device="cuda") / 8).bfloat16(), torch.randn(d, device="cuda").bfloat16()
+        w2, b2 = (torch.randn(C, d, device="cuda") / 8).bfloat16(), torch.randn(C, device="cuda").bfloat16()
+        seed = torch.tensor([1])
+        for xdt in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, C, device="cuda", dtype=xdt)
+
+            def composite():
+                _, _, a = _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, False)
+                return x + F.linear(a, w2, b2)
+            row = [us(composite)]
+            row += [us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, False, t, w, up=(x, w2, b2),
+                                            block_n=n)) for t, w, n in UP_TILES]
+            name = "fp32" if xdt == torch.float32 else "bf16"
+            print(f"| {B}x{H}x{W}x{C} | {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
+
+
 def ln_sweep():
     """The LN-scaling backward (with the residual) and the gradient epilogue that sums its partials,
     by backward programs per SM: more programs fill the GPU, fewer leave less to sum."""
@@ -198,7 +235,8 @@ def cuda_sweep():
         print(f"| {B}x{H}x{W}x{d} | {floor:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
-SECTIONS = {"cuda": cuda_sweep, "kernels": main, "ln": ln_sweep, "gelu": gelu_sweep, "copies": copy_sweep}
+SECTIONS = {"cuda": cuda_sweep, "kernels": main, "ln": ln_sweep, "gelu": gelu_sweep, "copies": copy_sweep,
+            "tailup": tailup_sweep}
 
 if __name__ == "__main__":
     unknown = [name for name in sys.argv[1:] if name not in SECTIONS]

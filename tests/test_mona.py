@@ -23,11 +23,12 @@ CHAIN_SCALE = {F64: 1.0, torch.float32: 10.0}
 
 
 # float32 with d <= 64 takes the single-kernel tail on Triton; float64 the composite path. C = 130
-# runs the forward's fused up projection over three output blocks, the last one partial.
+# and C = 520 run the forward's fused up projection over 3 blocks of 64 and 5 of 128 output channels,
+# the last one partial.
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("B,H,W,C,d", [(2, 5, 7, 24, 16), (1, 1, 6, 10, 8), (1, 7, 1, 33, 64), (3, 3, 4, 48, 12),
-                                       (1, 3, 5, 130, 16)])
+                                       (1, 3, 5, 130, 16), (1, 2, 3, 520, 8)])
 def test_outputs_and_every_gradient_match_reference(backend, B, H, W, C, d, dtype):
     ref, fused = _pair(C, d, backend=backend)
     fused.to(dtype)

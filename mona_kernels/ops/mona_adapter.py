@@ -2,7 +2,7 @@
 
 Forward: LN-scaling kernel -> down projection (cuBLAS) -> merged multi-scale depthwise kernel ->
 projector with residual -> GELU -> dropout -> up projection -> residual; on the Triton backend (d up to
-64, not float64) everything after the down projection is one kernel. Backward adds the GELU/dropout
+64, not float64, maps of at least a tile an SM) everything after the down projection is one kernel. Backward adds the GELU/dropout
 kernel, the depthwise weight-gradient kernel and the LN-scaling backward kernel (which also adds the
 residual gradient). Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
 ``h3``, ``a`` and the mask are recomputed.
@@ -45,8 +45,14 @@ GELU_BWD_WARPS = 4
 TAIL_TILE = 32
 TAIL_WARPS = 4
 TAIL_MAX_D = 64
-# Output channels a step of the forward's fused up projection (tail kernel with UP).
+# The forward's fused up projection (tail kernel with UP): output channels a step, 64, or 128 from
+# TAIL_WIDE_C channels. Run 88's graph-replayed sweep at Swin-B's stages (d = 64, fp32 / bf16 x):
+# 133.7 / 123.4 us against 169.8 / 140.5 for the tail, matmul and add at 32x56x56x128, 43.4 / 37.3
+# against 58.0 / 42.0 at 32x28x28x256, and with 128 channels 18.3 / 18.3 against 26.3 / 19.1 at
+# 32x14x14x512. At 32x7x7x1024 its 49 programs leave most SMs idle and it lost (16.8 / 16.5 at best
+# against 19.3 / 15.0), so maps with fewer tiles than the GPU has SMs keep the composite path.
 TAIL_BLOCK_N = 64
+TAIL_WIDE_C = 512
 
 
 @triton.jit
@@ -277,7 +283,8 @@ def _fused_tail(name, h1):
     return name == "triton" and h1.shape[1] <= TAIL_MAX_D and h1.dtype != torch.float64
 
 
-def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num_warps=TAIL_WARPS, up=None):
+def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num_warps=TAIL_WARPS, up=None,
+                 block_n=TAIL_BLOCK_N):
     """``(h2, h3, a')``; with ``up = (x, W2, b2)`` (W2 and b2 in h1's dtype), the adapter's output
     ``x + a' W2^T + b2`` instead, in x's dtype promoted with h1's."""
     B, H, W = bhw
@@ -295,7 +302,7 @@ def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num
     _tail_launch[(triton.cdiv(M, tile),)](
         h1, K, bias_k, Wp, bp, h2, h3, a, x, w2, b2, out, H, W, d, C, M, _seed_arg(seed, h1, p), p,
         1.0 / (1.0 - p), STORE_H=store and up is None, HAS_DROPOUT=p > 0, UP=up is not None, TILE=tile,
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_N=TAIL_BLOCK_N, PRECISION=_precision(h1.dtype), num_warps=num_warps)
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_N=block_n, PRECISION=_precision(h1.dtype), num_warps=num_warps)
     return out if up is not None else (h2, h3, a)
 
 
@@ -354,9 +361,12 @@ def _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=True):
 
 def _up_residual(name, h1, bhw, K, bias_k, Wp, bp, seed, p, x, W2, b2):
     """The forward's output ``x + a' W2^T + b2`` from ``h1`` (W2 and b2 in h1's dtype): one kernel
-    where the tail fuses, else the tail (or its parts), a matmul and an add."""
-    if _fused_tail(name, h1):
-        return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=(x, W2, b2))
+    where the tail fuses and the map has at least a tile an SM, else the tail (or its parts), a
+    matmul and an add."""
+    tiles = triton.cdiv(h1.shape[0], TAIL_TILE)
+    if _fused_tail(name, h1) and (not h1.is_cuda or tiles >= num_workers(h1.device, 1)):
+        block_n = 2 * TAIL_BLOCK_N if x.shape[1] >= TAIL_WIDE_C else TAIL_BLOCK_N
+        return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=(x, W2, b2), block_n=block_n)
     _, _, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
     return x + F.linear(a, W2, b2)
 
