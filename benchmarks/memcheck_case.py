@@ -18,10 +18,12 @@ def main():
     torch.manual_seed(0)
     worst = 0.0
     # 96 and 64 channels take the vectorised kernels; 30 and 10 the one-channel-per-thread ones; the
-    # 37x61 map the shared-memory conv and wgrad tiles, with partial row, column and channel tiles
+    # 37x61 map the shared-memory conv and wgrad tiles, with partial row, column and channel tiles;
+    # the 66x66 map (a 32-pixel tile for every SM of an H200) the Triton forward's fused up projection,
+    # 520 channels in 5 blocks, the last partial
+    shapes = ((2, 13, 11, 96, 64), (1, 9, 5, 30, 10), (1, 37, 61, 32, 40), (1, 66, 66, 520, 16))
     modes = ((torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16))  # (dtype, autocast)
-    for (B, H, W, C, d), (dtype, amp) in [(s, m) for s in ((2, 13, 11, 96, 64), (1, 9, 5, 30, 10), (1, 37, 61, 32, 40))
-                                          for m in modes]:
+    for (B, H, W, C, d), (dtype, amp) in [(s, m) for s in shapes for m in modes]:
         ref = reference.Mona(C, d).cuda().double()
         with torch.no_grad():
             for p in ref.parameters():
