@@ -76,26 +76,20 @@ if has host; then
     echo "host_cost $b: exit $?" >> "$SUMMARY"
   done
 fi
-if has profile; then
-  timeout "${PROFILE_S:-180}" python3 benchmarks/profile_adapter.py ${PROFILE_SHAPES:-} > "$OUT/profile.log" 2>&1
-  echo "profile_adapter: exit $?" >> "$SUMMARY"
-fi
-if has abgraphs; then
-  timeout "${ABGRAPHS_S:-300}" python3 benchmarks/ab_graphs.py ${ABGRAPHS_SHAPES:-} > "$OUT/abgraphs.log" 2>&1
-  echo "ab_graphs: exit $?" >> "$SUMMARY"
-fi
-if has swin; then
-  timeout "${SWIN_S:-150}" python3 benchmarks/swin_step.py ${SWIN_ARGS:-} > "$OUT/swin.log" 2>&1
-  echo "swin_step: exit $?" >> "$SUMMARY"
-fi
-if has sweep; then
-  timeout "${SWEEP_S:-150}" python3 benchmarks/sweep_dwconv.py ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
-  echo "sweep_dwconv: exit $?" >> "$SUMMARY"
-fi
-if has bench; then
-  timeout "${BENCH_S:-240}" python3 -m mona_kernels.benchmark --out "$OUT" "$@" > "$OUT/bench.log" 2>&1
-  echo "benchmark: exit $?" >> "$SUMMARY"
-fi
+# stage NAME LIMIT LOG LABEL COMMAND...: when NAME was asked for, runs COMMAND under LIMIT seconds with
+# its output in $OUT/LOG, and records its exit status in the summary as LABEL.
+stage() {
+  local name=$1 limit=$2 log=$3 label=$4
+  shift 4
+  has "$name" || return 0
+  timeout "$limit" "$@" > "$OUT/$log" 2>&1
+  echo "$label: exit $?" >> "$SUMMARY"
+}
+stage profile "${PROFILE_S:-180}" profile.log profile_adapter python3 benchmarks/profile_adapter.py ${PROFILE_SHAPES:-}
+stage abgraphs "${ABGRAPHS_S:-300}" abgraphs.log ab_graphs python3 benchmarks/ab_graphs.py ${ABGRAPHS_SHAPES:-}
+stage swin "${SWIN_S:-150}" swin.log swin_step python3 benchmarks/swin_step.py ${SWIN_ARGS:-}
+stage sweep "${SWEEP_S:-150}" sweep.log sweep_dwconv python3 benchmarks/sweep_dwconv.py ${SWEEP_ARGS:-}
+stage bench "${BENCH_S:-240}" bench.log benchmark python3 -m mona_kernels.benchmark --out "$OUT" "$@"
 cat "$SUMMARY"
 for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
 [ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|passed|Error" "$OUT/memcheck.log";
