@@ -17,7 +17,7 @@ import triton.testing
 from mona_kernels.backend import _can_run
 from mona_kernels.ops import cuda_ext
 from mona_kernels.ops import ln_scale
-from mona_kernels.ops.mona_adapter import _gelu_bwd_triton, _grad_epilogue, _tail_triton
+from mona_kernels.ops.mona_adapter import TAIL_BLOCK_N, TAIL_WIDE_C, _gelu_bwd_triton, _grad_epilogue, _tail_triton
 from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
 SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 28, 28, 64), (32, 14, 14, 64)]
@@ -108,6 +108,7 @@ def main():
 # (B, H, W, C) of Swin-B's four stages at batch 32 (d = 64); (pixel tile, warps, output block)
 UP_SHAPES = [(32, 56, 56, 128), (32, 28, 28, 256), (32, 14, 14, 512), (32, 7, 7, 1024)]
 UP_TILES = [(32, 4, 32), (32, 4, 64), (32, 4, 128), (32, 8, 64), (32, 8, 128), (64, 4, 64), (64, 8, 128)]
+UP_STAGES = [1, 2, 3, 4]
 
 
 def tailup_sweep():
@@ -138,6 +139,20 @@ def tailup_sweep():
                                             block_n=n)) for t, w, n in UP_TILES]
             name = "fp32" if xdt == torch.float32 else "bf16"
             print(f"| {B}x{H}x{W}x{C} | {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
+    print("\nThe same, the adapter's tile, warps and output block, by software-pipelining stages, us")
+    print("| shape | x | " + " | ".join(f"{n} stages" for n in UP_STAGES) + " |")
+    print("|---|---|" + "---|" * len(UP_STAGES))
+    for B, H, W, C in UP_SHAPES:
+        M = B * H * W
+        h1 = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
+        K, bias = torch.randn(49, d, device="cuda") / 7, torch.randn(d, device="cuda")
+        wp, bp = (torch.randn(d, d, device="cuda") / 8).bfloat16(), torch.randn(d, device="cuda").bfloat16()
+        w2, b2 = (torch.randn(C, d, device="cuda") / 8).bfloat16(), torch.randn(C, device="cuda").bfloat16()
+        x = torch.randn(M, C, device="cuda")
+        n = 2 * TAIL_BLOCK_N if C >= TAIL_WIDE_C else TAIL_BLOCK_N
+        row = [us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, torch.tensor([1]), 0.0, False,
+                                       up=(x, w2, b2), block_n=n, num_stages=st)) for st in UP_STAGES]
+        print(f"| {B}x{H}x{W}x{C} | fp32 | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
 
 
 def ln_sweep():

@@ -284,7 +284,7 @@ def _fused_tail(name, h1):
 
 
 def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num_warps=TAIL_WARPS, up=None,
-                 block_n=TAIL_BLOCK_N):
+                 block_n=TAIL_BLOCK_N, **options):
     """``(h2, h3, a')``; with ``up = (x, W2, b2)`` (W2 and b2 in h1's dtype), the adapter's output
     ``x + a' W2^T + b2`` instead, in x's dtype promoted with h1's."""
     B, H, W = bhw
@@ -302,7 +302,7 @@ def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num
     _tail_launch[(triton.cdiv(M, tile),)](
         h1, K, bias_k, Wp, bp, h2, h3, a, x, w2, b2, out, H, W, d, C, M, _seed_arg(seed, h1, p), p,
         1.0 / (1.0 - p), STORE_H=store and up is None, HAS_DROPOUT=p > 0, UP=up is not None, TILE=tile,
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_N=block_n, PRECISION=_precision(h1.dtype), num_warps=num_warps)
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_N=block_n, PRECISION=_precision(h1.dtype), num_warps=num_warps, **options)
     return out if up is not None else (h2, h3, a)
 
 
