@@ -1,10 +1,10 @@
 """The whole Mona adapter as one autograd Function that recomputes instead of storing.
 
 Forward: LN-scaling kernel -> down projection (cuBLAS) -> merged multi-scale depthwise kernel ->
-projector with residual -> GELU -> dropout -> up projection -> residual; on the Triton backend (d up to
-64, not float64, maps of at least a tile an SM) everything after the down projection is one kernel. Backward adds the GELU/dropout
-kernel, the depthwise weight-gradient kernel and the LN-scaling backward kernel (which also adds the
-residual gradient). Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
+projector with residual -> GELU -> dropout -> up projection -> residual. On the Triton backend (d up
+to 64, not float64, maps of at least a tile an SM) everything after the down projection is one
+kernel. Backward adds the GELU/dropout kernel, the depthwise weight-gradient kernel and the
+LN-scaling backward kernel (which also adds the residual gradient). Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
 ``h3``, ``a`` and the mask are recomputed.
 
 Layout contract: ``x`` is (M, C) with M = B * H * W tokens in row-major (i, j) order; ``h1`` is (M, d)
@@ -366,7 +366,8 @@ def _up_residual(name, h1, bhw, K, bias_k, Wp, bp, seed, p, x, W2, b2):
     tiles = triton.cdiv(h1.shape[0], TAIL_TILE)
     if _fused_tail(name, h1) and (not h1.is_cuda or tiles >= num_workers(h1.device, 1)):
         block_n = 2 * TAIL_BLOCK_N if x.shape[1] >= TAIL_WIDE_C else TAIL_BLOCK_N
-        return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=(x, W2, b2), block_n=block_n)
+        up = (x, W2.contiguous(), b2)
+        return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=up, block_n=block_n)
     _, _, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
     return x + F.linear(a, W2, b2)
 
