@@ -17,7 +17,7 @@ import triton.testing
 from mona_kernels.backend import _can_run
 from mona_kernels.ops import cuda_ext
 from mona_kernels.ops import ln_scale
-from mona_kernels.ops.mona_adapter import TAIL_BLOCK_N, TAIL_WIDE_C, _gelu_bwd_triton, _grad_epilogue, _tail_triton
+from mona_kernels.ops.mona_adapter import _gelu_bwd_triton, _grad_epilogue, _tail_triton, up_block_n
 from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
 SHAPES = [(2, 200, 336, 64), (32, 56, 56, 64), (32, 28, 28, 64), (32, 14, 14, 64)]
@@ -111,6 +111,17 @@ UP_TILES = [(32, 4, 32), (32, 4, 64), (32, 4, 128), (32, 8, 64), (32, 8, 128), (
 UP_STAGES = [1, 2, 3, 4]
 
 
+def _up_case(B, H, W, C, d):
+    """Random inputs of the forward's tail at one shape: h1 (bf16), the merged kernel and bias, the
+    projector and the up projection (bf16)."""
+    M = B * H * W
+    h1 = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
+    K, bias = torch.randn(49, d, device="cuda") / 7, torch.randn(d, device="cuda")
+    wp, bp = (torch.randn(d, d, device="cuda") / 8).bfloat16(), torch.randn(d, device="cuda").bfloat16()
+    w2, b2 = (torch.randn(C, d, device="cuda") / 8).bfloat16(), torch.randn(C, device="cuda").bfloat16()
+    return h1, K, bias, wp, bp, w2, b2
+
+
 def tailup_sweep():
     """The forward after the down projection: the fused tail writing out = x + a' W2^T + b2, by pixel
     tile, warps and output channels a step, against the tail writing a' followed by cuBLAS's
@@ -121,15 +132,11 @@ def tailup_sweep():
           + " |")
     print("|---|---|---|" + "---|" * len(UP_TILES))
     d = 64
+    seed = torch.tensor([1])
     for B, H, W, C in UP_SHAPES:
-        M = B * H * W
-        h1 = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
-        K, bias = torch.randn(49, d, device="cuda") / 7, torch.randn(d, device="cuda")
-        wp, bp = (torch.randn(d, d, device="cuda") / 8).bfloat16(), torch.randn(d, device="cuda").bfloat16()
-        w2, b2 = (torch.randn(C, d, device="cuda") / 8).bfloat16(), torch.randn(C, device="cuda").bfloat16()
-        seed = torch.tensor([1])
+        h1, K, bias, wp, bp, w2, b2 = _up_case(B, H, W, C, d)
         for xdt in (torch.float32, torch.bfloat16):
-            x = torch.randn(M, C, device="cuda", dtype=xdt)
+            x = torch.randn(B * H * W, C, device="cuda", dtype=xdt)
 
             def composite():
                 _, _, a = _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, False)
@@ -143,15 +150,10 @@ def tailup_sweep():
     print("| shape | x | " + " | ".join(f"{n} stages" for n in UP_STAGES) + " |")
     print("|---|---|" + "---|" * len(UP_STAGES))
     for B, H, W, C in UP_SHAPES:
-        M = B * H * W
-        h1 = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
-        K, bias = torch.randn(49, d, device="cuda") / 7, torch.randn(d, device="cuda")
-        wp, bp = (torch.randn(d, d, device="cuda") / 8).bfloat16(), torch.randn(d, device="cuda").bfloat16()
-        w2, b2 = (torch.randn(C, d, device="cuda") / 8).bfloat16(), torch.randn(C, device="cuda").bfloat16()
-        x = torch.randn(M, C, device="cuda")
-        n = 2 * TAIL_BLOCK_N if C >= TAIL_WIDE_C else TAIL_BLOCK_N
-        row = [us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, torch.tensor([1]), 0.0, False,
-                                       up=(x, w2, b2), block_n=n, num_stages=st)) for st in UP_STAGES]
+        h1, K, bias, wp, bp, w2, b2 = _up_case(B, H, W, C, d)
+        x = torch.randn(B * H * W, C, device="cuda")
+        row = [us(lambda: _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, False, up=(x, w2, b2),
+                                       block_n=up_block_n(C), num_stages=st)) for st in UP_STAGES]
         print(f"| {B}x{H}x{W}x{C} | fp32 | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
 
 

@@ -4,8 +4,9 @@ Forward: LN-scaling kernel -> down projection (cuBLAS) -> merged multi-scale dep
 projector with residual -> GELU -> dropout -> up projection -> residual. On the Triton backend (d up
 to 64, not float64, maps of at least a tile an SM) everything after the down projection is one
 kernel. Backward adds the GELU/dropout kernel, the depthwise weight-gradient kernel and the
-LN-scaling backward kernel (which also adds the residual gradient). Saved for backward: ``x``, per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``,
-``h3``, ``a`` and the mask are recomputed.
+LN-scaling backward kernel (which also adds the residual gradient). Saved for backward: ``x``,
+per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``, ``h3``, ``a`` and the mask
+are recomputed.
 
 Layout contract: ``x`` is (M, C) with M = B * H * W tokens in row-major (i, j) order; ``h1`` is (M, d)
 in the compute dtype (the autocast dtype when autocast is on, else x's dtype); matmuls accumulate in
@@ -302,7 +303,8 @@ def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num
     _tail_launch[(triton.cdiv(M, tile),)](
         h1, K, bias_k, Wp, bp, h2, h3, a, x, w2, b2, out, H, W, d, C, M, _seed_arg(seed, h1, p), p,
         1.0 / (1.0 - p), STORE_H=store and up is None, HAS_DROPOUT=p > 0, UP=up is not None, TILE=tile,
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_N=block_n, PRECISION=_precision(h1.dtype), num_warps=num_warps, **options)
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_N=block_n, PRECISION=_precision(h1.dtype), num_warps=num_warps,
+        **options)
     return out if up is not None else (h2, h3, a)
 
 
@@ -359,15 +361,19 @@ def _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=True):
     return h2, h3, GELU_FWD[name](h3, seed, p)
 
 
+def up_block_n(C):
+    """Output channels a step of the fused up projection for C channels (TAIL_BLOCK_N, TAIL_WIDE_C)."""
+    return 2 * TAIL_BLOCK_N if C >= TAIL_WIDE_C else TAIL_BLOCK_N
+
+
 def _up_residual(name, h1, bhw, K, bias_k, Wp, bp, seed, p, x, W2, b2):
     """The forward's output ``x + a' W2^T + b2`` from ``h1`` (W2 and b2 in h1's dtype): one kernel
     where the tail fuses and the map has at least a tile an SM, else the tail (or its parts), a
     matmul and an add."""
     tiles = triton.cdiv(h1.shape[0], TAIL_TILE)
     if _fused_tail(name, h1) and (not h1.is_cuda or tiles >= num_workers(h1.device, 1)):
-        block_n = 2 * TAIL_BLOCK_N if x.shape[1] >= TAIL_WIDE_C else TAIL_BLOCK_N
         up = (x, W2.contiguous(), b2)
-        return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=up, block_n=block_n)
+        return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=up, block_n=up_block_n(x.shape[1]))
     _, _, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
     return x + F.linear(a, W2, b2)
 
