@@ -5,9 +5,10 @@ SM with the adapter's gradient epilogue that sums their partials (``ln``); the G
 programs, rows and warps (``gelu``); the graph caches' staging copies (``copies``); the CUDA
 extension's conv and wgrad variants, graph-replayed and with L2 flushed (``cuda``); the forward's
 fused tail with the up projection and residual by tile, warps and output block, against the tail, a
-matmul and an add (``tailup``).
+matmul and an add (``tailup``); the backward's fused tail (recompute, g W2, GELU and projector
+backward) by tile, warps, channels a step and programs per SM, against its composite (``tailbwd``).
 
-    python benchmarks/sweep_dwconv.py [cuda] [kernels] [ln] [gelu] [copies] [tailup]    (default: all)
+    python benchmarks/sweep_dwconv.py [cuda] [kernels] [ln] [gelu] [copies] [tailup] [tailbwd]   (default: all)
 """
 import sys
 
@@ -157,6 +158,43 @@ def tailup_sweep():
         print(f"| {B}x{H}x{W}x{C} | fp32 | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
 
 
+# The backward's fused tail: pixels per tile, warps, gradient channels a step, programs per SM.
+BWD_TILES = [(32, 4, 64, 4), (32, 4, 64, 2), (32, 4, 64, 8), (32, 4, 128, 4), (32, 8, 64, 4), (32, 8, 128, 4),
+             (64, 8, 64, 4)]
+BWD_SHAPES = [(2, 200, 336, 128), *UP_SHAPES]
+
+
+def tailbwd_sweep():
+    """The backward from the upstream gradient to the projector's input: the fused kernel (recompute,
+    da' = g W2, GELU and projector backward) by tile, warps, channels a step and programs per SM,
+    against the tail writing h2, h3 and a', cuBLAS's g W2 and the GELU backward. g and W2 in bf16
+    (the adapter casts g first under autocast); each setting's dh2 against the composite's."""
+    from mona_kernels.ops.mona_adapter import _tail_bwd_triton
+    print("\nBackward tail: graph-replayed us (d = 64, bf16); worst |dh2 - composite| / max |composite|")
+    print("| shape | composite | " + " | ".join(f"{t} px / {w} warps / {n} ch / {k} per SM" for t, w, n, k in BWD_TILES)
+          + " | worst rel. diff |")
+    print("|---|---|" + "---|" * len(BWD_TILES) + "---|")
+    d = 64
+    seed = torch.tensor([1])
+    for B, H, W, C in BWD_SHAPES:
+        h1, K, bias, wp, bp, w2, _ = _up_case(B, H, W, C, d)
+        g = torch.randn(B * H * W, C, device="cuda", dtype=torch.bfloat16)
+
+        def composite():
+            h2, h3, a = _tail_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, True)
+            return _gelu_bwd_triton(g @ w2, h3, seed, 0.0, wp, reduce=False)[2]
+        row = [us(composite)]
+        want = composite().float()
+        worst = 0.0
+        for t, w, n, k in BWD_TILES:
+            def fused():
+                return _tail_bwd_triton(h1, (B, H, W), K, bias, wp, bp, seed, 0.0, g, w2, reduce=False, tile=t,
+                                        num_warps=w, block_n=n, per_sm=k)[3]
+            row.append(us(fused))
+            worst = max(worst, ((fused().float() - want).abs().max() / want.abs().max()).item())
+        print(f"| {B}x{H}x{W}x{C} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {worst:.1e} |", flush=True)
+
+
 def ln_sweep():
     """The LN-scaling backward (with the residual) and the gradient epilogue that sums its partials,
     by backward programs per SM: more programs fill the GPU, fewer leave less to sum."""
@@ -253,7 +291,7 @@ def cuda_sweep():
 
 
 SECTIONS = {"cuda": cuda_sweep, "kernels": main, "ln": ln_sweep, "gelu": gelu_sweep, "copies": copy_sweep,
-            "tailup": tailup_sweep}
+            "tailup": tailup_sweep, "tailbwd": tailbwd_sweep}
 
 if __name__ == "__main__":
     unknown = [name for name in sys.argv[1:] if name not in SECTIONS]

@@ -54,6 +54,11 @@ TAIL_MAX_D = 64
 # against 19.3 / 15.0), so maps with fewer tiles than the GPU has SMs keep the composite path.
 TAIL_BLOCK_N = 64
 TAIL_WIDE_C = 512
+# The backward's fused tail (recompute, da' = g W2, GELU and projector backward in one kernel):
+# persistent programs per SM, each summing its tiles' projector-bias gradient into one partial row
+# (2, 4 and 8 timed the same in run 93), and the most tiles per SM it runs on (_fused_tail_bwd).
+TAIL_BWD_PER_SM = 4
+TAIL_BWD_MAX_TILES_PER_SM = 4
 
 
 @triton.jit
@@ -66,6 +71,27 @@ def _keep(seed_ptr, offs, p):
 @triton.jit
 def _gelu(h):
     return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(h):
+    """d gelu(h) / dh = Phi(h) + h phi(h), in h's (fp32) precision."""
+    return 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+@triton.jit
+def _conv_project(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, offs, i, j, inside, H, W, D, ch, cmask,
+                  TILE: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """``(h2, h3)`` of one tile in the compute dtype (h1's): h2 = conv7(h1, K) + bias_k and
+    h3 = h2 + h2 Wp^T + bp, each accumulated in fp32 and rounded where the composite path rounds."""
+    cdt = h1_ptr.dtype.element_ty
+    h2 = dwconv7_tile(h1_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, tl.float32)
+    h2 = (h2 + tl.load(bk_ptr + ch, mask=cmask, other=0.0)[None, :]).to(cdt)
+    # Wp^T as a (in, out) tile: element [c_in, c_out] = Wp[c_out, c_in].
+    wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    h3 = tl.dot(h2, wpt.to(cdt), input_precision=PRECISION, out_dtype=tl.float32)
+    h3 = (h3 + h2.to(tl.float32) + tl.load(bp_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]).to(cdt)
+    return h2, h3
 
 
 @triton.jit(do_not_specialize=["H", "W", "n_pix", "C"])
@@ -87,12 +113,8 @@ def _tail_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, h2_ptr, h3_ptr, a_ptr, x
     offs = pix[:, None] * D + ch[None, :]
     mask = inside[:, None] & cmask[None, :]
     cdt = h1_ptr.dtype.element_ty
-    h2 = dwconv7_tile(h1_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, tl.float32)
-    h2 = (h2 + tl.load(bk_ptr + ch, mask=cmask, other=0.0)[None, :]).to(cdt)
-    # Wp^T as a (in, out) tile: element [c_in, c_out] = Wp[c_out, c_in].
-    wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
-    h3 = tl.dot(h2, wpt.to(cdt), input_precision=PRECISION, out_dtype=tl.float32)
-    h3 = (h3 + h2.to(tl.float32) + tl.load(bp_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]).to(cdt)
+    h2, h3 = _conv_project(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, offs, i, j, inside, H, W, D, ch, cmask,
+                           TILE, BLOCK_D, PRECISION)
     if STORE_H:
         tl.store(h2_ptr + offs, h2, mask=mask)
         tl.store(h3_ptr + offs, h3, mask=mask)
@@ -149,9 +171,7 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, wp_ptr, dh3_ptr, dh2_ptr, partial_p
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         da = tl.load(da_ptr + offs, mask=mask, other=0.0).to(ACC)
         h = tl.load(h3_ptr + offs, mask=mask, other=0.0).to(ACC)
-        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
-        dh = da * (cdf + h * pdf)
+        dh = da * _gelu_grad(h)
         if HAS_DROPOUT:
             dh = tl.where(_keep(seed_ptr, offs, p), dh * scale, 0.0)
         dh_c = dh.to(dh3_ptr.dtype.element_ty)
@@ -163,7 +183,61 @@ def _gelu_dropout_bwd_kernel(da_ptr, h3_ptr, wp_ptr, dh3_ptr, dh2_ptr, partial_p
     tl.store(partial_ptr + pid.to(tl.int64) * D + cols, acc, mask=cmask)
 
 
+@triton.jit(do_not_specialize=["H", "W", "n_pix", "C", "n_tiles"])
+def _tail_bwd_kernel(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, g_ptr, w2_ptr, h2_ptr, a_ptr, dh3_ptr, dh2_ptr,
+                     partial_ptr, H, W, D, C, n_pix, n_tiles, seed_ptr, p, scale, HAS_DROPOUT: tl.constexpr,
+                     TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward from the upstream gradient g (M, C) to the projector's input, for the pixel tiles
+    p, p + P, ... of program p (P programs): recomputes h2 and h3 from h1 as the forward's tail does,
+    and a' = dropout(gelu(h3)); da' = g W2 over the C channels, BLOCK_N at a time (g and W2 in the
+    compute dtype, h1's); dh3 = da' * m * gelu'(h3) and dh2 = dh3 + dh3 Wp, as the GELU backward
+    computes them. Writes h2 and a' (for dWp and dW2), dh3 and dh2, each rounded to the compute dtype
+    where the composite path rounds, and per program the column sums of dh3 (the projector bias
+    gradient) into ``partial`` (P, D). So da' and h3 never reach memory.
+
+    g and W2 come cast (run 94: reading fp32 g and W2 and writing the cast g from here took this
+    kernel from 20.8 to 38.0 us at 32x14x14x512, where the separate cast takes 2-3 us)."""
+    pid = tl.program_id(0)
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    cdt = h1_ptr.dtype.element_ty
+    # Wp as an (out, in) tile: element [c_out, c_in] = Wp[c_out, c_in].
+    wp = tl.load(wp_ptr + ch[:, None] * D + ch[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0).to(cdt)
+    dbp = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        pix, i, j, inside = tile_coords(tile, H, W, n_pix, TILE)
+        offs = pix[:, None] * D + ch[None, :]
+        mask = inside[:, None] & cmask[None, :]
+        h2, h3 = _conv_project(h1_ptr, k_ptr, bk_ptr, wp_ptr, bp_ptr, offs, i, j, inside, H, W, D, ch, cmask,
+                               TILE, BLOCK_D, PRECISION)
+        h = h3.to(tl.float32)
+        a = _gelu(h)
+        if HAS_DROPOUT:
+            keep = _keep(seed_ptr, offs, p)
+            a = tl.where(keep, a * scale, 0.0)
+        tl.store(h2_ptr + offs, h2, mask=mask)
+        tl.store(a_ptr + offs, a.to(cdt), mask=mask)
+        da = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
+        for n0 in range(0, C, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < C
+            gt = tl.load(g_ptr + pix[:, None] * C + n[None, :], mask=inside[:, None] & nmask[None, :], other=0.0)
+            w2 = tl.load(w2_ptr + n[:, None] * D + ch[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+            da += tl.dot(gt, w2, input_precision=PRECISION, out_dtype=tl.float32)
+        dh = da.to(cdt).to(tl.float32) * _gelu_grad(h)
+        if HAS_DROPOUT:
+            dh = tl.where(keep, dh * scale, 0.0)
+        dh = tl.where(mask, dh, 0.0)
+        dh_c = dh.to(cdt)
+        tl.store(dh3_ptr + offs, dh_c, mask=mask)
+        dh2 = tl.dot(dh_c, wp, input_precision=PRECISION, out_dtype=tl.float32) + dh_c.to(tl.float32)
+        tl.store(dh2_ptr + offs, dh2.to(cdt), mask=mask)
+        dbp += tl.sum(dh, axis=0)
+    tl.store(partial_ptr + pid.to(tl.int64) * D + ch, dbp, mask=cmask)
+
+
 _tail_launch = Launcher(_tail_kernel)
+_tail_bwd_launch = Launcher(_tail_bwd_kernel)
 _gelu_dropout_fwd_launch = Launcher(_gelu_dropout_fwd_kernel)
 _gelu_dropout_bwd_launch = Launcher(_gelu_dropout_bwd_kernel)
 
@@ -308,6 +382,24 @@ def _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, store, tile=TAIL_TILE, num
     return out if up is not None else (h2, h3, a)
 
 
+def _tail_bwd_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, g, W2, reduce=True, tile=TAIL_TILE,
+                     num_warps=TAIL_WARPS, block_n=TAIL_BLOCK_N, per_sm=TAIL_BWD_PER_SM, **options):
+    """``(h2, a', dh3, dh2, dbp)`` from h1 and the upstream gradient ``g`` (M, C) with W2 (C, d),
+    both in h1's dtype; without ``reduce``, the (programs, d) partial sums stand in for dbp."""
+    B, H, W = bhw
+    M, d = h1.shape
+    C = g.shape[1]
+    h2, a, dh3, dh2 = (torch.empty_like(h1) for _ in range(4))
+    n_tiles = triton.cdiv(M, tile)
+    n_prog = max(1, min(n_tiles, num_workers(h1.device, per_sm)))
+    partial = torch.empty(n_prog, d, device=h1.device, dtype=torch.float32)
+    _tail_bwd_launch[(n_prog,)](
+        h1, K, bias_k, Wp, bp, g, W2, h2, a, dh3, dh2, partial, H, W, d, C, M, n_tiles, _seed_arg(seed, h1, p), p,
+        1.0 / (1.0 - p), HAS_DROPOUT=p > 0, TILE=tile, BLOCK_D=max(16, next_pow2(d)), BLOCK_N=block_n,
+        PRECISION=_precision(h1.dtype), num_warps=num_warps, **options)
+    return h2, a, dh3, dh2, (partial.sum(0) if reduce else partial)
+
+
 def _torch_scale(seed, like, p):
     gen = torch.Generator(device=like.device)
     gen.manual_seed(int(seed.item()))
@@ -361,6 +453,47 @@ def _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=True):
     return h2, h3, GELU_FWD[name](h3, seed, p)
 
 
+def _tiles_per_sm(h1):
+    """Pixel tiles of the fused tails per SM (on the CPU, 1.0: the rules below then take the fused
+    kernels, so that the CPU tests cover them)."""
+    if not h1.is_cuda:
+        return 1.0
+    return triton.cdiv(h1.shape[0], TAIL_TILE) / num_workers(h1.device, 1)
+
+
+def _wide_tail(name, h1):
+    """Whether the forward's fused tail also takes the up projection and the residual: where it fuses
+    at all, and the map has at least one tile an SM (run 88: with fewer, the longer programs leave
+    SMs idle and the composite path wins)."""
+    return _fused_tail(name, h1) and _tiles_per_sm(h1) >= 1
+
+
+def _fused_tail_bwd(name, h1):
+    """Whether the backward runs its fused tail (:func:`_tail_bwd_kernel`): where the tail fuses, on
+    maps of fewer than TAIL_BWD_MAX_TILES_PER_SM tiles an SM. Run 93's sweep: 19.9 against 22.7 us
+    for the composite at 32x14x14 (1.5 tiles an SM), a tie at 32x28x28 (5.9), 187 against 158 at
+    32x56x56 (24): on large maps the separate kernels run faster than one long one."""
+    return _fused_tail(name, h1) and _tiles_per_sm(h1) < TAIL_BWD_MAX_TILES_PER_SM
+
+
+def _tail_grads(name, h1, bhw, K, bias_k, Wp, bp, seed, p, g, W2, reduce=True):
+    """``(gc, h2, a', dh3, dh2, dbp)``: the backward from the upstream gradient ``g`` to the
+    projector's input, with gc the gradient in h1's dtype. One kernel where
+    :func:`_fused_tail_bwd` says so, else the recompute, a matmul and the GELU backward.
+    ``reduce=False`` (Triton only) leaves dbp as per-program partial rows."""
+    cdt = h1.dtype
+    gc, W2 = _cast(g, cdt), _cast(W2, cdt)
+    if _fused_tail_bwd(name, h1):
+        return (gc, *_tail_bwd_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, gc, W2.contiguous(), reduce=reduce))
+    h2, h3, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p)
+    da = gc @ W2
+    if _fused_tail(name, h1):
+        dh3, dbp, dh2 = _gelu_bwd_triton(da, h3, seed, p, Wp, reduce=reduce)
+        return gc, h2, a, dh3, dh2, dbp
+    dh3, dbp = GELU_BWD[name](da, h3, seed, p) if reduce else _gelu_bwd_triton(da, h3, seed, p, reduce=False)
+    return gc, h2, a, dh3, torch.addmm(dh3, dh3, _cast(Wp, cdt)), dbp
+
+
 def up_block_n(C):
     """Output channels a step of the fused up projection for C channels (TAIL_BLOCK_N, TAIL_WIDE_C)."""
     return 2 * TAIL_BLOCK_N if C >= TAIL_WIDE_C else TAIL_BLOCK_N
@@ -370,8 +503,7 @@ def _up_residual(name, h1, bhw, K, bias_k, Wp, bp, seed, p, x, W2, b2):
     """The forward's output ``x + a' W2^T + b2`` from ``h1`` (W2 and b2 in h1's dtype): one kernel
     where the tail fuses and the map has at least a tile an SM, else the tail (or its parts), a
     matmul and an add."""
-    tiles = triton.cdiv(h1.shape[0], TAIL_TILE)
-    if _fused_tail(name, h1) and (not h1.is_cuda or tiles >= num_workers(h1.device, 1)):
+    if _wide_tail(name, h1):
         up = (x, W2.contiguous(), b2)
         return _tail_triton(h1, bhw, K, bias_k, Wp, bp, seed, p, False, up=up, block_n=up_block_n(x.shape[1]))
     _, _, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p, store=False)
@@ -423,15 +555,8 @@ def _mona_bwd(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
     cdt = h1.dtype
     acc = acc_dtype(cdt)
     d = h1.shape[1]
-    h2, h3, a = _recompute(name, h1, bhw, K, bias_k, Wp, bp, seed, p)
-    gc = _cast(g, cdt)
+    gc, h2, a, dh3, dh2, dbp = _tail_grads(name, h1, bhw, K, bias_k, Wp, bp, seed, p, g, W2)
     dW2 = gc.t() @ a
-    da = gc @ _cast(W2, cdt)
-    if _fused_tail(name, h1):
-        dh3, dbp, dh2 = _gelu_bwd_triton(da, h3, seed, p, Wp)
-    else:
-        dh3, dbp = GELU_BWD[name](da, h3, seed, p)
-        dh2 = torch.addmm(dh3, dh3, _cast(Wp, cdt))
     dWp = dh3.t() @ h2
     dh1 = conv_flipped(name, dh2.view(B, H, W, d), K).view(-1, d)
     dKb = _cast(WGRAD[name](h1.view(B, H, W, d), dh2.view(B, H, W, d)), K.dtype)
@@ -539,15 +664,9 @@ def _adapter_bwd(g, x, h1, mean, rstd, seed, params, bhw, eps, p):
     # gradients inside it (one copy, not one a matmul, where the dtypes differ).
     dense = flat if flat.dtype == cdt else torch.empty(flat.shape, device=x.device, dtype=cdt)
     grads = dense.split(sizes)  # views in the parameters' order
-    h2, h3, a = _recompute("triton", h1, bhw, K, bias_k, Wp, bp, seed, p)
-    gc = _cast(g, cdt)
+    gc, h2, a, dh3, dh2, bp_partial = _tail_grads("triton", h1, bhw, K, bias_k, Wp, bp, seed, p, g, W2,
+                                                  reduce=False)
     torch.mm(gc.t(), a, out=grads[14].view(C, d))  # dW2
-    da = gc @ _cast(W2, cdt)
-    if _fused_tail("triton", h1):
-        dh3, bp_partial, dh2 = _gelu_bwd_triton(da, h3, seed, p, Wp, reduce=False)
-    else:
-        dh3, bp_partial = _gelu_bwd_triton(da, h3, seed, p, reduce=False)
-        dh2 = torch.addmm(dh3, dh3, _cast(Wp, cdt))
     torch.mm(dh3.t(), h2, out=grads[12].view(d, d))  # dWp
     dh1 = conv_flipped("triton", dh2.view(B, H, W, d), K).view(-1, d)
     wg_partial = WGRAD["triton"](h1.view(B, H, W, d), dh2.view(B, H, W, d), reduce=False)
