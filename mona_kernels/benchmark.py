@@ -157,6 +157,13 @@ def _rel(a, b):
 
 def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
     """Rows of timings for one (B, H, W, C) shape."""
+    # The backward alone is timed by replaying one retained autograd graph; a compiled backward that
+    # donates its saved buffers refuses retain_graph, so the compiled reference is built without.
+    with torch._functorch.config.patch(donated_buffer=False):
+        return _bench_adapter(shape, dtype, device, reps, variants, backends, graphs)
+
+
+def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
     B, H, W, C = shape
     torch.manual_seed(0)
     ref = reference.Mona(C).to(device=device, dtype=dtype)

@@ -477,3 +477,19 @@ def test_replayed_inference_matches_the_direct_path(graph_cache):
         assert torch.equal(a, b)
     if backend == "triton":
         assert [e.fwd is not None for e in mk.ops.graphs.CACHE.entries.values()] == [True]
+
+
+def test_benchmark_times_the_compiled_reference_beside_the_fused_adapter():
+    """The benchmark's default run includes torch.compile(reference), whose backward is timed alone by
+    replaying a retained graph; every variant must come back with times and small errors."""
+    import math
+    from mona_kernels.benchmark import bench_adapter
+    rows = bench_adapter((2, 8, 8, 64), torch.bfloat16, torch.device("cuda"), reps=5, variants=("compiled",),
+                         backends=["triton"], graphs=True)
+    assert [r["variant"] for r in rows] == ["reference", "compiled", "fused[triton]"]
+    for r in rows:
+        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["variant"], key)
+        assert r["err_out"] < 2e-2 and r["err_grad"] < 2e-2, r["variant"]
+    assert math.isnan(rows[1]["graph_fwd_bwd_ms"])  # the compiled variant is not graph-timed
+    assert all(r["graph_fwd_bwd_ms"] > 0 for r in (rows[0], rows[2]))
