@@ -159,7 +159,8 @@ def bench_adapter(shape, dtype, device, reps, variants, backends, graphs=False):
     """Rows of timings for one (B, H, W, C) shape."""
     # The backward alone is timed by replaying one retained autograd graph; a compiled backward that
     # donates its saved buffers refuses retain_graph, so the compiled reference is built without.
-    with torch._functorch.config.patch(donated_buffer=False):
+    import torch._functorch.config as functorch_config  # a submodule `import torch` does not load
+    with functorch_config.patch(donated_buffer=False):
         return _bench_adapter(shape, dtype, device, reps, variants, backends, graphs)
 
 
