@@ -1,6 +1,8 @@
 """Turn the benchmark CSV into the Markdown tables of BENCHMARKS.md.
 
     python benchmarks/csv_to_markdown.py results/benchmark.csv [--skip-variant fused[torch]]
+
+CSVs from before the forward graph columns existed print "–" there.
 """
 import argparse
 import csv
@@ -18,6 +20,11 @@ def efmt(v: str) -> str:
     return "–" if x != x else f"{x:.1e}"
 
 
+def ratio(v: str) -> str:
+    x = float(v)
+    return "–" if x != x else f"{x:.2f}×"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("csv")
@@ -28,18 +35,18 @@ def main():
         print(f"\n#### {op}\n")
         graphs = any(float(r.get("graph_fwd_bwd_ms", "nan")) == float(r.get("graph_fwd_bwd_ms", "nan"))
                      for r in rows if r["op"] == op)
-        extra = " graph fwd+bwd ms | graph speed-up |" if graphs else ""
+        extra = " graph fwd ms | graph fwd speed-up | graph fwd+bwd ms | graph speed-up |" if graphs else ""
         print("| shape | variant | fwd ms | bwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up |" + extra +
-              " HBM floor fwd+bwd ms | peak MB | saved MB | rel. err out | rel. err grad |")
-        print("|---" * (12 + 2 * graphs) + "|")
+              " HBM floor fwd ms | HBM floor fwd+bwd ms | peak MB | saved MB | rel. err out | rel. err grad |")
+        print("|---" * (13 + 4 * graphs) + "|")
         for r in rows:
             if r["op"] == op:
-                g = (f" {fmt(r['graph_fwd_bwd_ms'])} | {float(r['speedup_graph']):.2f}× |" if graphs else "")
+                g = (f" {fmt(r.get('graph_fwd_ms', 'nan'))} | {ratio(r.get('speedup_graph_fwd', 'nan'))} |"
+                     f" {fmt(r['graph_fwd_bwd_ms'])} | {ratio(r['speedup_graph'])} |" if graphs else "")
                 print(f"| {r['shape']} | {r['variant']} | {fmt(r['fwd_ms'])} | {fmt(r['bwd_ms'])} | {fmt(r['fwd_bwd_ms'])} "
-                      f"| {float(r['speedup_fwd']):.2f}× | {float(r['speedup_fwd_bwd']):.2f}× |{g} {fmt(r['floor_fwd_bwd_ms'])} "
-                      f"| {fmt(r['peak_mb'])} | {fmt(r.get('saved_mb', 'nan'))} | {efmt(r['err_out'])} "
-                      f"| {efmt(r['err_grad'])} |")
-
+                      f"| {ratio(r['speedup_fwd'])} | {ratio(r['speedup_fwd_bwd'])} |{g} {fmt(r.get('floor_fwd_ms', 'nan'))} "
+                      f"| {fmt(r['floor_fwd_bwd_ms'])} | {fmt(r['peak_mb'])} | {fmt(r.get('saved_mb', 'nan'))} "
+                      f"| {efmt(r['err_out'])} | {efmt(r['err_grad'])} |")
 
 if __name__ == "__main__":
     main()

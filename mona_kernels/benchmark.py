@@ -114,6 +114,21 @@ def _graph_ms(fn, device, reps: int) -> float:
     return ms
 
 
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _graphed_pair(fn, grads_of, device, reps, graphs):
+    """``(forward, forward+backward)`` milliseconds of input set 0 replayed from CUDA graphs, the
+    forward without autograd as inference runs it; NaN without ``graphs``."""
+    if not graphs:
+        return float("nan"), float("nan")
+    return _graph_ms(_no_grad(lambda: fn(0)), device, reps), _graph_ms(lambda: grads_of(0), device, reps)
+
+
 def _peak_mb(fn, device) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -214,18 +229,21 @@ def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
             for _ in range(3):
                 fwd_bwd(0)  # each call's gradients are dropped before the next
         peak = _peak_mb(three_calls, device)
-        graphed = float("nan")
+        graphed = graphed_fwd = float("nan")
         if graphs and name != "compiled":
             xg = xs[0].detach().clone().requires_grad_()  # a fresh leaf, first used on the capture side stream
+            graphed_fwd = _graph_ms(_no_grad(lambda: model(xg, hw)), device, reps)
             graphed = _graph_ms(lambda: torch.autograd.grad(model(xg, hw), [xg, *mparams], gs[0]), device, reps)
         rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
-                         fwd_bwd_ms=both, graph_fwd_bwd_ms=graphed, peak_mb=peak, saved_mb=saved,
+                         fwd_bwd_ms=both, graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed, peak_mb=peak,
+                         saved_mb=saved,
                          err_out=err_out, err_grad=err_grad))
     return rows
 
 
-def bench_dwconv(shape, dtype, device, reps, backends, d=64):
-    """The fused multi-scale op against three separate convs and cuDNN's single 7x7 depthwise conv."""
+def bench_dwconv(shape, dtype, device, reps, backends, d=64, graphs=False):
+    """The fused multi-scale op against three separate convs and cuDNN's single 7x7 depthwise conv; with
+    ``graphs`` also each one's forward and forward+backward replayed from a CUDA graph (GPU time)."""
     B, H, W, _ = shape
     torch.manual_seed(0)
     conv = reference.MonaOp(d).to(device=device, dtype=dtype)
@@ -250,14 +268,15 @@ def bench_dwconv(shape, dtype, device, reps, backends, d=64):
         err = float("nan") if name.startswith("single") else _rel(fn(0), out_ref)
         fwd = _time_ms(_rotating(fn), device, reps)
         both = _time_ms(_rotating(grads_of), device, reps)
+        graphed_fwd, graphed = _graphed_pair(fn, grads_of, device, reps, graphs)
         rows.append(dict(op="multiscale_dwconv", variant=name, shape=f"{B}x{H}x{W}x{d}", fwd_ms=fwd,
-                         bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_bwd_ms=float("nan"),
+                         bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed,
                          peak_mb=float("nan"), saved_mb=float("nan"), err_out=err,
                          err_grad=float("nan")))
     return rows
 
 
-def bench_ln_scale(shape, dtype, device, reps, backends):
+def bench_ln_scale(shape, dtype, device, reps, backends, graphs=False):
     from .ops.ln_scale import ln_scale
     B, H, W, C = shape
     torch.manual_seed(0)
@@ -270,10 +289,13 @@ def bench_ln_scale(shape, dtype, device, reps, backends):
     out_ref = fns["reference"](0)
     rows = []
     for name, fn in fns.items():
+        def grads_of(i, fn=fn):
+            return torch.autograd.grad(fn(i), [xs[i], *params], gs[i])
         fwd = _time_ms(_rotating(fn), device, reps)
-        both = _time_ms(_rotating(lambda i: torch.autograd.grad(fn(i), [xs[i], *params], gs[i])), device, reps)
+        both = _time_ms(_rotating(grads_of), device, reps)
+        graphed_fwd, graphed = _graphed_pair(fn, grads_of, device, reps, graphs)
         rows.append(dict(op="ln_scale", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd,
-                         bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_bwd_ms=float("nan"),
+                         bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed,
                          peak_mb=float("nan"), saved_mb=float("nan"), err_out=_rel(fn(0), out_ref),
                          err_grad=float("nan")))
     return rows
@@ -284,6 +306,7 @@ def _add_ratios(rows, bandwidth, elem_bytes):
         ref = next(x for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"] and x["variant"] == "reference")
         r["speedup_fwd"] = ref["fwd_ms"] / r["fwd_ms"]
         r["speedup_fwd_bwd"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        r["speedup_graph_fwd"] = ref["graph_fwd_ms"] / r["graph_fwd_ms"]
         r["speedup_graph"] = ref["graph_fwd_bwd_ms"] / r["graph_fwd_bwd_ms"]
         n = 1
         for s in r["shape"].split("x"):
@@ -296,8 +319,8 @@ def _add_ratios(rows, bandwidth, elem_bytes):
 def _print_table(rows, header):
     print(header)
     cols = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "speedup_fwd", "speedup_fwd_bwd",
-            "graph_fwd_bwd_ms", "speedup_graph", "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "saved_mb",
-            "err_out", "err_grad"]
+            "graph_fwd_ms", "speedup_graph_fwd", "graph_fwd_bwd_ms", "speedup_graph", "floor_fwd_ms",
+            "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "saved_mb", "err_out", "err_grad"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -341,7 +364,7 @@ def main(argv=None):
                     choices=["adapter", "multiscale_dwconv", "ln_scale"])
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     ap.add_argument("--graphs", action="store_true",
-                    help="also time forward+backward replayed from a CUDA graph (GPU time alone; experimental)")
+                    help="also time forward and forward+backward replayed from CUDA graphs (GPU time alone)")
     ap.add_argument("--reps", type=int, default=200, help="milliseconds of timed repeats per case")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the CSV and the plot")
     args = ap.parse_args(argv)
@@ -370,9 +393,9 @@ def main(argv=None):
             variants = () if args.no_compile else ("compiled",)
             rows += bench_adapter(shape, dtype, device, args.reps, variants, backends, args.graphs)
         elif op == "multiscale_dwconv":
-            rows += bench_dwconv(shape, dtype, device, args.reps, backends)
+            rows += bench_dwconv(shape, dtype, device, args.reps, backends, graphs=args.graphs)
         else:
-            rows += bench_ln_scale(shape, dtype, device, args.reps, backends)
+            rows += bench_ln_scale(shape, dtype, device, args.reps, backends, graphs=args.graphs)
         torch.cuda.empty_cache() if device.type == "cuda" else None
     _add_ratios(rows, bandwidth, torch.finfo(dtype).bits // 8)
 

@@ -1,0 +1,35 @@
+"""The benchmark's CPU mode, as the README's command runs it on a machine without a GPU, and the
+script that turns its CSV into BENCHMARKS.md's tables."""
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mona_kernels import benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default run is the full SPEC benchmark")
+def test_cpu_run_checks_times_and_writes_every_op(tmp_path, capsys):
+    rows = benchmark.main(["--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "No GPU found" in printed and "| adapter |" in printed
+    with open(tmp_path / "benchmark.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert len(saved) == len(rows)
+    assert {r["op"] for r in saved} == {"adapter", "multiscale_dwconv", "ln_scale"}
+    for r in saved:
+        for key in ("fwd_ms", "fwd_bwd_ms", "floor_fwd_ms", "floor_fwd_bwd_ms"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["op"], r["variant"], key)
+        if r["variant"].startswith("fused"):
+            assert float(r["err_out"]) < 1e-5, (r["op"], r["variant"])
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "csv_to_markdown.py"),
+                            str(tmp_path / "benchmark.csv")], capture_output=True, text=True, check=True).stdout
+    for op in ("adapter", "multiscale_dwconv", "ln_scale"):
+        assert f"#### {op}" in table
+    assert table.count("| fused[torch] |") == 3
