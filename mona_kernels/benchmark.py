@@ -121,12 +121,18 @@ def _no_grad(fn):
     return run
 
 
-def _graphed_pair(fn, grads_of, device, reps, graphs):
-    """``(forward, forward+backward)`` milliseconds of input set 0 replayed from CUDA graphs, the
-    forward without autograd as inference runs it; NaN without ``graphs``."""
+def _graphed_pair(fn, grads_of, sets, device, reps, graphs):
+    """``(forward, forward+backward)`` milliseconds replayed from CUDA graphs, the forward without
+    autograd as inference runs it; NaN without ``graphs``. Each list of input sets in ``sets`` gets
+    a copy of its set 0 to capture on, a fresh leaf where it needs gradients: a leaf already used on
+    the default stream keeps its gradient accumulation there, and the capture would fail (run 100)."""
     if not graphs:
         return float("nan"), float("nan")
-    return _graph_ms(_no_grad(lambda: fn(0)), device, reps), _graph_ms(lambda: grads_of(0), device, reps)
+    for inputs in sets:
+        first = inputs[0]
+        inputs.append(first.detach().clone().requires_grad_() if first.requires_grad else first)
+    i = len(sets[0]) - 1
+    return _graph_ms(_no_grad(lambda: fn(i)), device, reps), _graph_ms(lambda: grads_of(i), device, reps)
 
 
 def _peak_mb(fn, device) -> float:
@@ -268,7 +274,7 @@ def bench_dwconv(shape, dtype, device, reps, backends, d=64, graphs=False):
         err = float("nan") if name.startswith("single") else _rel(fn(0), out_ref)
         fwd = _time_ms(_rotating(fn), device, reps)
         both = _time_ms(_rotating(grads_of), device, reps)
-        graphed_fwd, graphed = _graphed_pair(fn, grads_of, device, reps, graphs)
+        graphed_fwd, graphed = _graphed_pair(fn, grads_of, [hs, hs_nhwc, gs], device, reps, graphs)
         rows.append(dict(op="multiscale_dwconv", variant=name, shape=f"{B}x{H}x{W}x{d}", fwd_ms=fwd,
                          bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed,
                          peak_mb=float("nan"), saved_mb=float("nan"), err_out=err,
@@ -293,7 +299,7 @@ def bench_ln_scale(shape, dtype, device, reps, backends, graphs=False):
             return torch.autograd.grad(fn(i), [xs[i], *params], gs[i])
         fwd = _time_ms(_rotating(fn), device, reps)
         both = _time_ms(_rotating(grads_of), device, reps)
-        graphed_fwd, graphed = _graphed_pair(fn, grads_of, device, reps, graphs)
+        graphed_fwd, graphed = _graphed_pair(fn, grads_of, [xs, gs], device, reps, graphs)
         rows.append(dict(op="ln_scale", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd,
                          bwd_ms=both - fwd, fwd_bwd_ms=both, graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed,
                          peak_mb=float("nan"), saved_mb=float("nan"), err_out=_rel(fn(0), out_ref),

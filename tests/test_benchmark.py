@@ -33,3 +33,16 @@ def test_cpu_run_checks_times_and_writes_every_op(tmp_path, capsys):
     for op in ("adapter", "multiscale_dwconv", "ln_scale"):
         assert f"#### {op}" in table
     assert table.count("| fused[torch] |") == 3
+
+
+def test_graph_columns_are_nan_without_a_gpu():
+    """With --graphs on the CPU every op still runs its checks and timings; the graph columns say
+    NaN instead of timing anything."""
+    cpu = torch.device("cpu")
+    rows = (benchmark.bench_dwconv((1, 5, 6, 16), torch.float32, cpu, 1, ["torch"], graphs=True)
+            + benchmark.bench_ln_scale((1, 5, 6, 16), torch.float32, cpu, 1, ["torch"], graphs=True)
+            + benchmark.bench_adapter((1, 5, 6, 16), torch.float32, cpu, 1, (), ["torch"], graphs=True))
+    assert len(rows) == 3 + 2 + 2
+    for r in rows:
+        assert math.isnan(r["graph_fwd_ms"]) and math.isnan(r["graph_fwd_bwd_ms"])
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
