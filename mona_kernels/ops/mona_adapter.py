@@ -4,7 +4,9 @@ Forward: LN-scaling kernel -> down projection (cuBLAS) -> merged multi-scale dep
 projector with residual -> GELU -> dropout -> up projection -> residual. On the Triton backend (d up
 to 64, not float64, maps of at least a tile an SM) everything after the down projection is one
 kernel. Backward adds the GELU/dropout kernel, the depthwise weight-gradient kernel and the
-LN-scaling backward kernel (which also adds the residual gradient). Saved for backward: ``x``,
+LN-scaling backward kernel (which also adds the residual gradient); on the Triton backend's small
+maps (fewer than four tiles an SM) the recompute, da' = g W2 and the GELU/dropout and projector
+backward are one kernel. Saved for backward: ``x``,
 per-token ``mean``/``rstd``, ``h1`` and the dropout seed; ``y``, ``h2``, ``h3``, ``a`` and the mask
 are recomputed.
 
