@@ -106,7 +106,9 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5, help="eager timings of every variant, in turn")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of each variant")
+    ap.add_argument("--compile", nargs="*", metavar="VARIANT",
+                    help="also time torch.compile of each variant, or of the ones named (reference, "
+                         "fused[triton], fused[cuda], zero-cost); compiling one Swin-B takes minutes")
     ap.add_argument("--graph", action="store_true", help="also time each variant's step replayed from a CUDA graph")
     ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
     args = ap.parse_args()
@@ -197,9 +199,11 @@ def main():
     title = (f"Swin-B training step, B={args.batch}, 224x224, bf16 autocast, frozen backbone, "
              f"{torch.cuda.get_device_name()}; eager: median of {args.rounds} rounds of {args.steps} steps")
     print_table(rows, title)
-    if args.compile:  # last and printed apart: compiling four Swin-Bs can take longer than the rest
+    if args.compile is not None:  # last and printed apart: compiling four Swin-Bs can take longer than the rest
         compiled_rows = []
         for label, adapters, b in variants:
+            if args.compile and label not in args.compile:
+                continue
             use(adapters, b)
             compiled = torch.compile(model)
             ms, gb = time_steps(step_fn(compiled, x, y, opts[label]), args.steps)
@@ -210,12 +214,12 @@ def main():
 
 def print_table(rows, title):
     """A markdown table of ``(label, mode, ms, peak GB, eager spread)`` rows, each against the zero-cost
-    row of its mode."""
+    row of its mode (NaN where that row was not timed)."""
     zero_ms = {mode: ms for label, mode, ms, _, _ in rows if label == "zero-cost"}
     print(f"\n{title}")
     print("| adapter | mode | step ms | vs zero-cost | rounds' range | peak GB |\n|---|---|---|---|---|---|")
     for label, mode, ms, gb, spread in rows:
-        ratio = spread[0] if spread else ms / zero_ms[mode]
+        ratio = spread[0] if spread else ms / zero_ms.get(mode, float("nan"))
         span = f"{spread[1]:.2f}-{spread[2]:.2f}x" if spread else "-"
         print(f"| {label} | {mode} | {ms:.1f} | {ratio:.2f}x | {span} | {gb:.2f} |", flush=True)
 
