@@ -83,8 +83,9 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
             project1_weight, project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight,
             conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
             float(dropout), int(_draw_seed(x, dropout)) if dropout > 0 else 0, _compute_dtype(x))
-    if name == "triton" and not torch.compiler.is_compiling():
-        # one autograd node with the merge inside; on CUDA it replays cached graphs (ops/graphs.py)
+    if name == "triton":
+        # one autograd node with the merge inside; on CUDA it replays cached graphs (ops/graphs.py),
+        # also from a compiled model, where its two halves are opaque custom ops
         return MonaAdapterFunction.apply(
             x.contiguous(), (B, H, W), float(eps), float(dropout), _draw_seed(x, dropout, capturable=True),
             _compute_dtype(x), torch.is_grad_enabled(), norm_weight, norm_bias, gamma, gammax, project1_weight,

@@ -284,9 +284,10 @@ def test_autocast_gradients_are_as_accurate_as_the_reference(backend, dtype):
         assert e_fused <= 2 * e_ref + 1e-3, f"{name}: fused {e_fused:.3g} vs reference {e_ref:.3g}"
 
 
-def test_torch_compile_fullgraph_traces_without_graph_breaks():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_fullgraph_traces_without_graph_breaks(backend):
     """The whole forward and backward are registered ops, so dynamo traces the module in one graph."""
-    ref, fused = _pair(backend="torch")
+    ref, fused = _pair(backend=backend)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 20, 24, dtype=F64, requires_grad=True)
     out = compiled(x, (4, 5))
