@@ -48,5 +48,6 @@ def main():
                       f"| {fmt(r['floor_fwd_bwd_ms'])} | {fmt(r['peak_mb'])} | {fmt(r.get('saved_mb', 'nan'))} "
                       f"| {efmt(r['err_out'])} | {efmt(r['err_grad'])} |")
 
+
 if __name__ == "__main__":
     main()
