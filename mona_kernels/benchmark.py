@@ -263,14 +263,16 @@ def bench_dwconv(shape, dtype, device, reps, backends, d=64, graphs=False):
            "single_7x7_conv": lambda i: single(hs_nhwc[i])}
     for backend in backends:
         fns[f"fused[{backend}]"] = (lambda b: lambda i: multiscale_dwconv(hs[i], *ws, backend=b))(backend)
-    out_ref = fns["reference"](0)
+    with torch.no_grad():  # no live autograd graph: it would pin the weights' gradient-accumulation
+        out_ref = fns["reference"](0)  # nodes to the default stream, and capture elsewhere then fails
     rows = []
     for name, fn in fns.items():
         inputs = (lambda i: [hs_nhwc[i], *single.parameters()]) if name.startswith("single") \
             else (lambda i: [hs[i], *ws])
         grads_of = (lambda i: torch.autograd.grad(fn(i), inputs(i), gs[i].permute(0, 3, 1, 2))) \
             if name.startswith("single") else (lambda i: torch.autograd.grad(fn(i), inputs(i), gs[i]))
-        err = float("nan") if name.startswith("single") else _rel(fn(0), out_ref)
+        with torch.no_grad():
+            err = float("nan") if name.startswith("single") else _rel(fn(0), out_ref)
         fwd = _time_ms(_rotating(fn), device, reps)
         both = _time_ms(_rotating(grads_of), device, reps)
         graphed_fwd, graphed = _graphed_pair(fn, grads_of, [hs, hs_nhwc, gs], device, reps, graphs)
@@ -291,7 +293,8 @@ def bench_ln_scale(shape, dtype, device, reps, backends, graphs=False):
     fns = {"reference": lambda i: reference.ln_scale_ref(xs[i], *params)}
     for backend in backends:
         fns[f"fused[{backend}]"] = (lambda b: lambda i: ln_scale(xs[i], *params, backend=b))(backend)
-    out_ref = fns["reference"](0)
+    with torch.no_grad():
+        out_ref = fns["reference"](0)
     rows = []
     for name, fn in fns.items():
         def grads_of(i, fn=fn):

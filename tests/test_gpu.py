@@ -495,6 +495,21 @@ def test_benchmark_times_the_compiled_reference_beside_the_fused_adapter():
     assert all(r["graph_fwd_ms"] > 0 and r["graph_fwd_bwd_ms"] > r["graph_fwd_ms"] for r in (rows[0], rows[2]))
 
 
+def test_benchmark_graph_times_every_depthwise_variant():
+    """Every variant of the depthwise op's table captures its forward and its forward+backward, the
+    module's weights included (runs 100-105 lost the fwd+bwd column at the first shape)."""
+    import math
+    from mona_kernels.benchmark import bench_dwconv
+    rows = bench_dwconv((2, 13, 9, 64), torch.bfloat16, torch.device("cuda"), reps=5, backends=DEVICE_BACKENDS,
+                        graphs=True)
+    assert [r["variant"] for r in rows] == ["reference", "single_7x7_conv"] + [f"fused[{b}]" for b in DEVICE_BACKENDS]
+    for r in rows:
+        assert math.isfinite(r["graph_fwd_ms"]) and r["graph_fwd_ms"] > 0, r["variant"]
+        assert math.isfinite(r["graph_fwd_bwd_ms"]) and r["graph_fwd_bwd_ms"] > r["graph_fwd_ms"], r["variant"]
+        if r["variant"] != "single_7x7_conv":
+            assert r["err_out"] < 2e-2, r["variant"]
+
+
 def test_compiled_module_replays_the_graph_cache_bit_for_bit():
     """Under torch.compile the Triton path's two halves are opaque custom ops that replay the same
     cached graphs as eager calls: compiled and eager results are identical, and the cache holds a
