@@ -126,8 +126,8 @@ def _graphed_pair(fn, grads_of, sets, device, reps, graphs):
     autograd as inference runs it; NaN without ``graphs``. Each list of input sets in ``sets`` gets
     a copy of its set 0 to capture on, a fresh leaf where it needs gradients: the adapter's capture
     fails on a leaf already used on the default stream, whose gradient accumulation stays there.
-    (The depthwise op's fwd+bwd capture at its first shape still fails with fresh leaves, runs
-    100-101; the cause is not known.)"""
+    The caller must also hold no autograd graph over the parameters (compute reference outputs
+    without autograd, or detach them): it pins their accumulation nodes to the default stream too."""
     if not graphs:
         return float("nan"), float("nan")
     for inputs in sets:
