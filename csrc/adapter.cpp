@@ -459,12 +459,24 @@ Key graph_key(const Tensor& x, const Params& P, const Problem& pb) {
 
 uint64_t* seed_ptr(const Tensor& t) { return reinterpret_cast<uint64_t*>(t.data_ptr()); }
 
-// Runs fn on a side stream (graphs are captured off the current stream), ordered after the current
-// stream's work and before its next.
+// The stream graphs are captured on: one per device for the process. PyTorch keeps a cuBLAS
+// workspace (32 MiB on Hopper) for every stream a GEMM has run on and never frees it, so drawing a
+// new pool stream for each capture left up to one workspace per pool stream allocated.
+c10::cuda::CUDAStream capture_stream(c10::DeviceIndex device) {
+  static std::mutex mu;
+  static auto* streams = new std::map<c10::DeviceIndex, c10::cuda::CUDAStream>;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = streams->find(device);
+  if (it == streams->end()) it = streams->emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
+  return it->second;
+}
+
+// Runs fn on the capture stream (graphs are captured off the current stream), ordered after the
+// current stream's work and before its next.
 template <typename Fn>
 void on_side_stream(const Tensor& like, Fn&& fn) {
   auto cur = c10::cuda::getCurrentCUDAStream();
-  auto side = c10::cuda::getStreamFromPool(false, like.device().index());
+  auto side = capture_stream(like.device().index());
   at::cuda::CUDAEvent before, after;
   before.record(cur);
   before.block(side);

@@ -72,6 +72,10 @@ def _rotating(fn_of_index):
     return run
 
 
+# One warm-up stream per device: PyTorch keeps a cuBLAS workspace for each stream a GEMM has run on.
+_warmup_streams: dict = {}
+
+
 def capture_graph(fn, warmup: int = 3):
     """``(graph, result)``: ``fn`` run ``warmup`` times on a side stream (as CUDA-graph capture
     requires), then captured once; ``result`` is what the captured call returned (its tensors are
@@ -84,7 +88,10 @@ def capture_graph(fn, warmup: int = 3):
         graph, grads = capture_graph(lambda: torch.autograd.grad(mona(x, (8, 8)).sum(), [x]))
         graph.replay()  # grads now hold the gradients for x's current contents
     """
-    side = torch.cuda.Stream()
+    device = torch.cuda.current_device()
+    side = _warmup_streams.get(device)
+    if side is None:
+        side = _warmup_streams[device] = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):

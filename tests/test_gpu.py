@@ -394,6 +394,43 @@ def _assert_replaying(backend):
         assert not mk.ops.graphs.CACHE.failed
 
 
+_CAPTURE_MEMORY_SCRIPT = """
+import sys, torch, mona_kernels as mk
+from mona_kernels.ops import cuda_ext, graphs
+backend = sys.argv[1]
+setter = cuda_ext.graph_cache if backend == "cuda" else graphs.graph_cache
+def calls(H, C=64):  # direct, capture, replay: forward and backward each
+    m = mk.Mona(C, dropout=0.0, backend=backend).cuda().bfloat16()
+    for _ in range(3):
+        x = torch.randn(2, H * 7, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch.autograd.grad(m(x, (H, 7)), [x, *m.parameters()], torch.randn_like(x))
+calls(9)
+setter(0); setter(8)
+torch.cuda.synchronize()
+base = torch.cuda.memory_allocated()
+for H in range(10, 14):
+    calls(H)
+    setter(0); setter(8)
+torch.cuda.synchronize()
+print(torch.cuda.memory_allocated() - base)
+"""
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_captures_leave_no_memory_behind(backend):
+    """Four new problems captured and dropped from the cache leave memory where it was: captures
+    run on one stream per device, where a fresh pool stream each time left a cuBLAS workspace
+    (32 MiB on Hopper) allocated for good. A fresh process, so that no earlier test has used the
+    pool's streams."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", _CAPTURE_MEMORY_SCRIPT, backend], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grown = int(result.stdout.split()[-1])
+    assert grown < 8 << 20, f"{grown / 2**20:.1f} MiB still allocated after four captures were dropped"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_replayed_graphs_match_the_reference_on_fresh_inputs(graph_cache, dtype):
     backend, _ = graph_cache
