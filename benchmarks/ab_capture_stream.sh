@@ -3,14 +3,16 @@
 # csrc/adapter.cpp (a new pool stream per capture) against the working tree's (one stream per
 # device). Each builds the extension (ninja rebuilds adapter.cpp alone), runs the capture-memory
 # GPU test, and times the adapter benchmark's peak memory. Writes under $OUT.
-#   OUT=out bash benchmarks/ab_capture_stream.sh [base-commit]
+#   OUT=out bash benchmarks/ab_capture_stream.sh [base-commit | old adapter.cpp file]
 set -o pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 base=${1:-HEAD}
 cp csrc/adapter.cpp /tmp/adapter_new.cpp
 for side in old new; do
-  if [ $side = old ]; then git show "$base:csrc/adapter.cpp" > csrc/adapter.cpp; else cp /tmp/adapter_new.cpp csrc/adapter.cpp; fi
+  if [ $side = new ]; then cp /tmp/adapter_new.cpp csrc/adapter.cpp
+  elif [ -f "$base" ]; then cp "$base" csrc/adapter.cpp
+  else git show "$base:csrc/adapter.cpp" > csrc/adapter.cpp || exit 1; fi
   python3 -c "from mona_kernels.ops import cuda_ext; cuda_ext.load()" > "$OUT/build_$side.log" 2>&1
   echo "[$side] build: exit $?"
   timeout 200 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -k captures_leave_no_memory > "$OUT/test_$side.log" 2>&1
