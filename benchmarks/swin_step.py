@@ -21,6 +21,7 @@ import timm
 
 import mona_kernels as mk
 from mona_kernels.backend import _can_run
+from mona_kernels.benchmark import warmup_stream
 from mona_kernels.integrations import add_mona, freeze_all_but_adapters
 
 
@@ -62,7 +63,7 @@ def graphed_step(model, x, y, params):
         loss.backward()
         opt.step()
 
-    side = torch.cuda.Stream()
+    side = warmup_stream()  # one per device: a new stream per variant would keep another cuBLAS workspace
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):

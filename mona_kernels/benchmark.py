@@ -72,8 +72,17 @@ def _rotating(fn_of_index):
     return run
 
 
-# One warm-up stream per device: PyTorch keeps a cuBLAS workspace for each stream a GEMM has run on.
 _warmup_streams: dict = {}
+
+
+def warmup_stream() -> torch.cuda.Stream:
+    """The side stream on which captures warm up, one per device for the process: PyTorch keeps a
+    cuBLAS workspace (32 MiB on Hopper) for each stream a GEMM has run on, so a new stream per
+    capture would leave one behind each time."""
+    device = torch.cuda.current_device()
+    if device not in _warmup_streams:
+        _warmup_streams[device] = torch.cuda.Stream(device)
+    return _warmup_streams[device]
 
 
 def capture_graph(fn, warmup: int = 3):
@@ -88,10 +97,7 @@ def capture_graph(fn, warmup: int = 3):
         graph, grads = capture_graph(lambda: torch.autograd.grad(mona(x, (8, 8)).sum(), [x]))
         graph.replay()  # grads now hold the gradients for x's current contents
     """
-    device = torch.cuda.current_device()
-    side = _warmup_streams.get(device)
-    if side is None:
-        side = _warmup_streams[device] = torch.cuda.Stream(device)
+    side = warmup_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
