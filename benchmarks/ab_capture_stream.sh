@@ -9,6 +9,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 base=${1:-HEAD}
 cp csrc/adapter.cpp /tmp/adapter_new.cpp
+trap 'cp /tmp/adapter_new.cpp csrc/adapter.cpp' EXIT  # the tree's own source back, however the script ends
 for side in old new; do
   if [ $side = new ]; then cp /tmp/adapter_new.cpp csrc/adapter.cpp
   elif [ -f "$base" ]; then cp "$base" csrc/adapter.cpp
@@ -28,4 +29,3 @@ for r in rows:
         print(f'  {r["shape"]:>14} {r["variant"]:>14} peak {float(r["peak_mb"]):7.1f} MB  fwd+bwd {float(r["fwd_bwd_ms"]):.3f} ms')
 PY
 done
-cp /tmp/adapter_new.cpp csrc/adapter.cpp

@@ -21,8 +21,8 @@ import timm
 
 import mona_kernels as mk
 from mona_kernels.backend import _can_run
-from mona_kernels.benchmark import warmup_stream
 from mona_kernels.integrations import add_mona, freeze_all_but_adapters
+from mona_kernels.ops.graphs import side_stream
 
 
 class ZeroCostAdapter(nn.Module):
@@ -63,7 +63,7 @@ def graphed_step(model, x, y, params):
         loss.backward()
         opt.step()
 
-    side = warmup_stream()  # one per device: a new stream per variant would keep another cuBLAS workspace
+    side = side_stream(torch.cuda.current_device())  # one per device: a new one per variant keeps another cuBLAS workspace
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):

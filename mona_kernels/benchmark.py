@@ -20,6 +20,7 @@ import torch
 
 from . import reference
 from .modules import Mona
+from .ops.graphs import side_stream
 from .ops.multiscale_dwconv import multiscale_dwconv
 
 SPEC_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
@@ -72,19 +73,6 @@ def _rotating(fn_of_index):
     return run
 
 
-_warmup_streams: dict = {}
-
-
-def warmup_stream() -> torch.cuda.Stream:
-    """The side stream on which captures warm up, one per device for the process: PyTorch keeps a
-    cuBLAS workspace (32 MiB on Hopper) for each stream a GEMM has run on, so a new stream per
-    capture would leave one behind each time."""
-    device = torch.cuda.current_device()
-    if device not in _warmup_streams:
-        _warmup_streams[device] = torch.cuda.Stream(device)
-    return _warmup_streams[device]
-
-
 def capture_graph(fn, warmup: int = 3):
     """``(graph, result)``: ``fn`` run ``warmup`` times on a side stream (as CUDA-graph capture
     requires), then captured once; ``result`` is what the captured call returned (its tensors are
@@ -97,7 +85,7 @@ def capture_graph(fn, warmup: int = 3):
         graph, grads = capture_graph(lambda: torch.autograd.grad(mona(x, (8, 8)).sum(), [x]))
         graph.replay()  # grads now hold the gradients for x's current contents
     """
-    side = warmup_stream()
+    side = side_stream(torch.cuda.current_device())  # the graph caches' own: no extra cuBLAS workspace
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):

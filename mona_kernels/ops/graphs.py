@@ -158,13 +158,20 @@ class CopyOut:
 _side_streams: dict = {}
 
 
+def side_stream(device: int) -> torch.cuda.Stream:
+    """The stream on which captures run and warm up, one per device for the process (the
+    benchmark's captures too): PyTorch keeps a cuBLAS workspace (32 MiB on Hopper) for each stream a
+    GEMM has run on, so a new stream per capture would leave one behind each time."""
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
 def capture(body, pool=None):
     """``(graph, outputs)``: runs ``body()`` once on a side stream (Triton compiles, cuBLAS takes its
     workspace), then captures a second run. The current stream waits for both."""
     device = torch.cuda.current_device()
-    side = _side_streams.get(device)
-    if side is None:
-        side = _side_streams[device] = torch.cuda.Stream(device)
+    side = side_stream(device)
     current = torch.cuda.current_stream(device)
     side.wait_stream(current)
     try:
