@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,7 +48,23 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension}
 
 
+class BuildPyWithSources(build_py):
+    """Also copies csrc/ into the built package (mona_kernels/_csrc): a wheel or a non-editable
+    install without the prebuilt extension builds it from there on first use."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install builds from the source tree's csrc/
+        build = _build_settings()
+        target = Path(self.build_lib) / "mona_kernels" / build.PACKAGED_CSRC
+        self.mkpath(str(target))
+        for name in (*build.SOURCES, *build.HEADERS):
+            self.copy_file(str(HERE / "csrc" / name), str(target / name))
+
+
 ext_modules, cmdclass = cuda_extension()
+cmdclass["build_py"] = BuildPyWithSources
 
 setup(
     name="mona_kernels",
@@ -57,8 +74,10 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mona_kernels", "mona_kernels.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "triton>=3.0"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "plot": ["matplotlib"]},
+    # ninja: the first-use build of the CUDA extension (torch.utils.cpp_extension.load) needs it
+    install_requires=["torch>=2.4", "triton>=3.0", "ninja"],
+    # setuptools: tests/test_packaging.py builds the wheel and the sdist without build isolation
+    extras_require={"test": ["pytest", "pytest-benchmark", "setuptools>=70.1"], "plot": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

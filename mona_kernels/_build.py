@@ -7,8 +7,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("binding.cpp", "adapter.cpp", "mona_kernels.cu")
+HEADERS = ("glue.h", "mona_kernels.h")
+# Where an installed package keeps its copy of csrc/ (setup.py's build_py puts it there), so that a
+# wheel or a non-editable install can still build the extension on first use.
+PACKAGED_CSRC = "_csrc"
+
+
+def _csrc() -> Path:
+    """The CUDA sources: the package's own copy when installed, else the source tree's csrc/."""
+    packaged = Path(__file__).resolve().parent / PACKAGED_CSRC
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "csrc"
+
+
+CSRC = _csrc()
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
 
 
