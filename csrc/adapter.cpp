@@ -615,13 +615,20 @@ struct Adapter : public torch::autograd::Function<Adapter> {
   static Tensor forward(AutogradContext* ctx, Tensor x, Tensor w_ln, Tensor b_ln, Tensor gamma, Tensor gammax,
                         Tensor W1, Tensor b1, Tensor w3, Tensor b3, Tensor w5, Tensor b5, Tensor w7, Tensor b7,
                         Tensor Wp, Tensor bp, Tensor W2, Tensor b2, int64_t B, int64_t H, int64_t W, double eps,
-                        double p, int64_t seed, at::ScalarType cdt) {
+                        double p, int64_t seed, std::optional<Tensor> seed_dev, at::ScalarType cdt) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const c10::cuda::CUDAGuard guard(x.device());
     const Params P{w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2};
     const Problem pb{B, H, W, (float)eps, (float)p, cdt};
     Saved r;
-    if (!forward_replayed(x, P, pb, (uint64_t)seed, r)) r = run_forward(x, P, pb, (uint64_t)seed, nullptr);
+    if (seed_dev.has_value()) {
+      // A seed on the device (drawn inside a caller's capture): every replay of that capture rewrites
+      // it, and the kernels read it at run time. The graph cache stages host seeds only.
+      r = run_forward(x, P, pb, 0, seed_ptr(*seed_dev));
+      ctx->saved_data["seed_dev"] = *seed_dev;
+    } else if (!forward_replayed(x, P, pb, (uint64_t)seed, r)) {
+      r = run_forward(x, P, pb, (uint64_t)seed, nullptr);
+    }
     ctx->save_for_backward({x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2});
     ctx->saved_data["h1"] = r.h1;
     ctx->saved_data["stats"] = r.stats;
@@ -657,9 +664,13 @@ struct Adapter : public torch::autograd::Function<Adapter> {
     const int64_t C = x.size(-1), M = x.numel() / C;
     auto g = grads[0].reshape({M, C}).contiguous();
     Grads out;
-    if (!backward_replayed(g, x, sv, P, pb, seed, out)) out = run_backward(g, x, sv, P, pb, seed, nullptr);
+    if (data.count("seed_dev") != 0) {
+      out = run_backward(g, x, sv, P, pb, 0, seed_ptr(data["seed_dev"].toTensor()));
+    } else if (!backward_replayed(g, x, sv, P, pb, seed, out)) {
+      out = run_backward(g, x, sv, P, pb, seed, nullptr);
+    }
     variable_list result(out.begin(), out.end());
-    result.resize(result.size() + 7);  // B, H, W, eps, p, seed and the compute dtype take no gradient
+    result.resize(result.size() + 8);  // B, H, W, eps, p, the two seeds and the compute dtype take no gradient
     return result;
   }
 };
@@ -670,14 +681,20 @@ torch::Tensor mona_adapter(torch::Tensor x, int64_t B, int64_t H, int64_t W, tor
                            torch::Tensor gamma, torch::Tensor gammax, torch::Tensor W1, torch::Tensor b1,
                            torch::Tensor w3, torch::Tensor b3, torch::Tensor w5, torch::Tensor b5, torch::Tensor w7,
                            torch::Tensor b7, torch::Tensor Wp, torch::Tensor bp, torch::Tensor W2, torch::Tensor b2,
-                           double eps, double p, int64_t seed, at::ScalarType compute_dtype) {
+                           double eps, double p, int64_t seed, std::optional<torch::Tensor> seed_dev,
+                           at::ScalarType compute_dtype) {
   TORCH_CHECK(x.dim() >= 2, "x must have rank 2 or more, got ", x.dim());
   check_input(x, "x", x.dim());
   TORCH_CHECK(x.numel() == B * H * W * x.size(-1), "x has ", x.numel() / std::max<int64_t>(1, x.size(-1)),
               " tokens but B*H*W = ", B * H * W);
   check_channels(x.size(-1));
+  if (seed_dev.has_value()) {
+    TORCH_CHECK(seed_dev->scalar_type() == at::kLong && seed_dev->numel() == 1 && seed_dev->device() == x.device(),
+                "seed_dev must be one int64 on x's device, got ", seed_dev->scalar_type(), " with ",
+                seed_dev->numel(), " elements on ", seed_dev->device());
+  }
   return Adapter::apply(x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, B, H, W, eps, p,
-                        seed, compute_dtype);
+                        seed, seed_dev, compute_dtype);
 }
 
 int64_t graph_cache(int64_t capacity) {

@@ -77,12 +77,15 @@ inline void check_channels(int64_t C) {
 
 }  // namespace mona_glue
 
-// The whole adapter with its own C++ autograd node (adapter.cpp).
+// The whole adapter with its own C++ autograd node (adapter.cpp). seed_dev, when given, holds the
+// dropout seed on the device (read at run time, so a caller's CUDA graph draws a new mask each replay)
+// and replaces `seed`.
 torch::Tensor mona_adapter(torch::Tensor x, int64_t B, int64_t H, int64_t W, torch::Tensor w_ln, torch::Tensor b_ln,
                            torch::Tensor gamma, torch::Tensor gammax, torch::Tensor W1, torch::Tensor b1,
                            torch::Tensor w3, torch::Tensor b3, torch::Tensor w5, torch::Tensor b5, torch::Tensor w7,
                            torch::Tensor b7, torch::Tensor Wp, torch::Tensor bp, torch::Tensor W2, torch::Tensor b2,
-                           double eps, double p, int64_t seed, at::ScalarType compute_dtype);
+                           double eps, double p, int64_t seed, std::optional<torch::Tensor> seed_dev,
+                           at::ScalarType compute_dtype);
 
 // Sets the CUDA-graph cache's capacity (entries; 0 turns the graphs off, fewer entries evicts the least
 // recently used) unless capacity < 0, and returns the previous capacity (adapter.cpp).

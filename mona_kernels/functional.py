@@ -36,7 +36,7 @@ def _draw_seed(x: torch.Tensor, dropout: float, capturable: bool = False) -> tor
             return torch.randint(0, 2**62, (1,), device=x.device)
         # a seed drawn on the host would give every replay the same mask
         raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph on this backend (every replay "
-                           "would reuse one dropout mask); use the Triton backend, or capture with dropout=0 "
+                           "would reuse one dropout mask); use the Triton or CUDA backend, or capture with dropout=0 "
                            "or in eval mode")
     return torch.randint(0, 2**62, (1,))
 
@@ -77,12 +77,14 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
 
     name = _backend.resolve(x.device, backend)
     if name == "cuda" and not torch.compiler.is_compiling():
-        # the whole forward and backward in C++, one autograd node (torch.compile takes the custom op below)
+        # the whole forward and backward in C++, one autograd node (torch.compile takes the custom op below);
+        # inside a capture the seed stays on the GPU, elsewhere it is an int the graph cache can stage
+        seed = _draw_seed(x, dropout, capturable=True)
         return cuda_ext.mona_adapter(
             x.contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
             project1_weight, project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight,
             conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
-            float(dropout), int(_draw_seed(x, dropout)) if dropout > 0 else 0, _compute_dtype(x))
+            float(dropout), seed if seed.is_cuda else int(seed), _compute_dtype(x))
     if name == "triton":
         # one autograd node with the merge inside; on CUDA it replays cached graphs (ops/graphs.py),
         # also from a compiled model, where its two halves are opaque custom ops

@@ -89,11 +89,13 @@ def mona_adapter(x, bhw, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, 
                  compute_dtype):
     """The whole adapter on contiguous tokens ``x`` (..., C), B*H*W of them, with its forward and backward
     in C++ (one autograd node); returns x's shape. Weights as the reference names and shapes them,
-    ``seed`` an int, matmuls in ``compute_dtype``."""
+    matmuls in ``compute_dtype``. ``seed`` is an int, or a one-element int64 tensor on x's device (drawn
+    inside a CUDA-graph capture: the kernels read it at run time, so every replay draws a new mask)."""
     _check_channels(x)
     B, H, W = bhw
+    seed_dev = seed if isinstance(seed, torch.Tensor) else None
     return load().mona_adapter(x, B, H, W, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2,
-                               eps, p, seed, compute_dtype)
+                               eps, p, 0 if seed_dev is not None else seed, seed_dev, compute_dtype)
 
 
 def graph_cache(capacity=None):
