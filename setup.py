@@ -22,6 +22,9 @@ def _build_settings():
     return module
 
 
+BUILD = _build_settings()  # the package's build settings, read without importing the package
+
+
 def cuda_extension():
     """``(ext_modules, cmdclass)`` for the CUDA extension, or empty when it is not to be built."""
     switch = os.environ.get("MONA_KERNELS_BUILD_CUDA", "")
@@ -39,12 +42,11 @@ def cuda_extension():
         if switch == "1":
             raise RuntimeError("MONA_KERNELS_BUILD_CUDA=1 but no CUDA build of torch or no nvcc was found")
         return [], {}
-    build = _build_settings()
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        version = build.nvcc_version(os.path.join(CUDA_HOME, "bin", "nvcc"))
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(build.default_arch_list(version or (12, 0)))
-    ext = CUDAExtension("mona_kernels._C", [f"csrc/{s}" for s in build.SOURCES],
-                        extra_compile_args={"cxx": ["-O3"], "nvcc": build.NVCC_FLAGS})
+        version = BUILD.nvcc_version(os.path.join(CUDA_HOME, "bin", "nvcc"))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(BUILD.default_arch_list(version or (12, 0)))
+    ext = CUDAExtension("mona_kernels._C", [f"csrc/{s}" for s in BUILD.SOURCES],
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": BUILD.NVCC_FLAGS})
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -56,10 +58,9 @@ class BuildPyWithSources(build_py):
         super().run()
         if getattr(self, "editable_mode", False):
             return  # an editable install builds from the source tree's csrc/
-        build = _build_settings()
-        target = Path(self.build_lib) / "mona_kernels" / build.PACKAGED_CSRC
+        target = Path(self.build_lib) / "mona_kernels" / BUILD.PACKAGED_CSRC
         self.mkpath(str(target))
-        for name in (*build.SOURCES, *build.HEADERS):
+        for name in (*BUILD.SOURCES, *BUILD.HEADERS):
             self.copy_file(str(HERE / "csrc" / name), str(target / name))
 
 
