@@ -1,0 +1,1 @@
+"""The fused adapter's kernel plans, one package per backend."""

@@ -1,0 +1,130 @@
+"""The whole Mona adapter on the Triton backend: two forward and four backward kernels, registered
+with ``torch.library.triton_op`` so that ``torch.compile`` sees and launches the kernels itself.
+
+    forward   F1 ln_down      x -> h1, mean, rstd
+              F2 conv_up      h1, x -> out
+    backward  B1 tail_bwd     g, h1 -> dh2, a'           + partial rows of dWp, dbp
+              B2 conv_ln_bwd  dh2, x, g, mean, rstd -> dh1, dx
+              B3 param_grads  g, a', dh1, x, dh2, h1     -> partial rows of every other gradient
+              B4 reduce_grads partial rows -> the sixteen parameter gradients
+
+Saved for the backward: x, h1 (compute dtype), mean and rstd (two floats a token) and the dropout
+seed; y, h2, h3, a' and the mask are recomputed. No kernel depends on the sizes B, H, W except
+through runtime arguments, so a new image size compiles nothing.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+from torch.library import triton_op
+
+from ...ops.utils import acc_dtype, num_workers
+from . import conv_ln_bwd as b2, param_grads as b3, tail_bwd as b1
+from .conv_ln_bwd import conv_ln_bwd
+from .conv_up import conv_up
+from .ln_down import ln_down
+from .param_grads import param_grads
+from .reduce_grads import grads_size, reduce_grads
+from .tail_bwd import tail_bwd
+
+
+class Params(NamedTuple):
+    """The adapter's sixteen parameters, in the order of the authors' state_dict."""
+    w_ln: torch.Tensor     # norm.weight (C)
+    b_ln: torch.Tensor     # norm.bias (C)
+    gamma: torch.Tensor    # (C)
+    gammax: torch.Tensor   # (C)
+    W1: torch.Tensor       # project1.weight (d, C)
+    b1: torch.Tensor       # project1.bias (d)
+    w3: torch.Tensor       # adapter_conv.conv1.weight (d, 1, 3, 3)
+    b3: torch.Tensor
+    w5: torch.Tensor       # adapter_conv.conv2.weight (d, 1, 5, 5)
+    b5: torch.Tensor
+    w7: torch.Tensor       # adapter_conv.conv3.weight (d, 1, 7, 7)
+    b7: torch.Tensor
+    Wp: torch.Tensor       # adapter_conv.projector.weight (d, d, 1, 1)
+    bp: torch.Tensor
+    W2: torch.Tensor       # project2.weight (C, d)
+    b2: torch.Tensor       # project2.bias (C)
+
+
+@triton_op("mona_kernels::triton_adapter_fwd", mutates_args={})
+def adapter_fwd(x: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int,
+                eps: float, p: float, compute_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, h1, mean, rstd)`` for contiguous tokens x (M, C), M = B * H * W."""
+    q = Params(*params)
+    h1, mean, rstd = ln_down(x, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, q.b1, eps, compute_dtype,
+                             acc_dtype(compute_dtype))
+    out = conv_up(h1, x, q.w3, q.b3, q.w5, q.b5, q.w7, q.b7, q.Wp, q.bp, q.W2, q.b2,
+                  seed if seed is not None else x, p, H, W)
+    return out, h1, mean, rstd
+
+
+def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int, int]:
+    """Partial rows of each region: channel splits, projector programs, tap splits. Enough programs to
+    fill the GPU once; more only add rows for B4 to sum."""
+    sms = num_workers(device, per_sm=1)
+    n_cblk = -(-C // b3.channel_block(d))
+    channel = max(1, min(-(-sms // n_cblk), -(-M // b3.BLOCK_M)))
+    tail = max(1, min(sms * b1.PROGRAMS_PER_SM, -(-M // b1.TILE)))
+    n_dblk = -(-d // min(b3.TAP_BLOCK_D, max(16, d)))
+    tap = max(1, min(-(-2 * sms // (7 * n_dblk)), -(-M // b3.TAP_TILE)))
+    return channel, tail, tap
+
+
+@triton_op("mona_kernels::triton_adapter_bwd", mutates_args={})
+def adapter_bwd(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, p: float,
+                grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, grads)``: the input gradient and the sixteen parameter gradients flat, in ``grad_dtype``."""
+    q = Params(*params)
+    M, C = x.shape
+    d = h1.shape[1]
+    rows_channel, rows_tail, rows_tap = partial_rows(x.device, M, C, d)
+    len_channel = 4 * C + 2 * d * C + d + C
+    partial = torch.empty(rows_channel * len_channel + rows_tail * (d * d + d) + rows_tap * 50 * d,
+                          device=x.device, dtype=mean.dtype)
+    channel_partial, tail_partial, tap_partial = partial.split(
+        [rows_channel * len_channel, rows_tail * (d * d + d), rows_tap * 50 * d])
+    dh2, a = tail_bwd(g, h1, q.w3, q.b3, q.w5, q.b5, q.w7, q.b7, q.Wp, q.bp, q.W2,
+                      seed if seed is not None else x, p, H, W, tail_partial, rows_tail)
+    dh1, dx = conv_ln_bwd(dh2, x, mean, rstd, g, q.w3, q.w5, q.w7, q.W1, q.w_ln, q.gamma, q.gammax, H, W)
+    param_grads(g, a, dh1, x, mean, rstd, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, h1, dh2, H, W,
+                channel_partial.view(rows_channel, len_channel), tap_partial.view(rows_tap, 50 * d))
+    grads = torch.empty(grads_size(C, d), device=x.device, dtype=grad_dtype)
+    reduce_grads(partial, grads, C, d, rows_channel, rows_tail, rows_tap)
+    return dx, grads
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, seed, H, W, eps, p, compute_dtype = inputs
+    _, h1, mean, rstd = output
+    ctx.save_for_backward(x, h1, mean, rstd, seed, *params)
+    ctx.problem = (H, W, p)
+    ctx.mark_non_differentiable(h1, mean, rstd)
+
+
+def _grad_dtype(params) -> torch.dtype:
+    """The parameters' own dtype, or the accumulation dtype where they differ."""
+    dtypes = {q.dtype for q in params}
+    return dtypes.pop() if len(dtypes) == 1 else acc_dtype(functools.reduce(torch.promote_types, dtypes))
+
+
+def _backward(ctx, g, *_):
+    x, h1, mean, rstd, seed, *params = ctx.saved_tensors
+    H, W, p = ctx.problem
+    dx, grads = adapter_bwd(g.contiguous(), x, h1, mean, rstd, params, seed, H, W, p, _grad_dtype(params))
+    flat = grads.split([q.numel() for q in params])
+    return dx, [t.view(q.shape).to(q.dtype) for t, q in zip(flat, params)], None, None, None, None, None, None
+
+
+adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def adapter(x: torch.Tensor, params: Params, seed: Optional[torch.Tensor], H: int, W: int, eps: float, p: float,
+            compute_dtype: torch.dtype) -> torch.Tensor:
+    """The adapter's output for contiguous tokens x (M, C)."""
+    return adapter_fwd(x, list(params), seed, H, W, eps, p, compute_dtype)[0]

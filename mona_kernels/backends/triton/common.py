@@ -1,0 +1,121 @@
+"""Pieces every stage of the Triton plan shares: pixel tiles, the merged 7x7 tap, GELU, dropout, and
+the launch helper that serves eager calls and ``torch.compile`` alike.
+
+Layout contract of every stage: tokens are (M, C) rows, M = B * H * W in row-major (b, i, j) order;
+bottleneck activations are (M, d) rows in the compute dtype; parameters come in their own dtype and
+are converted inside the kernels; accumulation is fp32 (fp64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ...ops.utils import Launcher, next_pow2
+
+KSIZE = 7
+TAPS = KSIZE * KSIZE
+
+
+@triton.jit
+def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
+    """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
+    row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
+    pix = tl.cast(tile, tl.int64) * TILE + tl.arange(0, TILE)
+    r = pix % (H * W)
+    return pix, r // W, r % W, pix < n_pix
+
+
+@triton.jit
+def merged_tap(w3_ptr, w5_ptr, w7_ptr, u, v: tl.constexpr, ch, cmask, ACC: tl.constexpr):
+    """Tap (u, v) of the merged kernel ``delta + (pad(w3) + pad(w5) + w7) / 3`` for channels ``ch``,
+    in ACC, from the three (d, 1, k, k) weights: built where it is used, so no merge pass runs."""
+    k = tl.load(w7_ptr + ch * 49 + (u * 7 + v), mask=cmask, other=0.0).to(ACC)
+    if v >= 1 and v <= 5:
+        in5 = cmask & (u >= 1) & (u <= 5)
+        k += tl.load(w5_ptr + ch * 25 + ((u - 1) * 5 + (v - 1)), mask=in5, other=0.0).to(ACC)
+    if v >= 2 and v <= 4:
+        in3 = cmask & (u >= 2) & (u <= 4)
+        k += tl.load(w3_ptr + ch * 9 + ((u - 2) * 3 + (v - 2)), mask=in3, other=0.0).to(ACC)
+    k = k / 3.0
+    if v == 3:
+        k += tl.where(u == 3, 1.0, 0.0)
+    return k
+
+
+@triton.jit
+def merged_bias(b3_ptr, b5_ptr, b7_ptr, ch, cmask, ACC: tl.constexpr):
+    """The merged conv's bias ``(b3 + b5 + b7) / 3`` in ACC."""
+    return (tl.load(b3_ptr + ch, mask=cmask, other=0.0).to(ACC)
+            + tl.load(b5_ptr + ch, mask=cmask, other=0.0).to(ACC)
+            + tl.load(b7_ptr + ch, mask=cmask, other=0.0).to(ACC)) / 3.0
+
+
+@triton.jit
+def conv7_tile(src_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, cmask,
+               TILE: tl.constexpr, BLOCK_D: tl.constexpr, FLIP: tl.constexpr, ACC: tl.constexpr):
+    """sum_{u,v} K[u, v] * src[i+u-3, j+v-3] for one (TILE, BLOCK_D) tile in ACC, zero outside the
+    image, K the merged kernel; FLIP takes K rotated by 180 degrees (the input gradient)."""
+    center = src_ptr + pix[:, None] * D + ch[None, :]
+    acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
+    # Tap rows in a real loop, columns unrolled: unrolling all 49 lets the scheduler hoist every load
+    # and spill (255 registers and 178 spilled words at 64 px x 64 channels).
+    for u in range(7):
+        ii = i + (u - 3)
+        row_ok = inside & (ii >= 0) & (ii < H)
+        for v in tl.static_range(7):
+            jj = j + (v - 3)
+            ok = row_ok & (jj >= 0) & (jj < W)
+            hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
+            if FLIP:
+                k = merged_tap(w3_ptr, w5_ptr, w7_ptr, 6 - u, 6 - v, ch, cmask, ACC)
+            else:
+                k = merged_tap(w3_ptr, w5_ptr, w7_ptr, u, v, ch, cmask, ACC)
+            acc += hv.to(ACC) * k[None, :]
+    return acc
+
+
+@triton.jit
+def gelu(h):
+    return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_grad(h):
+    """d gelu(h) / dh = Phi(h) + h phi(h)."""
+    return 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+@triton.jit
+def keep(seed_ptr, offs, p):
+    """The dropout decision for flat element index ``offs`` of the (M, d) activations: Philox draws
+    from the seed in device memory, so a graph replay or a compiled step reads each call's own seed."""
+    return tl.rand(tl.load(seed_ptr), offs) >= p
+
+
+def block_d(d: int) -> int:
+    """Register width of the bottleneck: a power of two, at least tl.dot's 16."""
+    return max(16, next_pow2(d))
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: exact fp32 products for fp32, as the reference computes them."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+
+class Kernel:
+    """``Kernel(fn)[grid](*args, **meta)``: a launch through ``torch.library.wrap_triton`` while
+    torch.compile or a fake-tensor trace sees it (so the compiled graph launches the kernel itself),
+    and through the cached fast launcher in eager calls, where Triton's own per-call binding costs
+    tens of microseconds of host time."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.fast = Launcher(fn)
+
+    def __getitem__(self, grid):
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return torch.library.wrap_triton(self.fn)[grid]
+        return self.fast[grid]

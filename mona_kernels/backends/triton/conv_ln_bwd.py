@@ -1,0 +1,89 @@
+"""B2, the backward's second pass: the conv's input gradient and the LayerNorm-scaling backward.
+
+dh1 = conv7(dh2, K rotated by 180 degrees); dy = dh1 W1; t = dy * gamma * w_ln;
+dx = g + dy * gammax + rstd * (t - mean_C(t) - xn * mean_C(t * xn)). Writes dh1 (M, d) in the compute
+dtype (for B3's weight gradients) and dx (M, C) in x's dtype. y and dy never reach memory.
+Budget per token (2-byte x and g): reads 2d (+halo from L2) + 2C (x) + 2C (g) + 8, writes 2d + 2C
+bytes; 98d FLOP of conv on CUDA cores, 4Cd on tensor cores (dy is computed twice, once for the
+row statistics and once for dx, instead of being held for C channels).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import Kernel, block_d, conv7_tile, precision, tile_coords
+
+TILE = 32
+BLOCK_N = 64
+WARPS = 4
+
+
+@triton.jit
+def _dy_xn(dh1, w1_ptr, x_ptr, mean, rstd, pix, inside, n, nmask, ch, cmask, C, D, PRECISION: tl.constexpr,
+           ACC: tl.constexpr):
+    """``(dy, x, xn)`` for output channels ``n`` of a tile: dy = dh1 W1[:, n], and x with its
+    normalised value."""
+    w1 = tl.load(w1_ptr + ch[:, None] * C + n[None, :], mask=cmask[:, None] & nmask[None, :], other=0.0)
+    dy = tl.dot(dh1, w1.to(dh1.dtype), input_precision=PRECISION, out_dtype=ACC)
+    x = tl.load(x_ptr + pix[:, None] * C + n[None, :], mask=inside[:, None] & nmask[None, :], other=0.0).to(ACC)
+    return dy, x, (x - mean[:, None]) * rstd[:, None]
+
+
+@triton.jit(do_not_specialize=["H", "W", "M", "C"])
+def conv_ln_bwd_kernel(dh2_ptr, w3_ptr, w5_ptr, w7_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
+                       w_ln_ptr, gamma_ptr, gammax_ptr, dh1_ptr, dx_ptr, H, W, M, C, D,
+                       TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dh2 (M, D) in the compute dtype, x and g (M, C), mean and rstd (M,) in ACC -> dh1 (M, D) and
+    dx (M, C) in x's dtype."""
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    CDT: tl.constexpr = dh2_ptr.dtype.element_ty
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    dh1 = conv7_tile(dh2_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, True,
+                     ACC).to(CDT)
+    tl.store(dh1_ptr + pix[:, None] * D + ch[None, :], dh1, mask=inside[:, None] & cmask[None, :])
+    mean = tl.load(mean_ptr + pix, mask=inside, other=0.0)
+    rstd = tl.load(rstd_ptr + pix, mask=inside, other=0.0)
+    s1 = tl.zeros([TILE], dtype=ACC)
+    s2 = tl.zeros([TILE], dtype=ACC)
+    for n0 in range(0, C, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < C
+        dy, x, xn = _dy_xn(dh1, w1_ptr, x_ptr, mean, rstd, pix, inside, n, nmask, ch, cmask, C, D, PRECISION, ACC)
+        t = dy * (tl.load(gamma_ptr + n, mask=nmask, other=0.0).to(ACC)
+                  * tl.load(w_ln_ptr + n, mask=nmask, other=0.0).to(ACC))[None, :]
+        s1 += tl.sum(t, axis=1)
+        s2 += tl.sum(t * xn, axis=1)
+    s1 = s1 / C
+    s2 = s2 / C
+    for n0 in range(0, C, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < C
+        dy, x, xn = _dy_xn(dh1, w1_ptr, x_ptr, mean, rstd, pix, inside, n, nmask, ch, cmask, C, D, PRECISION, ACC)
+        gamma = tl.load(gamma_ptr + n, mask=nmask, other=0.0).to(ACC)
+        w_ln = tl.load(w_ln_ptr + n, mask=nmask, other=0.0).to(ACC)
+        gammax = tl.load(gammax_ptr + n, mask=nmask, other=0.0).to(ACC)
+        t = dy * (gamma * w_ln)[None, :]
+        offs = pix[:, None] * C + n[None, :]
+        mask = inside[:, None] & nmask[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dx = g + dy * gammax[None, :] + rstd[:, None] * (t - s1[:, None] - xn * s2[:, None])
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_conv_ln_bwd = Kernel(conv_ln_bwd_kernel)
+
+
+def conv_ln_bwd(dh2, x, mean, rstd, g, w3, w5, w7, W1, w_ln, gamma, gammax, H: int, W: int):
+    """``(dh1, dx)``."""
+    M, d = dh2.shape
+    C = x.shape[1]
+    dh1 = torch.empty_like(dh2)
+    dx = torch.empty_like(x)
+    _conv_ln_bwd[(triton.cdiv(M, TILE),)](
+        dh2, w3, w5, w7, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, M, C, d,
+        TILE=TILE, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(dh2.dtype), num_warps=WARPS)
+    return dh1, dx

@@ -1,0 +1,83 @@
+"""F2, the forward's second pass: merged 7x7 depthwise conv, projector, GELU, dropout, up projection
+and residual.
+
+Reads h1 (M, d) with its 3-pixel halo (from L2) and x (M, C); writes out = x + a' W2^T + b2 (M, C),
+a' = dropout(gelu(h3)), h3 = h2 + h2 Wp^T + bp, h2 = conv7(h1, K) + bias_K with K merged from the three
+convs inside the kernel. h2, h3 and a' stay in registers, rounded to the compute dtype where the
+reference's modules round them.
+Budget per token (2-byte x): reads 2d + 2C, writes 2C bytes; 98d FLOP of conv on CUDA cores,
+2d^2 + 2Cd on tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import Kernel, block_d, conv7_tile, gelu, keep, merged_bias, precision, tile_coords
+
+# Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
+# and warps.
+TILE = 32
+BLOCK_N = 64
+WARPS = 4
+
+
+@triton.jit
+def conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, pix, i, j, inside,
+                 H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                 ACC: tl.constexpr):
+    """``(h2, h3)`` of one tile in the compute dtype (h1's): h2 = conv7(h1, K) + bias_K and
+    h3 = h2 + h2 Wp^T + bp, each accumulated in ACC."""
+    CDT: tl.constexpr = h1_ptr.dtype.element_ty
+    h2 = conv7_tile(h1_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, False, ACC)
+    h2 = (h2 + merged_bias(b3_ptr, b5_ptr, b7_ptr, ch, cmask, ACC)[None, :]).to(CDT)
+    # Wp^T as an (in, out) tile: element [i, o] = Wp[o, i].
+    wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    h3 = tl.dot(h2, wpt.to(CDT), input_precision=PRECISION, out_dtype=ACC)
+    h3 = h3 + h2.to(ACC) + tl.load(bp_ptr + ch, mask=cmask, other=0.0).to(ACC)[None, :]
+    return h2, h3.to(CDT)
+
+
+@triton.jit(do_not_specialize=["H", "W", "M", "C"])
+def conv_up_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr,
+                   x_ptr, out_ptr, seed_ptr, p, scale, H, W, M, C, D, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr,
+                   TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    CDT: tl.constexpr = h1_ptr.dtype.element_ty
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    _, h3 = conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, pix, i, j, inside,
+                         H, W, D, ch, cmask, TILE, BLOCK_D, PRECISION, ACC)
+    a = gelu(h3.to(ACC))
+    if HAS_DROPOUT:
+        a = tl.where(keep(seed_ptr, pix[:, None] * D + ch[None, :], p), a * scale, 0.0)
+    a = a.to(CDT)
+    for n0 in range(0, C, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < C
+        # W2^T as a (d, out) tile: element [k, n] = W2[n, k].
+        w2t = tl.load(w2_ptr + n[None, :] * D + ch[:, None], mask=cmask[:, None] & nmask[None, :], other=0.0)
+        up = tl.dot(a, w2t.to(CDT), input_precision=PRECISION, out_dtype=ACC)
+        up = (up + tl.load(b2_ptr + n, mask=nmask, other=0.0).to(ACC)[None, :]).to(CDT)
+        xo = pix[:, None] * C + n[None, :]
+        xmask = inside[:, None] & nmask[None, :]
+        x = tl.load(x_ptr + xo, mask=xmask, other=0.0).to(ACC)
+        tl.store(out_ptr + xo, (x + up.to(ACC)).to(out_ptr.dtype.element_ty), mask=xmask)
+
+
+_conv_up = Kernel(conv_up_kernel)
+
+
+def conv_up(h1, x, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
+    """The adapter's output (M, C) from h1 (M, d) and the tokens x (M, C)."""
+    M, d = h1.shape
+    C = x.shape[1]
+    out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h1.dtype))
+    _conv_up[(triton.cdiv(M, TILE),)](
+        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, x, out, seed, p, 1.0 / (1.0 - p), H, W, M, C, d,
+        HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, TILE=TILE, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N,
+        PRECISION=precision(h1.dtype), num_warps=WARPS)
+    return out

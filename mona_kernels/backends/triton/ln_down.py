@@ -1,0 +1,90 @@
+"""F1, the forward's first pass: LayerNorm-scaling and the down projection.
+
+Reads x (M, C); writes h1 = y W1^T + b1 (M, d) in the compute dtype and the per-token mean and rstd
+(M,) in the accumulation dtype. y = LN(x) * gamma + x * gammax never reaches memory.
+Budget per token (2-byte x): reads 2C, writes 2d + 8 bytes; 2Cd FLOP on tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import Kernel, block_d, precision
+
+# Tokens a program and channels a step: a (64, 64) tile of x and a (64, d) fp32 accumulator.
+BLOCK_M = 64
+BLOCK_C = 64
+WARPS = 4
+
+
+@triton.jit
+def ln_scale_rows(x, mean, rstd, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, cols, cmask, ACC: tl.constexpr):
+    """``(y, xn)`` for a (rows, channels) tile of x: xn = (x - mean) * rstd and
+    y = (xn * w_ln + b_ln) * gamma + x * gammax, in ACC."""
+    w = tl.load(w_ln_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    b = tl.load(b_ln_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    gammax = tl.load(gammax_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    xn = (x - mean[:, None]) * rstd[:, None]
+    return (xn * w[None, :] + b[None, :]) * gamma[None, :] + x * gammax[None, :], xn
+
+
+@triton.jit(do_not_specialize=["M", "C"])
+def ln_down_kernel(x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, h1_ptr, mean_ptr, rstd_ptr,
+                   M, C, D, eps, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """x (M, C) any float dtype -> h1 (M, D) in the compute dtype, mean and rstd (M,) in the
+    accumulation dtype."""
+    CDT: tl.constexpr = h1_ptr.dtype.element_ty
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    # Statistics in one pass, shifted by each row's first element so that a large common offset
+    # costs no precision in the variance.
+    shift = tl.load(x_ptr + rows * C, mask=rmask, other=0.0).to(ACC)
+    s1 = tl.zeros([BLOCK_M], dtype=ACC)
+    s2 = tl.zeros([BLOCK_M], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        xs = tl.where(mask, x - shift[:, None], 0.0)
+        s1 += tl.sum(xs, axis=1)
+        s2 += tl.sum(xs * xs, axis=1)
+    m1 = s1 / C
+    mean = shift + m1
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / C - m1 * m1, 0.0) + eps)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+    ch = tl.arange(0, BLOCK_D)
+    dmask = ch < D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(ACC)
+        y, _ = ln_scale_rows(x, mean, rstd, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, cols, cmask, ACC)
+        # W1^T as a (channels, d) tile: element [c, k] = W1[k, c].
+        w1t = tl.load(w1_ptr + ch[None, :] * C + cols[:, None], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.dot(y.to(CDT), w1t.to(CDT), input_precision=PRECISION, out_dtype=ACC)
+    h1 = acc + tl.load(b1_ptr + ch, mask=dmask, other=0.0).to(ACC)[None, :]
+    tl.store(h1_ptr + rows[:, None] * D + ch[None, :], h1.to(CDT), mask=rmask[:, None] & dmask[None, :])
+
+
+_ln_down = Kernel(ln_down_kernel)
+
+
+def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, eps: float, cdt: torch.dtype, acc: torch.dtype):
+    """``(h1, mean, rstd)`` for tokens x (M, C)."""
+    M, C = x.shape
+    d = W1.shape[0]
+    h1 = x.new_empty((M, d), dtype=cdt)
+    mean = x.new_empty((M,), dtype=acc)
+    rstd = x.new_empty((M,), dtype=acc)
+    _ln_down[(triton.cdiv(M, BLOCK_M),)](
+        x, w_ln, b_ln, gamma, gammax, W1, b1, h1, mean, rstd, M, C, d, eps,
+        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d(d), PRECISION=precision(cdt), num_warps=WARPS)
+    return h1, mean, rstd

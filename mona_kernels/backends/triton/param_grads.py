@@ -1,0 +1,160 @@
+"""B3, the backward's third pass: partial sums of every parameter gradient that B1 does not make.
+
+One launch, two kinds of program:
+- channel programs, one per (token split, block of C): dW1 = dh1^T y, dW2 = g^T a', db2 = sum g,
+  db1 = sum dh1, and the LayerNorm-scaling parameters' sums (dgamma = sum dy (xn w_ln + b_ln),
+  dgammax = sum dy x, dw_ln = sum dy gamma xn, db_ln = sum dy gamma), with y, xn and dy = dh1 W1
+  recomputed from x, mean and rstd; the (d, C) and (C, d) sums stay in registers across the split;
+- tap programs, one per (token split, tap row, block of d): the merged kernel's gradient
+  dK[u, v] = sum dh2 * h1 shifted by (u - 3, v - 3), and its bias gradient sum dh2.
+Each writes one partial row; B4 sums the rows in a fixed order (deterministic, no atomics).
+Budget per token (2-byte tensors): reads 2C (g) + 2C (x) + 4d (a', dh1) + 8 + 4d (dh2, h1) bytes;
+4Cd + 2Cd FLOP on tensor cores and 98d on CUDA cores.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import Kernel, block_d, precision, tile_coords
+from .ln_down import ln_scale_rows
+
+BLOCK_M = 64
+WARPS = 4
+TAP_TILE = 8  # pixels a tap program adds per step: a (8, 8, 64) fp32 accumulator
+TAP_BLOCK_D = 64
+
+
+def channel_block(d: int) -> int:
+    """Channels of C a channel program owns: its two fp32 accumulators hold 2 * BLOCK_D * block."""
+    return max(16, min(64, 4096 // block_d(d)))
+
+
+@triton.jit
+def _channel_program(prog, g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
+                     gammax_ptr, w1_ptr, partial_ptr, M, C, D, tokens, n_cblk, ACC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    CDT: tl.constexpr = a_ptr.dtype.element_ty
+    split = prog // n_cblk
+    n = (prog % n_cblk) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < C
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    w1 = tl.load(w1_ptr + ch[:, None] * C + n[None, :], mask=cmask[:, None] & nmask[None, :], other=0.0).to(CDT)
+    w_ln = tl.load(w_ln_ptr + n, mask=nmask, other=0.0).to(ACC)
+    b_ln = tl.load(b_ln_ptr + n, mask=nmask, other=0.0).to(ACC)
+    gamma = tl.load(gamma_ptr + n, mask=nmask, other=0.0).to(ACC)
+    dw1 = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
+    dw2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dgamma = tl.zeros([BLOCK_N], dtype=ACC)
+    dgammax = tl.zeros([BLOCK_N], dtype=ACC)
+    dw_ln = tl.zeros([BLOCK_N], dtype=ACC)
+    db_ln = tl.zeros([BLOCK_N], dtype=ACC)
+    db2 = tl.zeros([BLOCK_N], dtype=ACC)
+    db1 = tl.zeros([BLOCK_D], dtype=ACC)
+    start = split.to(tl.int64) * tokens
+    for m0 in range(0, tokens, BLOCK_M):
+        rows = start + m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        xmask = rmask[:, None] & nmask[None, :]
+        dmask = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_ptr + rows[:, None] * C + n[None, :], mask=xmask, other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * D + ch[None, :], mask=dmask, other=0.0)
+        dw2 += tl.dot(tl.trans(g.to(CDT)), a, input_precision=PRECISION, out_dtype=ACC)
+        db2 += tl.sum(g.to(ACC), axis=0)
+        dh1 = tl.load(dh1_ptr + rows[:, None] * D + ch[None, :], mask=dmask, other=0.0)
+        db1 += tl.sum(dh1.to(ACC), axis=0)
+        x = tl.load(x_ptr + rows[:, None] * C + n[None, :], mask=xmask, other=0.0).to(ACC)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        y, xn = ln_scale_rows(x, mean, rstd, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, n, nmask, ACC)
+        dw1 += tl.dot(tl.trans(dh1), y.to(CDT), input_precision=PRECISION, out_dtype=ACC)
+        dy = tl.dot(dh1, w1, input_precision=PRECISION, out_dtype=ACC)
+        dgamma += tl.sum(dy * (xn * w_ln[None, :] + b_ln[None, :]), axis=0)
+        dgammax += tl.sum(dy * x, axis=0)
+        dw_ln += tl.sum(dy * xn, axis=0) * gamma
+        db_ln += tl.sum(dy, axis=0) * gamma
+    # The row: [dw_ln, db_ln, dgamma, dgammax (C each), dW1 (D, C), db1 (D), dW2 (C, D), db2 (C)].
+    row = partial_ptr + split * (4 * C + 2 * D * C + D + C)
+    tl.store(row + n, dw_ln, mask=nmask)
+    tl.store(row + C + n, db_ln, mask=nmask)
+    tl.store(row + 2 * C + n, dgamma, mask=nmask)
+    tl.store(row + 3 * C + n, dgammax, mask=nmask)
+    tl.store(row + 4 * C + ch[:, None] * C + n[None, :], dw1, mask=cmask[:, None] & nmask[None, :])
+    if prog % n_cblk == 0:
+        tl.store(row + 4 * C + D * C + ch, db1, mask=cmask)
+    tail = row + 4 * C + D * C + D
+    tl.store(tail + n[:, None] * D + ch[None, :], dw2, mask=nmask[:, None] & cmask[None, :])
+    tl.store(tail + C * D + n, db2, mask=nmask)
+
+
+@triton.jit
+def _tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_splits, n_dblk, ACC: tl.constexpr,
+                 TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    split = prog // (7 * n_dblk)
+    u = (prog // n_dblk) % 7
+    ch = (prog % n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    v = tl.arange(0, 8)  # the seven column taps, padded to a power of two
+    acc = tl.zeros([TILE, 8, BLOCK_D], dtype=ACC)
+    bias = tl.zeros([TILE, BLOCK_D], dtype=ACC)
+    for tile in range(split, n_tiles, n_splits):
+        pix, i, j, inside = tile_coords(tile, H, W, M, TILE)
+        offs = pix[:, None] * D + ch[None, :]
+        dh2 = tl.load(dh2_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
+        ii = i + (u - 3)
+        jj = j[:, None] + (v[None, :] - 3)
+        ok = (inside & (ii >= 0) & (ii < H))[:, None] & (jj >= 0) & (jj < W) & (v[None, :] < 7)
+        shift = ((u - 3) * W + (v - 3)) * D
+        h = tl.load(h1_ptr + offs[:, None, :] + shift[None, :, None], mask=ok[:, :, None] & cmask[None, None, :],
+                    other=0.0)
+        acc += dh2[:, None, :] * h.to(ACC)
+        bias += dh2
+    # The row: the 49 taps' dK (tap-major, D each), then the bias gradient.
+    row = partial_ptr + split.to(tl.int64) * (50 * D)
+    tl.store(row + (u * 7 + v)[:, None] * D + ch[None, :], tl.sum(acc, axis=0), mask=(v < 7)[:, None] & cmask[None, :])
+    if u == 0:
+        tl.store(row + 49 * D + ch, tl.sum(bias, axis=0), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits"])
+def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
+                       gammax_ptr, w1_ptr, h1_ptr, dh2_ptr, channel_ptr, tap_ptr, H, W, M, C, D, tokens, n_cblk,
+                       n_channel, n_tiles, n_splits, n_dblk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, TAP_TILE: tl.constexpr, TAP_BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Programs below ``n_channel`` are channel programs (rows of ``channel_ptr``), the rest tap
+    programs (rows of ``tap_ptr``); both partial buffers in ACC, the activations in the compute dtype."""
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    prog = tl.program_id(0)
+    if prog < n_channel:
+        _channel_program(prog, g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
+                         gammax_ptr, w1_ptr, channel_ptr, M, C, D, tokens, n_cblk, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
+                         PRECISION)
+    else:
+        _tap_program(prog - n_channel, h1_ptr, dh2_ptr, tap_ptr, H, W, M, D, n_tiles, n_splits, n_dblk, ACC,
+                     TAP_TILE, TAP_BLOCK_D)
+
+
+_param_grads = Kernel(param_grads_kernel)
+
+
+def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, H: int, W: int,
+                channel_partial, tap_partial):
+    """Fills ``channel_partial`` (channel splits, 4C + 2dC + d + C) and ``tap_partial`` (tap splits, 50d)."""
+    M, C = x.shape
+    d = h1.shape[1]
+    block_n = channel_block(d)
+    n_cblk = triton.cdiv(C, block_n)
+    splits = channel_partial.shape[0]
+    tokens = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
+    tap_splits = tap_partial.shape[0]
+    tap_block = min(TAP_BLOCK_D, block_d(d))
+    n_dblk = triton.cdiv(d, tap_block)
+    n_channel = splits * n_cblk
+    _param_grads[(n_channel + tap_splits * 7 * n_dblk,)](
+        g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, channel_partial, tap_partial,
+        H, W, M, C, d, tokens, n_cblk, n_channel, triton.cdiv(M, TAP_TILE), tap_splits, n_dblk,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d(d), TAP_TILE=TAP_TILE, TAP_BLOCK_D=tap_block,
+        PRECISION=precision(h1.dtype), num_warps=WARPS)

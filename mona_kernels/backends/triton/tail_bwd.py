@@ -1,0 +1,85 @@
+"""B1, the backward's first pass: from the upstream gradient to the conv's output gradient.
+
+Recomputes h2, h3 and a' from h1 as F2 does; da' = g W2; dh3 = da' * m * gelu'(h3);
+dh2 = dh3 + dh3 Wp. Writes dh2 and a' (M, d) in the compute dtype (a' for dW2 in B3), and per
+program one partial row of dWp = dh3^T h2 and dbp = sum dh3, summed in registers over its tiles.
+Budget per token (2-byte g): reads 2C + 2d, writes 4d bytes; 98d FLOP of conv on CUDA cores,
+4d^2 + 2Cd on tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import Kernel, block_d, gelu, gelu_grad, keep, precision, tile_coords
+from .conv_up import conv_project
+
+TILE = 32
+BLOCK_N = 64
+WARPS = 4
+PROGRAMS_PER_SM = 1  # each program writes a (d*d + d) partial row that B4 sums
+
+
+@triton.jit(do_not_specialize=["H", "W", "M", "C", "n_tiles"])
+def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
+                    dh2_ptr, a_ptr, partial_ptr, seed_ptr, p, scale, H, W, M, C, D, n_tiles,
+                    HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """h1 (M, D) and g (M, C) -> dh2 and a' (M, D) in h1's dtype; partial row ``program_id`` of
+    (programs, D*D + D) in ACC: dWp as [o, i] then dbp."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    CDT: tl.constexpr = h1_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    # Wp as an (out, in) tile: element [o, i] = Wp[o, i].
+    wp = tl.load(wp_ptr + ch[:, None] * D + ch[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0).to(CDT)
+    dwp = tl.zeros([BLOCK_D, BLOCK_D], dtype=ACC)
+    dbp = tl.zeros([BLOCK_D], dtype=ACC)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        pix, i, j, inside = tile_coords(tile, H, W, M, TILE)
+        offs = pix[:, None] * D + ch[None, :]
+        mask = inside[:, None] & cmask[None, :]
+        h2, h3 = conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, pix, i, j,
+                              inside, H, W, D, ch, cmask, TILE, BLOCK_D, PRECISION, ACC)
+        h = h3.to(ACC)
+        a = gelu(h)
+        if HAS_DROPOUT:
+            kept = keep(seed_ptr, offs, p)
+            a = tl.where(kept, a * scale, 0.0)
+        tl.store(a_ptr + offs, a.to(CDT), mask=mask)
+        da = tl.zeros([TILE, BLOCK_D], dtype=ACC)
+        for n0 in range(0, C, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < C
+            g = tl.load(g_ptr + pix[:, None] * C + n[None, :], mask=inside[:, None] & nmask[None, :], other=0.0)
+            w2 = tl.load(w2_ptr + n[:, None] * D + ch[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+            da += tl.dot(g.to(CDT), w2.to(CDT), input_precision=PRECISION, out_dtype=ACC)
+        dh3 = da.to(CDT).to(ACC) * gelu_grad(h)
+        if HAS_DROPOUT:
+            dh3 = tl.where(kept, dh3 * scale, 0.0)
+        dh3 = tl.where(mask, dh3, 0.0).to(CDT)
+        dh2 = tl.dot(dh3, wp, input_precision=PRECISION, out_dtype=ACC) + dh3.to(ACC)
+        tl.store(dh2_ptr + offs, dh2.to(CDT), mask=mask)
+        dwp += tl.dot(tl.trans(dh3), h2, input_precision=PRECISION, out_dtype=ACC)
+        dbp += tl.sum(dh3.to(ACC), axis=0)
+    row = partial_ptr + pid.to(tl.int64) * (D * D + D)
+    tl.store(row + ch[:, None] * D + ch[None, :], dwp, mask=cmask[:, None] & cmask[None, :])
+    tl.store(row + D * D + ch, dbp, mask=cmask)
+
+
+_tail_bwd = Kernel(tail_bwd_kernel)
+
+
+def tail_bwd(g, h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, seed, p: float, H: int, W: int, partial, programs: int):
+    """``(dh2, a')`` (M, d); fills ``partial`` (programs, d*d + d) with dWp and dbp partial sums."""
+    M, d = h1.shape
+    C = g.shape[1]
+    dh2 = torch.empty_like(h1)
+    a = torch.empty_like(h1)
+    _tail_bwd[(programs,)](
+        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, g, dh2, a, partial, seed, p, 1.0 / (1.0 - p), H, W, M, C, d,
+        triton.cdiv(M, TILE), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, TILE=TILE, BLOCK_D=block_d(d),
+        BLOCK_N=BLOCK_N, PRECISION=precision(h1.dtype), num_warps=WARPS)
+    return dh2, a
