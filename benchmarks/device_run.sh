@@ -2,23 +2,18 @@
 # One call on the GPU machine runs the chosen stages, each under its own time limit, with its log
 # streamed under $OUT, so a slow stage cannot swallow the others' results.
 #   bash benchmarks/device_run.sh [stages...] [-- benchmark args...]
-# Stages (default: all, in this order): build tests memcheck launch swin sweep bench.
+# Stages (default: all, in this order): build tests memcheck launch swin bench.
 #   build     build the CUDA extension (ninja) in the background while the others start
 #   tests     the whole pytest suite (GPU tests and the rest in two parallel processes)
 #   gputests  tests/test_gpu.py alone
 #   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
 #   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/launch_profile.py)
-#   host      host cost by layer at a tiny shape, cuda and triton backends (benchmarks/host_cost.py)
 #   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py;
 #             PROFILE_SHAPES="B,H,W,C ..." picks its shapes)
-#   abgraphs  eager graph caches against the direct path, per backend and shape (benchmarks/ab_graphs.py;
-#             ABGRAPHS_SHAPES="B,H,W,C ..." picks its shapes)
-#   sweep     raw conv/wgrad kernel times against cuDNN (benchmarks/sweep_dwconv.py; SWEEP_ARGS names
-#             its sections, e.g. "gelu copies")
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py; SWIN_ARGS
 #             passes it arguments, e.g. --graph)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
-# Limits in seconds: TESTS_S (300) ABGRAPHS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) SWEEP_S (150) BENCH_S (240);
+# Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) BENCH_S (240);
 # MEMCHECK_BACKENDS (cuda) names the backends the memcheck stage runs.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -28,7 +23,7 @@ export PYTHONPATH=$PWD  # the GPU machine has no network for an editable install
 stages=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do stages+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
-[ ${#stages[@]} -eq 0 ] && stages=(build tests memcheck launch swin sweep bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build tests memcheck launch swin bench)
 has() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 SUMMARY="$OUT/summary.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$SUMMARY"
@@ -70,12 +65,6 @@ if has launch; then
   timeout "${LAUNCH_S:-120}" python3 benchmarks/launch_profile.py >> "$OUT/launch.log" 2>&1
   echo "launch_profile: exit $?" >> "$SUMMARY"
 fi
-if has host; then
-  for b in cuda triton; do
-    timeout "${HOST_S:-90}" python3 benchmarks/host_cost.py 1,8,8,128 $b >> "$OUT/host.log" 2>&1
-    echo "host_cost $b: exit $?" >> "$SUMMARY"
-  done
-fi
 # stage NAME LIMIT LOG LABEL COMMAND...: when NAME was asked for, runs COMMAND under LIMIT seconds with
 # its output in $OUT/LOG, and records its exit status in the summary as LABEL.
 stage() {
@@ -86,19 +75,14 @@ stage() {
   echo "$label: exit $?" >> "$SUMMARY"
 }
 stage profile "${PROFILE_S:-180}" profile.log profile_adapter python3 benchmarks/profile_adapter.py ${PROFILE_SHAPES:-}
-stage abgraphs "${ABGRAPHS_S:-300}" abgraphs.log ab_graphs python3 benchmarks/ab_graphs.py ${ABGRAPHS_SHAPES:-}
 stage swin "${SWIN_S:-150}" swin.log swin_step python3 benchmarks/swin_step.py ${SWIN_ARGS:-}
-stage sweep "${SWEEP_S:-150}" sweep.log sweep_dwconv python3 benchmarks/sweep_dwconv.py ${SWEEP_ARGS:-}
 stage bench "${BENCH_S:-240}" bench.log benchmark python3 -m mona_kernels.benchmark --out "$OUT" "$@"
 cat "$SUMMARY"
 for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
 [ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|passed|Error" "$OUT/memcheck.log";
   echo "$(grep -c worst "$OUT/memcheck.log") cases checked against float64"; }
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
-[ -f "$OUT/host.log" ] && { echo "== host"; grep -E "^\| (ref|fused|torch)" "$OUT/host.log"; }
 [ -f "$OUT/profile.log" ] && { echo "== profile"; grep -v -i warn "$OUT/profile.log" | cut -c1-160; }
-[ -f "$OUT/abgraphs.log" ] && { echo "== abgraphs"; grep "^|" "$OUT/abgraphs.log"; }
 [ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
-[ -f "$OUT/sweep.log" ] && { echo "== sweep"; cat "$OUT/sweep.log" | grep -v -i warn; }
 [ -f "$OUT/bench.log" ] && { echo "== bench"; grep "^| adapter\|^| multi\|^| ln" "$OUT/bench.log" | grep -v "fused\[torch\]" | cut -c1-200; }
 exit 0

@@ -22,7 +22,7 @@ import timm
 import mona_kernels as mk
 from mona_kernels.backend import _can_run
 from mona_kernels.integrations import add_mona, freeze_all_but_adapters
-from mona_kernels.ops.graphs import side_stream
+from mona_kernels.benchmark import side_stream
 
 
 class ZeroCostAdapter(nn.Module):

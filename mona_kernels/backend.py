@@ -54,7 +54,9 @@ def _can_run(backend: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None if _triton_runs_on(device.index or 0) else "this GPU is older than compute capability 8.0"
         if device.type == "cpu":
-            return None if interpreting() else "CPU tensors need TRITON_INTERPRET=1 for Triton"
+            if not interpreting():
+                return "CPU tensors need TRITON_INTERPRET=1 for Triton"
+            return "torch.compile cannot trace the Triton interpreter" if torch.compiler.is_compiling() else None
         return f"Triton does not run on {device.type} tensors"
     if backend == "cuda":
         if device.type != "cuda":

@@ -20,7 +20,6 @@ import torch
 
 from . import reference
 from .modules import Mona
-from .ops.graphs import side_stream
 from .ops.multiscale_dwconv import multiscale_dwconv
 
 SPEC_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
@@ -73,6 +72,18 @@ def _rotating(fn_of_index):
     return run
 
 
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device: int) -> torch.cuda.Stream:
+    """The stream captures warm up on, one per device for the process: PyTorch keeps a cuBLAS
+    workspace (32 MiB on Hopper) for each stream a GEMM has run on, so a new stream per capture
+    would leave one behind each time and count in later peaks."""
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
 def capture_graph(fn, warmup: int = 3):
     """``(graph, result)``: ``fn`` run ``warmup`` times on a side stream (as CUDA-graph capture
     requires), then captured once; ``result`` is what the captured call returned (its tensors are
@@ -85,7 +96,7 @@ def capture_graph(fn, warmup: int = 3):
         graph, grads = capture_graph(lambda: torch.autograd.grad(mona(x, (8, 8)).sum(), [x]))
         graph.replay()  # grads now hold the gradients for x's current contents
     """
-    side = side_stream(torch.cuda.current_device())  # the graph caches' own: no extra cuBLAS workspace
+    side = side_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
@@ -165,13 +176,10 @@ def _saved_mb(fn, device) -> float:
 
 
 def _clear_graph_cache(variant):
-    """Empties the fused variant's graph cache before it is measured (no-op for the others)."""
+    """Empties the CUDA backend's graph cache before it is measured (no-op for the others)."""
     if variant == "fused[cuda]":
         from .ops import cuda_ext
         cuda_ext.graph_cache(cuda_ext.graph_cache(0))
-    elif variant == "fused[triton]":
-        from .ops import graphs
-        graphs.graph_cache(graphs.graph_cache(0))
 
 
 def _rel(a, b):

@@ -6,7 +6,8 @@ import torch
 from . import backend as _backend
 from .ops import cuda_ext
 from .ops.ln_scale import check_ln_params, ln_scale
-from .ops.mona_adapter import MonaAdapterFunction, MonaFunction
+from .backends import triton as triton_plan
+from .ops.mona_adapter import MonaFunction
 from .ops.multiscale_dwconv import check_dwconv_params, merge_kernels, multiscale_dwconv
 from .ops.utils import acc_dtype, check_tensor, on_input_device
 
@@ -86,13 +87,16 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
             conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
             float(dropout), seed if seed.is_cuda else int(seed), _compute_dtype(x))
     if name == "triton":
-        # one autograd node with the merge inside; on CUDA it replays cached graphs (ops/graphs.py),
-        # also from a compiled model, where its two halves are opaque custom ops
-        return MonaAdapterFunction.apply(
-            x.contiguous(), (B, H, W), float(eps), float(dropout), _draw_seed(x, dropout, capturable=True),
-            _compute_dtype(x), torch.is_grad_enabled(), norm_weight, norm_bias, gamma, gammax, project1_weight,
-            project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
-            projector_weight, projector_bias, project2_weight, project2_bias)
+        params = triton_plan.Params(*(q.contiguous() for q in (
+            norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, conv1_weight, conv1_bias,
+            conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight, projector_bias, project2_weight,
+            project2_bias)))
+        # drawn on the device from torch's generator: reproducible under torch.manual_seed, and a new
+        # draw at every replay of a CUDA graph or compiled step
+        seed = torch.randint(0, 2**62, (1,), device=x.device) if dropout > 0 else None
+        out = triton_plan.adapter(x.reshape(B * N, C).contiguous(), params, seed, H, W, float(eps), float(dropout),
+                                  _compute_dtype(x))
+        return out.view(B, N, C)
     K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
                               dtype=acc_dtype(x.dtype))
     return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import backend as _backend, reference
 from .functional import mona, mona_merged
 from .ops.multiscale_dwconv import merge_kernels
 from .ops.utils import acc_dtype, cast
@@ -46,7 +46,8 @@ class Mona(reference.Mona):
         elif hw_shapes is None:
             raise ValueError("hw_shapes (H, W) is required for x of shape (B, N, C)")
         p = self.dropout.p if self.training else 0.0
-        if self._folded is not None and not self.training:
+        # the Triton plan merges the convs inside its kernels: folding changes nothing there
+        if self._folded is not None and not self.training and _backend.resolve(x.device, self.backend) != "triton":
             out = self._forward_folded(x, hw_shapes)
         else:
             out = mona(x, hw_shapes, *self._params(), dropout=p, eps=self.norm.eps, backend=self.backend)

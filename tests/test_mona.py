@@ -171,7 +171,7 @@ def test_double_backward_raises_instead_of_a_wrong_answer(backend):
     _, fused = _pair(backend=backend)
     x = torch.randn(1, 6, 24, dtype=F64, requires_grad=True)
     (dx,) = torch.autograd.grad(fused(x, (2, 3)).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|not have been used"):
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|not have been used|no autograd formula"):
         torch.autograd.grad(dx.sum(), x)
 
 
@@ -287,6 +287,8 @@ def test_autocast_gradients_are_as_accurate_as_the_reference(backend, dtype):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_compile_fullgraph_traces_without_graph_breaks(backend):
     """The whole forward and backward are registered ops, so dynamo traces the module in one graph."""
+    if backend == "triton":
+        pytest.skip("torch.compile cannot trace the Triton interpreter; tests/test_gpu.py compiles the Triton plan")
     ref, fused = _pair(backend=backend)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 20, 24, dtype=F64, requires_grad=True)

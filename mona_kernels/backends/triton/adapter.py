@@ -21,7 +21,7 @@ import torch
 from torch.library import triton_op
 
 from ...ops.utils import acc_dtype, num_workers
-from . import conv_ln_bwd as b2, param_grads as b3, tail_bwd as b1
+from . import param_grads as b3, tail_bwd as b1
 from .conv_ln_bwd import conv_ln_bwd
 from .conv_up import conv_up
 from .ln_down import ln_down

@@ -7,6 +7,7 @@ are converted inside the kernels; accumulation is fp32 (fp64 for float64 inputs)
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -94,6 +95,14 @@ def keep(seed_ptr, offs, p):
     return tl.rand(tl.load(seed_ptr), offs) >= p
 
 
+def dropout_args(p: float) -> tuple[float, float, float]:
+    """``(p, scale, scale_lo)`` as the kernels take them: Triton passes floats as fp32, so the
+    multiplier 1/(1-p) travels as an fp32 pair whose sum is exact to float64 precision."""
+    scale = 1.0 / (1.0 - p)
+    hi = float(np.float32(scale))
+    return p, hi, scale - hi
+
+
 def block_d(d: int) -> int:
     """Register width of the bottleneck: a power of two, at least tl.dot's 16."""
     return max(16, next_pow2(d))
@@ -119,3 +128,19 @@ class Kernel:
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return torch.library.wrap_triton(self.fn)[grid]
         return self.fast[grid]
+
+
+@triton.jit
+def _dropout_scale_kernel(seed_ptr, out_ptr, n, p, scale, scale_lo, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    one = tl.full([BLOCK], 1.0, dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, tl.where(keep(seed_ptr, offs, p), one * scale + one * scale_lo, 0.0), mask=offs < n)
+
+
+def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p)) the plan applies to each element of the (M, d)
+    activations ``like`` for ``seed`` (one int64 on like's device): what F2 and B1 draw."""
+    out = torch.empty_like(like)
+    _dropout_scale_kernel[(triton.cdiv(like.numel(), 1024),)](seed, out, like.numel(), *dropout_args(p),
+                                                              BLOCK=1024)
+    return out

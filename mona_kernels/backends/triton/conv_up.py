@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, conv7_tile, gelu, keep, merged_bias, precision, tile_coords
+from .common import Kernel, block_d, dropout_args, conv7_tile, gelu, keep, merged_bias, precision, tile_coords
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
 # and warps.
@@ -41,8 +41,9 @@ def conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr,
 
 @triton.jit(do_not_specialize=["H", "W", "M", "C"])
 def conv_up_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr,
-                   x_ptr, out_ptr, seed_ptr, p, scale, H, W, M, C, D, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr,
-                   TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   x_ptr, out_ptr, seed_ptr, p, scale, scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr,
+                   FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     CDT: tl.constexpr = h1_ptr.dtype.element_ty
@@ -53,7 +54,7 @@ def conv_up_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_pt
                          H, W, D, ch, cmask, TILE, BLOCK_D, PRECISION, ACC)
     a = gelu(h3.to(ACC))
     if HAS_DROPOUT:
-        a = tl.where(keep(seed_ptr, pix[:, None] * D + ch[None, :], p), a * scale, 0.0)
+        a = tl.where(keep(seed_ptr, pix[:, None] * D + ch[None, :], p), a * scale + a * scale_lo, 0.0)
     a = a.to(CDT)
     for n0 in range(0, C, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -77,7 +78,7 @@ def conv_up(h1, x, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, seed, p: float, H: in
     C = x.shape[1]
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h1.dtype))
     _conv_up[(triton.cdiv(M, TILE),)](
-        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, x, out, seed, p, 1.0 / (1.0 - p), H, W, M, C, d,
+        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, x, out, seed, *dropout_args(p), H, W, M, C, d,
         HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, TILE=TILE, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N,
         PRECISION=precision(h1.dtype), num_warps=WARPS)
     return out

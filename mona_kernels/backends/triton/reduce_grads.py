@@ -18,7 +18,7 @@ ROWS = 16    # partial rows a step
 WARPS = 4
 
 
-@triton.jit(do_not_specialize=["C", "rows_channel", "rows_tail", "rows_tap"])
+@triton.jit(do_not_specialize=["C", "rows_channel", "rows_tail", "rows_tap", "max_rows"])
 def reduce_grads_kernel(partial_ptr, grads_ptr, C, D, rows_channel, rows_tail, rows_tap, max_rows,
                         BLOCK: tl.constexpr, ROWS: tl.constexpr):
     ACC: tl.constexpr = partial_ptr.dtype.element_ty

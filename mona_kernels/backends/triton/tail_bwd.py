@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, gelu, gelu_grad, keep, precision, tile_coords
+from .common import Kernel, block_d, dropout_args, gelu, gelu_grad, keep, precision, tile_coords
 from .conv_up import conv_project
 
 TILE = 32
@@ -23,7 +23,7 @@ PROGRAMS_PER_SM = 1  # each program writes a (d*d + d) partial row that B4 sums
 
 @triton.jit(do_not_specialize=["H", "W", "M", "C", "n_tiles"])
 def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
-                    dh2_ptr, a_ptr, partial_ptr, seed_ptr, p, scale, H, W, M, C, D, n_tiles,
+                    dh2_ptr, a_ptr, partial_ptr, seed_ptr, p, scale, scale_lo, H, W, M, C, D, n_tiles,
                     HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """h1 (M, D) and g (M, C) -> dh2 and a' (M, D) in h1's dtype; partial row ``program_id`` of
@@ -47,7 +47,7 @@ def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_p
         a = gelu(h)
         if HAS_DROPOUT:
             kept = keep(seed_ptr, offs, p)
-            a = tl.where(kept, a * scale, 0.0)
+            a = tl.where(kept, a * scale + a * scale_lo, 0.0)
         tl.store(a_ptr + offs, a.to(CDT), mask=mask)
         da = tl.zeros([TILE, BLOCK_D], dtype=ACC)
         for n0 in range(0, C, BLOCK_N):
@@ -58,7 +58,7 @@ def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_p
             da += tl.dot(g.to(CDT), w2.to(CDT), input_precision=PRECISION, out_dtype=ACC)
         dh3 = da.to(CDT).to(ACC) * gelu_grad(h)
         if HAS_DROPOUT:
-            dh3 = tl.where(kept, dh3 * scale, 0.0)
+            dh3 = tl.where(kept, dh3 * scale + dh3 * scale_lo, 0.0)
         dh3 = tl.where(mask, dh3, 0.0).to(CDT)
         dh2 = tl.dot(dh3, wp, input_precision=PRECISION, out_dtype=ACC) + dh3.to(ACC)
         tl.store(dh2_ptr + offs, dh2.to(CDT), mask=mask)
@@ -79,7 +79,7 @@ def tail_bwd(g, h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, seed, p: float, H: int, 
     dh2 = torch.empty_like(h1)
     a = torch.empty_like(h1)
     _tail_bwd[(programs,)](
-        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, g, dh2, a, partial, seed, p, 1.0 / (1.0 - p), H, W, M, C, d,
+        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, g, dh2, a, partial, seed, *dropout_args(p), H, W, M, C, d,
         triton.cdiv(M, TILE), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, TILE=TILE, BLOCK_D=block_d(d),
         BLOCK_N=BLOCK_N, PRECISION=precision(h1.dtype), num_warps=WARPS)
     return dh2, a

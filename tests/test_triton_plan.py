@@ -1,0 +1,179 @@
+"""The six kernels of the Triton plan, each against the reference's own intermediate values (float64,
+through the interpreter on the CPU), and the plan as a whole: gradcheck, determinism, and no
+compile keyed by the image size."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CPU_BACKENDS, assert_close, randomize_
+from mona_kernels.reference import Mona as RefMona, multiscale_dwconv_ref
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="the Triton plan runs on the CPU only under "
+                                                                      "TRITON_INTERPRET=1")
+
+# Odd sizes, a row or column of one pixel, C not a power of two, d of 16, 64 and 96.
+SHAPES = [(2, 5, 7, 24, 16), (1, 1, 9, 130, 64), (3, 6, 1, 40, 16), (1, 4, 3, 20, 96)]
+
+
+def _chain(B, H, W, C, d):
+    """The reference module, its input, an upstream gradient, and every intermediate value of its
+    forward with the gradient reaching it."""
+    from mona_kernels.backends.triton import Params
+    ref = randomize_(RefMona(C, d).to(F64))
+    x = torch.randn(B * H * W, C, dtype=F64, requires_grad=True)
+    conv = ref.adapter_conv
+    y = ref.norm(x) * ref.gamma + x * ref.gammax
+    h1 = ref.project1(y)
+    h2 = multiscale_dwconv_ref(h1.view(B, H, W, d), conv.conv1.weight, conv.conv1.bias, conv.conv2.weight,
+                               conv.conv2.bias, conv.conv3.weight, conv.conv3.bias).reshape(-1, d)
+    h3 = h2 + F.linear(h2, conv.projector.weight.view(d, d), conv.projector.bias)
+    a = F.gelu(h3)
+    out = x + ref.project2(a)
+    for t in (h1, h2, h3, a):
+        t.retain_grad()
+    g = torch.randn_like(out)
+    out.backward(g)
+    params = Params(ref.norm.weight, ref.norm.bias, ref.gamma, ref.gammax, ref.project1.weight, ref.project1.bias,
+                    conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.conv3.weight,
+                    conv.conv3.bias, conv.projector.weight, conv.projector.bias, ref.project2.weight,
+                    ref.project2.bias)
+    return dict(ref=ref, x=x, g=g, h1=h1, h2=h2, h3=h3, a=a, out=out, params=[q.detach() for q in params],
+                grads=[q.grad for q in params])
+
+
+@pytest.fixture(params=SHAPES, ids=lambda s: "x".join(map(str, s)))
+def chain(request):
+    torch.manual_seed(0)
+    return request.param, _chain(*request.param)
+
+
+def test_ln_down_writes_h1_and_the_token_statistics(chain):
+    from mona_kernels.backends.triton.ln_down import ln_down
+    (B, H, W, C, d), c = chain
+    q = c["params"]
+    x = c["x"].detach()
+    h1, mean, rstd = ln_down(x, *q[:6], 1e-5, F64, F64)
+    assert_close(h1, c["h1"], F64, "h1")
+    assert_close(mean, x.mean(1), F64, "mean")
+    assert_close(rstd, (x.var(1, unbiased=False) + 1e-5).rsqrt(), F64, "rstd")
+
+
+def test_conv_up_writes_the_adapter_output(chain):
+    from mona_kernels.backends.triton.conv_up import conv_up
+    (B, H, W, C, d), c = chain
+    q = c["params"]
+    out = conv_up(c["h1"].detach(), c["x"].detach(), *q[6:], None, 0.0, H, W)
+    assert_close(out, c["out"], F64, "out")
+
+
+def test_tail_bwd_writes_dh2_and_a_and_the_projector_partials(chain):
+    from mona_kernels.backends.triton.tail_bwd import tail_bwd
+    (B, H, W, C, d), c = chain
+    q = c["params"]
+    partial = torch.empty(3, d * d + d, dtype=F64)
+    dh2, a = tail_bwd(c["g"], c["h1"].detach(), *q[6:15], None, 0.0, H, W, partial, 3)
+    assert_close(dh2, c["h2"].grad, F64, "dh2")
+    assert_close(a, c["a"], F64, "a")
+    assert_close(partial.sum(0)[:d * d].view(d, d, 1, 1), c["grads"][12], F64, "dWp")
+    assert_close(partial.sum(0)[d * d:], c["grads"][13], F64, "dbp")
+
+
+def test_conv_ln_bwd_writes_dh1_and_dx(chain):
+    from mona_kernels.backends.triton.conv_ln_bwd import conv_ln_bwd
+    (B, H, W, C, d), c = chain
+    q = c["params"]
+    x = c["x"].detach()
+    mean, rstd = x.mean(1), (x.var(1, unbiased=False) + 1e-5).rsqrt()
+    dh1, dx = conv_ln_bwd(c["h2"].grad, x, mean, rstd, c["g"], q[6], q[8], q[10], q[4], q[0], q[2], q[3], H, W)
+    assert_close(dh1, c["h1"].grad, F64, "dh1")
+    assert_close(dx, c["x"].grad, F64, "dx")
+
+
+def test_param_grads_and_reduce_grads_give_every_other_parameter_gradient(chain):
+    from mona_kernels.backends.triton.param_grads import param_grads
+    from mona_kernels.backends.triton.reduce_grads import grads_size, reduce_grads
+    (B, H, W, C, d), c = chain
+    q = c["params"]
+    x = c["x"].detach()
+    mean, rstd = x.mean(1), (x.var(1, unbiased=False) + 1e-5).rsqrt()
+    rows = (3, 2, 4)  # channel, projector and tap rows; the projector rows' partials come from B1
+    len_channel = 4 * C + 2 * d * C + d + C
+    channel = torch.empty(rows[0], len_channel, dtype=F64)
+    tail = torch.zeros(rows[1], d * d + d, dtype=F64)
+    tail[0] = torch.cat([c["grads"][12].flatten(), c["grads"][13]])
+    tap = torch.empty(rows[2], 50 * d, dtype=F64)
+    param_grads(c["g"], c["a"].detach(), c["h1"].grad, x, mean, rstd, q[0], q[1], q[2], q[3], q[4],
+                c["h1"].detach(), c["h2"].grad, H, W, channel, tap)
+    grads = torch.empty(grads_size(C, d), dtype=F64)
+    reduce_grads(torch.cat([channel.flatten(), tail.flatten(), tap.flatten()]), grads, C, d, *rows)
+    names = ["norm.weight", "norm.bias", "gamma", "gammax", "project1.weight", "project1.bias", "conv1.weight",
+             "conv1.bias", "conv2.weight", "conv2.bias", "conv3.weight", "conv3.bias", "projector.weight",
+             "projector.bias", "project2.weight", "project2.bias"]
+    for name, got, want in zip(names, grads.split([t.numel() for t in q]), c["grads"]):
+        assert_close(got.view(want.shape), want, F64, name)
+
+
+def _plan_inputs(B=1, H=3, W=4, C=12, d=16, seed=0):
+    from mona_kernels.backends.triton import Params
+    torch.manual_seed(seed)
+    ref = randomize_(RefMona(C, d).to(F64))
+    c = ref.adapter_conv
+    params = Params(*(q.detach().clone().requires_grad_() for q in (
+        ref.norm.weight, ref.norm.bias, ref.gamma, ref.gammax, ref.project1.weight, ref.project1.bias,
+        c.conv1.weight, c.conv1.bias, c.conv2.weight, c.conv2.bias, c.conv3.weight, c.conv3.bias,
+        c.projector.weight, c.projector.bias, ref.project2.weight, ref.project2.bias)))
+    return torch.randn(B * H * W, C, dtype=F64, requires_grad=True), params
+
+
+def test_gradcheck_of_the_whole_op():
+    from mona_kernels.backends.triton import adapter
+    x, params = _plan_inputs()
+    names = params._fields
+
+    def fn(x, *ps):
+        return adapter(x, type(params)(**dict(zip(names, ps))), None, 3, 4, 1e-5, 0.0, F64)
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_two_backward_passes_are_bit_equal():
+    from mona_kernels.backends.triton import adapter
+    x, params = _plan_inputs(B=2, H=7, W=9, C=40, d=16)
+    x32 = x.detach().float().requires_grad_()
+    p32 = type(params)(*(q.detach().float().requires_grad_() for q in params))
+    seed = torch.tensor([1234])
+    runs = []
+    for _ in range(2):
+        out = adapter(x32, p32, seed, 7, 9, 1e-5, 0.1, torch.float32)
+        runs.append(torch.autograd.grad(out, [x32, *p32], torch.ones_like(out)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+KERNELS = {"ln_down": ["M", "C"], "conv_up": ["H", "W", "M", "C"], "tail_bwd": ["H", "W", "M", "C", "n_tiles"],
+           "conv_ln_bwd": ["H", "W", "M", "C"],
+           "param_grads": ["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits"],
+           "reduce_grads": ["C", "rows_channel", "rows_tail", "rows_tap", "max_rows"]}
+
+
+def test_no_kernel_specialises_on_an_argument_that_follows_the_image_size():
+    """Triton compiles a new kernel for each value class of a specialised integer: every integer that
+    changes with B, H or W (or C) must be exempt, so a new image size compiles nothing."""
+    script = (
+        "import importlib, json\n"
+        f"kernels = {KERNELS!r}\n"
+        "out = {}\n"
+        "for mod, _ in kernels.items():\n"
+        "    m = importlib.import_module('mona_kernels.backends.triton.' + mod)\n"
+        "    k = getattr(m, mod + '_kernel')\n"
+        "    out[mod] = [p.name for p in k.params if p.do_not_specialize]\n"
+        "print(json.dumps(out))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    exempt = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    for mod, sizes in KERNELS.items():
+        assert set(sizes) <= set(exempt[mod]), f"{mod} specialises on {set(sizes) - set(exempt[mod])}"
