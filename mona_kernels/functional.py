@@ -26,12 +26,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _NO_SEED = torch.zeros(1, dtype=torch.int64)  # never read: without dropout no kernel draws
 
 
-def _draw_seed(x: torch.Tensor, dropout: float, capturable: bool = False) -> torch.Tensor:
-    """The dropout seed, a CPU int64 tensor drawn from torch's default generator (zero without dropout).
-    Inside a CUDA-graph capture, a ``capturable`` backend (one whose kernels read the seed from device
-    memory) gets it drawn on the GPU instead, so that every replay draws a new seed and mask."""
+def _draw_seed(x: torch.Tensor, dropout: float, capturable: bool = False, on_device: bool = False) -> torch.Tensor:
+    """The dropout seed, an int64 tensor drawn from torch's generator (zero without dropout): on the
+    host, or on x's device for a backend whose kernels read it there (``on_device``). Inside a
+    CUDA-graph capture, a ``capturable`` backend gets it drawn on the GPU too, so that every replay
+    draws a new seed and mask."""
     if dropout == 0:
         return _NO_SEED
+    if on_device:
+        return torch.randint(0, 2**62, (1,), device=x.device)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         if capturable:
             return torch.randint(0, 2**62, (1,), device=x.device)
@@ -91,9 +94,8 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
             norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, conv1_weight, conv1_bias,
             conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight, projector_bias, project2_weight,
             project2_bias)))
-        # drawn on the device from torch's generator: reproducible under torch.manual_seed, and a new
-        # draw at every replay of a CUDA graph or compiled step
-        seed = torch.randint(0, 2**62, (1,), device=x.device) if dropout > 0 else None
+        # drawn on the device: a new draw at every replay of a CUDA graph or a compiled step
+        seed = _draw_seed(x, dropout, on_device=True) if dropout > 0 else None
         out = triton_plan.adapter(x.reshape(B * N, C).contiguous(), params, seed, H, W, float(eps), float(dropout),
                                   _compute_dtype(x))
         return out.view(B, N, C)
