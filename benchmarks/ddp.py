@@ -27,7 +27,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(C)
         self.mlp = nn.Sequential(nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C))
-        self.my_module_1 = mk.Mona(C, 32, dropout=0.0, backend=backend) if fused else RefMona(C, 32, dropout=0.0)
+        self.my_module_1 = mk.Mona(C, bottleneck=32, dropout=0.0, backend=backend) if fused else RefMona(C, bottleneck=32, dropout=0.0)
 
     def forward(self, x, hw):
         return self.my_module_1(x + self.mlp(self.norm(x)), hw)

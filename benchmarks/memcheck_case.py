@@ -24,12 +24,12 @@ def main():
     shapes = ((2, 13, 11, 96, 64), (1, 9, 5, 30, 10), (1, 37, 61, 32, 40), (1, 66, 66, 520, 16))
     modes = ((torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16))  # (dtype, autocast)
     for (B, H, W, C, d), (dtype, amp) in [(s, m) for s in shapes for m in modes]:
-        ref = reference.Mona(C, d).cuda().double()
+        ref = reference.Mona(C, bottleneck=d).cuda().double()
         with torch.no_grad():
             for p in ref.parameters():
                 p.copy_(torch.randn_like(p) * 0.3)
         ref.dropout.p = 0.0
-        fused = mk.Mona(C, d, dropout=0.0, backend=backend).cuda().to(dtype)
+        fused = mk.Mona(C, bottleneck=d, dropout=0.0, backend=backend).cuda().to(dtype)
         fused.load_state_dict(ref.state_dict())
         for call in range(3):
             x = torch.randn(B, H * W, C, device="cuda", dtype=torch.float64, requires_grad=True)

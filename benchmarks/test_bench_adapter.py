@@ -55,7 +55,7 @@ def test_adapter_fwd_bwd(benchmark, shape, variant):
 def test_multiscale_dwconv_fwd(benchmark, shape, variant):
     B, H, W, _ = shape
     benchmark.group = f"dwconv {B}x{H}x{W}x64"
-    conv = RefMona(64, 64).adapter_conv.cuda().bfloat16()
+    conv = RefMona(64, bottleneck=64).adapter_conv.cuda().bfloat16()
     ws = [conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.conv3.weight, conv.conv3.bias]
     h = torch.randn(B, H, W, 64, device="cuda", dtype=torch.bfloat16)
     fn = (lambda: mk.multiscale_dwconv(h, *ws)) if variant == "fused" else (lambda: multiscale_dwconv_ref(h, *ws))

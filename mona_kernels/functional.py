@@ -45,6 +45,26 @@ def _draw_seed(x: torch.Tensor, dropout: float, capturable: bool = False, on_dev
     return torch.randint(0, 2**62, (1,))
 
 
+def _is_int(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def hw_pair(hw_shapes) -> tuple[int, int]:
+    """``(H, W)`` from a pair of positive integers: a tuple, list or ``torch.Size``, or an integer
+    tensor of two elements."""
+    values = hw_shapes
+    if isinstance(values, torch.Tensor) and values.dim() == 1 and not values.is_floating_point():
+        values = list(values)
+    if not isinstance(values, (tuple, list)) or len(values) != 2 or not all(_is_int(v) for v in values):
+        raise TypeError(f"hw_shapes must be two integers (H, W), got {hw_shapes!r}")
+    H, W = (int(v) if isinstance(v, torch.Tensor) else v for v in values)
+    if H < 1 or W < 1:
+        raise ValueError(f"hw_shapes must be two positive integers (H, W), got ({H}, {W})")
+    return H, W
+
+
 @on_input_device
 def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
          conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
@@ -56,12 +76,10 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     :class:`mona_kernels.reference.Mona`.
     """
     check_tensor("x", x, ndim=3)
-    if not isinstance(hw_shapes, (tuple, list)) or len(hw_shapes) != 2:
-        raise ValueError(f"hw_shapes must be a pair (H, W), got {hw_shapes!r}")
-    H, W = (int(s) for s in hw_shapes)
+    H, W = hw_pair(hw_shapes)
     B, N, C = x.shape
-    if H < 1 or W < 1 or N != H * W:
-        raise ValueError(f"x has N={N} tokens but hw_shapes={tuple(hw_shapes)} gives H*W={H * W}")
+    if N != H * W:
+        raise ValueError(f"x has N={N} tokens but hw_shapes=({H}, {W}) gives H*W={H * W}")
     check_ln_params(C, x, norm_weight=norm_weight, norm_bias=norm_bias, gamma=gamma, gammax=gammax)
     check_tensor("project1_weight", project1_weight, ndim=2, like=x)
     d = project1_weight.shape[0]

@@ -4,21 +4,22 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend, reference
-from .functional import mona, mona_merged
+from .functional import hw_pair, mona, mona_merged
 from .ops.multiscale_dwconv import merge_kernels
 from .ops.utils import acc_dtype, cast
 
 
 class Mona(reference.Mona):
-    """The Mona adapter, fused. Same constructor, parameter names and state_dict as the reference.
+    """The Mona adapter, fused. Same constructor (the authors' ``Mona(in_dim, factor)``), parameter
+    names and state_dict as the reference.
 
     ``forward(x, hw_shapes)`` takes tokens (B, N, C) with ``N = H * W``; it also takes (B, H, W, C)
     without ``hw_shapes`` and returns that layout. ``backend`` forces ``'triton'`` or ``'torch'``.
     """
 
-    def __init__(self, in_dim: int, bottleneck: int = 64, dropout: float = 0.1, eps: float = 1e-5,
-                 backend: str | None = None):
-        super().__init__(in_dim, bottleneck, dropout, eps)
+    def __init__(self, in_dim: int, factor: int = 4, *, bottleneck: int = 64, dropout: float = 0.1,
+                 eps: float = 1e-5, backend: str | None = None):
+        super().__init__(in_dim, factor, bottleneck=bottleneck, dropout=dropout, eps=eps)
         self.backend = backend
         self._folded = None
 
@@ -36,15 +37,22 @@ class Mona(reference.Mona):
             return tuple(getattr(m, n) for m, pair in zip(owners, names) for n in pair)
 
     def forward(self, x, hw_shapes=None):
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be tokens (B, N, C) with hw_shapes=(H, W), or a map (B, H, W, C); got {shape}")
+        in_dim = self.gammax.shape[0]
+        if x.shape[-1] != in_dim:
+            raise ValueError(f"x has {x.shape[-1]} channels (its last dimension) but this Mona was built with "
+                             f"in_dim={in_dim}")
         spatial = x.dim() == 4
         if spatial:
-            if hw_shapes is not None and tuple(hw_shapes) != tuple(x.shape[1:3]):
+            if hw_shapes is not None and hw_pair(hw_shapes) != tuple(x.shape[1:3]):
                 raise ValueError(f"hw_shapes={tuple(hw_shapes)} disagrees with x of shape {tuple(x.shape)}")
             B, H, W, C = x.shape
             hw_shapes = (H, W)
             x = x.reshape(B, H * W, C)
         elif hw_shapes is None:
-            raise ValueError("hw_shapes (H, W) is required for x of shape (B, N, C)")
+            raise ValueError(f"hw_shapes=(H, W) is required for tokens x of shape {tuple(x.shape)} (B, N, C)")
         p = self.dropout.p if self.training else 0.0
         # the Triton plan merges the convs inside its kernels: folding changes nothing there
         if self._folded is not None and not self.training and _backend.resolve(x.device, self.backend) != "triton":
@@ -77,9 +85,9 @@ class Mona(reference.Mona):
 
     def _forward_folded(self, x, hw_shapes):
         B, N, C = x.shape
-        H, W = hw_shapes
-        if N != H * W or C != self.gammax.shape[0]:
-            raise ValueError(f"x of shape {tuple(x.shape)} does not fit hw_shapes={tuple(hw_shapes)} and C={self.gammax.shape[0]}")
+        H, W = hw_pair(hw_shapes)
+        if N != H * W:
+            raise ValueError(f"x has N={N} tokens but hw_shapes=({H}, {W}) gives H*W={H * W}")
         K, bias = self._folded
         d = K.shape[1]
         conv = self.adapter_conv

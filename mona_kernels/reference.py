@@ -42,9 +42,14 @@ class MonaOp(nn.Module):
 
 
 class Mona(nn.Module):
-    """The Mona adapter on tokens ``x`` of shape (B, N, C) with ``N = H * W``."""
+    """The Mona adapter on tokens ``x`` of shape (B, N, C) with ``N = H * W``.
 
-    def __init__(self, in_dim: int, bottleneck: int = 64, dropout: float = 0.1, eps: float = 1e-5):
+    ``Mona(in_dim, factor)`` is the authors' constructor: their ``factor`` is accepted and unused, as
+    in their code, and the bottleneck is 64 wide. ``bottleneck``, ``dropout`` and ``eps`` are keywords.
+    """
+
+    def __init__(self, in_dim: int, factor: int = 4, *, bottleneck: int = 64, dropout: float = 0.1,
+                 eps: float = 1e-5):
         super().__init__()
         self.project1 = nn.Linear(in_dim, bottleneck)
         self.project2 = nn.Linear(bottleneck, in_dim)

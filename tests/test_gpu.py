@@ -57,8 +57,8 @@ def test_multiscale_dwconv(backend, dtype, shape):
 
 
 def _adapter_pair(C, dtype, d=64):
-    ref = randomize_(RefMona(C, d, dropout=0.0)).cuda().double()
-    fused = mk.Mona(C, d, dropout=0.0).cuda().to(dtype)
+    ref = randomize_(RefMona(C, bottleneck=d, dropout=0.0)).cuda().double()
+    fused = mk.Mona(C, bottleneck=d, dropout=0.0).cuda().to(dtype)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -99,7 +99,7 @@ def test_bf16_output_is_as_accurate_as_the_bf16_reference(backend):
     # reference module itself does in bf16 (both measured against float64)
     ref, fused = _adapter_pair(256, torch.bfloat16)
     fused.backend = backend
-    ref_bf16 = RefMona(256, 64, dropout=0.0).cuda().to(torch.bfloat16)
+    ref_bf16 = RefMona(256, bottleneck=64, dropout=0.0).cuda().to(torch.bfloat16)
     ref_bf16.load_state_dict(ref.state_dict())
     x = torch.randn(2, 40 * 30, 256, device="cuda").to(torch.bfloat16)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_fp16_large_values_do_not_overflow():
 
 
 def test_mixed_devices_name_the_argument():
-    fused = mk.Mona(32, 16).cuda()
+    fused = mk.Mona(32, bottleneck=16).cuda()
     with pytest.raises(ValueError, match="device|cpu"):
         fused(torch.randn(1, 4, 32), (2, 2))
 
@@ -266,7 +266,7 @@ def test_dropout_under_graph_capture_draws_a_new_mask_every_replay(backend, monk
     """The Triton and CUDA backends draw the seed on the GPU inside a capture: each replay gets a new
     mask, and the replay equals an eager call given that replay's seed. The PyTorch path, whose
     seed is drawn on the host, refuses."""
-    fused = randomize_(mk.Mona(32, 16, dropout=0.25, backend=backend)).cuda()
+    fused = randomize_(mk.Mona(32, bottleneck=16, dropout=0.25, backend=backend)).cuda()
     x = torch.randn(2, 16, 32, device="cuda", requires_grad=True)
     g = torch.randn_like(x)
     params = [x, *fused.parameters()]
@@ -441,7 +441,7 @@ def test_replayed_graphs_keep_each_calls_state(graph_cache, dropout):
     both orders, and every result must equal the direct path's for the same seeds."""
     backend, graph_cache = graph_cache
     dtype = torch.bfloat16
-    mods = [randomize_(mk.Mona(64, 32, dropout=dropout, backend=backend)).cuda().to(dtype) for _ in range(2)]
+    mods = [randomize_(mk.Mona(64, bottleneck=32, dropout=dropout, backend=backend)).cuda().to(dtype) for _ in range(2)]
     xs = [torch.randn(2, 9 * 7, 64, device="cuda").to(dtype).requires_grad_() for _ in range(2)]
     gs = [torch.randn(2, 9 * 7, 64, device="cuda").to(dtype) for _ in range(2)]
 
@@ -485,7 +485,7 @@ def test_graph_cache_evicts_and_stays_correct(graph_cache):
 
 def test_replayed_inference_matches_the_direct_path(graph_cache):
     backend, graph_cache = graph_cache
-    fused = randomize_(mk.Mona(64, 32, dropout=0.0, backend=backend)).cuda().eval()
+    fused = randomize_(mk.Mona(64, bottleneck=32, dropout=0.0, backend=backend)).cuda().eval()
     xs = [torch.randn(2, 9 * 7, 64, device="cuda") for _ in range(3)]
     with torch.no_grad():
         graph_cache(0)
@@ -563,7 +563,7 @@ def test_new_image_sizes_compile_no_new_triton_kernel():
     if "triton" not in DEVICE_BACKENDS:
         pytest.skip("Triton does not run on this GPU")
     from mona_kernels.ops.utils import Launcher
-    fused = randomize_(mk.Mona(96, 64, backend="triton")).cuda().bfloat16()
+    fused = randomize_(mk.Mona(96, bottleneck=64, backend="triton")).cuda().bfloat16()
 
     def step(B, H, W):
         x = torch.randn(B, H * W, 96, device="cuda").bfloat16().requires_grad_()

@@ -130,7 +130,7 @@ def test_model_without_swin_or_vit_blocks_is_refused():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_activation_checkpointing_gives_the_same_gradients(backend):
-    fused = randomize_(mk.Mona(16, 8, dropout=0.3, backend=backend).to(F64))
+    fused = randomize_(mk.Mona(16, bottleneck=8, dropout=0.3, backend=backend).to(F64))
     x = torch.randn(2, 12, 16, dtype=F64, requires_grad=True)
     torch.manual_seed(5)
     plain = torch.autograd.grad(fused(x, (3, 4)).square().sum(), [x, *fused.parameters()])

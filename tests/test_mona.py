@@ -12,8 +12,8 @@ F64 = torch.float64
 
 
 def _pair(C=24, d=16, dropout=0.0, backend=None):
-    ref = randomize_(RefMona(C, d, dropout=dropout).to(F64))
-    fused = mk.Mona(C, d, dropout=dropout, backend=backend).to(F64)
+    ref = randomize_(RefMona(C, bottleneck=d, dropout=dropout).to(F64))
+    fused = mk.Mona(C, bottleneck=d, dropout=dropout, backend=backend).to(F64)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -55,9 +55,20 @@ def test_parameter_names_shapes_and_initial_values_match_the_checkpoint_layout()
     assert fused.dropout.p == 0.1 and fused.project1.out_features == 64
 
 
+def test_the_authors_positional_factor_builds_their_module_and_loads_their_checkpoint():
+    """The authors' backbone builds each adapter as ``Mona(dim, 8)``: 8 is their unused ``factor``,
+    and the bottleneck stays 64."""
+    theirs = randomize_(RefMona(96, 8))
+    fused = mk.Mona(96, 8)
+    assert fused.project1.out_features == 64 and fused.adapter_conv.conv3.weight.shape == (64, 1, 7, 7)
+    fused.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 12, 96)
+    assert_close(fused.eval()(x, (3, 4)), theirs.eval()(x, (3, 4)), torch.float32, "out")
+
+
 def test_state_dict_round_trip_with_reference():
     ref, fused = _pair()
-    back = RefMona(24, 16).to(F64)
+    back = RefMona(24, bottleneck=16).to(F64)
     back.load_state_dict(fused.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ref.state_dict().values()))
 
@@ -108,7 +119,7 @@ def test_backward_reuses_the_forward_dropout_mask(backend, dtype):
     seed = torch.randint(0, 2**62, (1,))
     scale = mk.ops.mona_adapter.dropout_scale(seed, torch.empty(20, 16, dtype=F64), 0.4, backend)
     assert (scale == 0).any()
-    ref = RefMona(24, 16, dropout=0.0).to(F64)
+    ref = RefMona(24, bottleneck=16, dropout=0.0).to(F64)
     ref.load_state_dict(fused.state_dict())
     ref.dropout = _FixedScale(scale)
     x_ref = x64.clone().requires_grad_()
@@ -180,7 +191,7 @@ class _AuthorsStyleBlock(nn.Module):
         super().__init__()
         self.attn = nn.Linear(C, C)
         for n in names:
-            setattr(self, n, RefMona(C, 8))
+            setattr(self, n, RefMona(C, bottleneck=8))
 
 
 class _OtherMona(nn.Module):
@@ -188,7 +199,7 @@ class _OtherMona(nn.Module):
 
     def __init__(self, C, d=8):
         super().__init__()
-        ref = RefMona(C, d, dropout=0.2)
+        ref = RefMona(C, bottleneck=d, dropout=0.2)
         for name, child in ref.named_children():
             setattr(self, name, child)
         self.gamma, self.gammax = ref.gamma, ref.gammax
@@ -216,21 +227,42 @@ def test_convert_replaces_every_mona_keeping_weights_and_flags():
 
 
 def test_convert_of_a_single_module_returns_the_fused_module():
-    ref = RefMona(16, 8)
+    ref = RefMona(16, bottleneck=8)
     fused, n = mk.convert(ref)
     assert n == 1 and isinstance(fused, mk.Mona)
 
 
 @pytest.mark.parametrize("args,error,match", [
-    (((2, 12, 24), (3, 5)), ValueError, "hw_shapes"),
-    (((2, 12, 20), (3, 4)), ValueError, "norm_weight"),
-    (((12, 24), (3, 4)), ValueError, "rank 3"),
+    (((2, 12, 24), (3, 5)), ValueError, r"N=12 tokens but hw_shapes=\(3, 5\)"),
+    (((2, 12, 20), (3, 4)), ValueError, r"x has 20 channels .* in_dim=24"),
+    (((12, 24), (3, 4)), ValueError, r"\(B, N, C\) .* \(B, H, W, C\); got \(12, 24\)"),
+    (((1, 2, 2, 3, 24), (3, 4)), ValueError, r"\(B, N, C\) .* \(B, H, W, C\); got \(1, 2, 2, 3, 24\)"),
+    (((2, 12, 24), (-3, -4)), ValueError, r"positive integers \(H, W\), got \(-3, -4\)"),
+    (((2, 12, 24), (3.0, 4.0)), TypeError, r"hw_shapes must be two integers"),
+    (((2, 12, 24), torch.tensor([3.0, 4.0])), TypeError, r"hw_shapes must be two integers"),
+    (((2, 12, 24), (3, 4, 1)), TypeError, r"hw_shapes must be two integers"),
 ])
 def test_bad_input_raises_a_clear_error(args, error, match):
     _, fused = _pair()
     shape, hw = args
     with pytest.raises(error, match=match):
         fused(torch.randn(*shape, dtype=F64), hw)
+
+
+@pytest.mark.parametrize("hw", [(3, 4), [3, 4], torch.Size([3, 4]), torch.tensor([3, 4]),
+                                (torch.tensor(3), torch.tensor(4))], ids=["tuple", "list", "size", "tensor", "0-d"])
+def test_hw_shapes_takes_any_pair_of_integers(hw):
+    ref, fused = _pair()
+    x = torch.randn(2, 12, 24, dtype=F64)
+    assert_close(fused(x, hw), ref(x, (3, 4)), F64)
+
+
+def test_channels_first_input_to_the_depthwise_op_names_the_layout():
+    conv = RefMona(24, bottleneck=16).adapter_conv
+    weights = [conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.conv3.weight,
+               conv.conv3.bias]
+    with pytest.raises(ValueError, match=r"channels-last \(B, H, W, d\).*permute"):
+        mk.multiscale_dwconv(torch.randn(2, 16, 5, 6), *weights)
 
 
 def test_missing_hw_shapes_is_an_error():
@@ -246,7 +278,7 @@ def test_integer_input_is_a_type_error():
 
 
 def test_bottleneck_over_maximum_is_refused():
-    fused = mk.Mona(8, mk.MAX_BOTTLENECK + 1)
+    fused = mk.Mona(8, bottleneck=mk.MAX_BOTTLENECK + 1)
     with pytest.raises(ValueError, match="bottleneck"):
         fused(torch.randn(1, 4, 8), (2, 2))
 
@@ -261,10 +293,10 @@ def test_autocast_gradients_are_as_accurate_as_the_reference(backend, dtype):
     of the float64 truth, and no worse than twice the reference module's own autocast error."""
     if backend not in CPU_BACKENDS:
         pytest.skip(f"{backend} cannot run on the CPU here")
-    ref = randomize_(RefMona(32, 16, dropout=0.0))
-    fused = mk.Mona(32, 16, dropout=0.0, backend=backend)
+    ref = randomize_(RefMona(32, bottleneck=16, dropout=0.0))
+    fused = mk.Mona(32, bottleneck=16, dropout=0.0, backend=backend)
     fused.load_state_dict(ref.state_dict())
-    truth = RefMona(32, 16, dropout=0.0).to(F64)
+    truth = RefMona(32, bottleneck=16, dropout=0.0).to(F64)
     truth.load_state_dict(ref.state_dict())
     x = torch.randn(2, 30, 32)
     g = torch.randn(2, 30, 32)

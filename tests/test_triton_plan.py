@@ -23,7 +23,7 @@ def _chain(B, H, W, C, d):
     """The reference module, its input, an upstream gradient, and every intermediate value of its
     forward with the gradient reaching it."""
     from mona_kernels.backends.triton import Params
-    ref = randomize_(RefMona(C, d).to(F64))
+    ref = randomize_(RefMona(C, bottleneck=d).to(F64))
     x = torch.randn(B * H * W, C, dtype=F64, requires_grad=True)
     conv = ref.adapter_conv
     y = ref.norm(x) * ref.gamma + x * ref.gammax
@@ -120,7 +120,7 @@ def test_param_grads_and_reduce_grads_give_every_other_parameter_gradient(chain)
 def _plan_inputs(B=1, H=3, W=4, C=12, d=16, seed=0):
     from mona_kernels.backends.triton import Params
     torch.manual_seed(seed)
-    ref = randomize_(RefMona(C, d).to(F64))
+    ref = randomize_(RefMona(C, bottleneck=d).to(F64))
     c = ref.adapter_conv
     params = Params(*(q.detach().clone().requires_grad_() for q in (
         ref.norm.weight, ref.norm.bias, ref.gamma, ref.gammax, ref.project1.weight, ref.project1.bias,

@@ -38,7 +38,7 @@ def is_mona(module: nn.Module) -> bool:
 def _fused_from(module: nn.Module, backend) -> FusedMona:
     drop = getattr(module, "dropout", None)
     p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-    fused = FusedMona(module.project1.in_features, module.project1.out_features, dropout=p,
+    fused = FusedMona(module.project1.in_features, bottleneck=module.project1.out_features, dropout=p,
                       eps=module.norm.eps, backend=backend)
     fused.to(device=module.gamma.device, dtype=module.gamma.dtype)
     own = dict(module.named_parameters())

@@ -64,8 +64,8 @@ def add_mona(model: nn.Module, bottleneck: int = 64, dropout: float = 0.1, fused
     device and dtype. ``fused=False`` inserts the plain-PyTorch reference instead (for comparison).
     Returns the number of blocks changed; raises ``TypeError`` when no block is recognised."""
     param = next(model.parameters())
-    make = (lambda C: Mona(C, bottleneck, dropout, backend=backend)) if fused else \
-        (lambda C: reference.Mona(C, bottleneck, dropout))
+    make = (lambda C: Mona(C, bottleneck=bottleneck, dropout=dropout, backend=backend)) if fused else \
+        (lambda C: reference.Mona(C, bottleneck=bottleneck, dropout=dropout))
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     prefix = int(getattr(model, "num_prefix_tokens", 0))
     changed = 0

@@ -229,7 +229,7 @@ def check_ln_params(C: int, x: torch.Tensor, **params):
     for name, p in params.items():
         check_tensor(name, p, ndim=1, like=x)
         if p.shape[0] != C:
-            raise ValueError(f"{name} must have {C} elements (the channel count of x), got {p.shape[0]}")
+            raise ValueError(f"{name} has {p.shape[0]} elements but x has {C} channels (its last dimension)")
 
 
 @on_input_device

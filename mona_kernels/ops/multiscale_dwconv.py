@@ -333,7 +333,12 @@ def multiscale_dwconv(h, w3, b3, w5, b5, w7, b7, backend: str | None = None):
     Weights have the shapes of ``nn.Conv2d(d, d, k, groups=d)``: (d, 1, k, k) and (d,).
     """
     check_tensor("h", h, ndim=4)
-    d = h.shape[-1]
+    check_tensor("w7", w7, ndim=4, like=h)
+    d = w7.shape[0]
+    if h.shape[-1] != d:
+        hint = " (it looks channels-first: pass h.permute(0, 2, 3, 1))" if h.shape[1] == d else ""
+        raise ValueError(f"h must be channels-last (B, H, W, d) with d={d} channels, as the conv weights have; "
+                         f"got shape {tuple(h.shape)}{hint}")
     check_dwconv_params(d, h, w3=w3, b3=b3, w5=w5, b5=b5, w7=w7, b7=b7)
     K, bias = merge_kernels(w3, b3, w5, b5, w7, b7, dtype=acc_dtype(h.dtype))
     return DWConv7Function.apply(h.contiguous(), K, bias, backend or "auto")
