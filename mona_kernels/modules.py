@@ -54,8 +54,8 @@ class Mona(reference.Mona):
         elif hw_shapes is None:
             raise ValueError(f"hw_shapes=(H, W) is required for tokens x of shape {tuple(x.shape)} (B, N, C)")
         p = self.dropout.p if self.training else 0.0
-        # the Triton plan merges the convs inside its kernels: folding changes nothing there
-        if self._folded is not None and not self.training and _backend.resolve(x.device, self.backend) != "triton":
+        # the Triton and PyTorch plans merge the convs where they run them: folding changes nothing there
+        if self._folded is not None and not self.training and _backend.resolve(x.device, self.backend) == "cuda":
             out = self._forward_folded(x, hw_shapes)
         else:
             out = mona(x, hw_shapes, *self._params(), dropout=p, eps=self.norm.eps, backend=self.backend)

@@ -264,8 +264,8 @@ def test_tensors_on_a_gpu_other_than_the_current_one(backend):
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 def test_dropout_under_graph_capture_draws_a_new_mask_every_replay(backend, monkeypatch):
     """The Triton and CUDA backends draw the seed on the GPU inside a capture: each replay gets a new
-    mask, and the replay equals an eager call given that replay's seed. The PyTorch path, whose
-    seed is drawn on the host, refuses."""
+    mask, and the replay equals an eager call given that replay's seed. The PyTorch plan's dropout
+    draws from PyTorch's capture-safe generator: each replay draws a new mask too."""
     fused = randomize_(mk.Mona(32, bottleneck=16, dropout=0.25, backend=backend)).cuda()
     x = torch.randn(2, 16, 32, device="cuda", requires_grad=True)
     g = torch.randn_like(x)
@@ -277,9 +277,12 @@ def test_dropout_under_graph_capture_draws_a_new_mask_every_replay(backend, monk
 
     step()
     if backend == "torch":
-        with pytest.raises(RuntimeError, match="CUDA graph"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                fused(x, (4, 4))
+        graph, static = capture_graph(step, warmup=2)
+        outs = []
+        for _ in range(2):
+            graph.replay()
+            outs.append(static[0].clone())
+        assert not torch.equal(outs[0], outs[1])
         return
     drawn = []
     draw = mk.functional._draw_seed

@@ -56,8 +56,14 @@ GELU_BWD = {"cuda": cuda_ext.gelu_dropout_bwd, "torch": _gelu_bwd_torch}
 
 def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float, backend: str | None = None) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) the adapter applies to each element of (M, d) ``like``
-    for ``seed`` on the chosen backend; backward regenerates exactly this mask without storing it."""
+    for ``seed`` on the chosen backend. The Triton and CUDA backends draw ``seed`` from torch's
+    generator and regenerate this mask in the backward without storing it; the PyTorch plan draws the
+    mask itself, as ``nn.Dropout`` does, and this is its mask after ``torch.manual_seed(seed)``."""
     name = _backend.resolve(like.device, backend)
+    if name == "torch":
+        with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
+            torch.manual_seed(int(seed))
+            return F.dropout(torch.ones_like(like), p)
     if name == "triton":
         from ..backends.triton.common import dropout_scale as triton_scale
         return triton_scale(seed.to(like.device), like, p)

@@ -1,0 +1,35 @@
+"""The PyTorch plan: the adapter as autograd through PyTorch's own ops, for the CPU and for GPUs
+where neither the Triton plan nor the CUDA extension runs. It differs from the reference in one
+place: the three depthwise convs and the identity run as one merged 7x7 conv (49 taps instead of
+9 + 25 + 49 and one weight gradient instead of three). torch.compile traces it like any model."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .triton.adapter import Params
+
+
+def merged_kernel(w3, b3, w5, b5, w7, b7):
+    """``(K, bias)``: the 7x7 depthwise kernel ``delta + (pad(w3) + pad(w5) + w7) / 3`` as (d, 1, 7, 7)
+    and its bias ``(b3 + b5 + b7) / 3``; differentiable, so the three convs' gradients follow."""
+    K = (F.pad(w3, (2, 2, 2, 2)) + F.pad(w5, (1, 1, 1, 1)) + w7) / 3.0
+    delta = torch.zeros_like(K[:1])
+    delta[..., 3, 3] = 1.0
+    return K + delta, (b3 + b5 + b7) / 3.0
+
+
+def adapter(x: torch.Tensor, q: Params, H: int, W: int, eps: float, p: float) -> torch.Tensor:
+    """The adapter's output for tokens x (B, N, C), N = H * W; dropout ``p`` draws from torch's
+    generator as ``nn.Dropout`` does."""
+    B, N, C = x.shape
+    d = q.W1.shape[0]
+    y = F.layer_norm(x, (C,), q.w_ln, q.b_ln, eps) * q.gamma + x * q.gammax
+    h1 = F.linear(y, q.W1, q.b1)
+    K, bias = merged_kernel(q.w3, q.b3, q.w5, q.b5, q.w7, q.b7)
+    # channels-last tokens viewed as NCHW: the conv reads them in place
+    h2 = F.conv2d(h1.view(B, H, W, d).permute(0, 3, 1, 2), K.to(h1.dtype), bias.to(h1.dtype), padding=3, groups=d)
+    h2 = h2.permute(0, 2, 3, 1).reshape(B, N, d)
+    h3 = h2 + F.linear(h2, q.Wp.view(d, d), q.bp)
+    a = F.dropout(F.gelu(h3), p, training=p > 0)
+    return x + F.linear(a, q.W2, q.b2)
