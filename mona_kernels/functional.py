@@ -98,6 +98,8 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
     name = _backend.resolve(x.device, backend)
+    if name == "triton" and d > triton_plan.MAX_D:
+        name = "torch"  # the Triton plan holds d x d tiles on chip; wider bottlenecks take PyTorch's ops
     if name == "cuda" and not torch.compiler.is_compiling():
         # the whole forward and backward in C++, one autograd node (torch.compile takes the custom op below);
         # inside a capture the seed stays on the GPU, elsewhere it is an int the graph cache can stage

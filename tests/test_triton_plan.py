@@ -1,6 +1,8 @@
 """The six kernels of the Triton plan, each against the reference's own intermediate values (float64,
 through the interpreter on the CPU), and the plan as a whole: gradcheck, determinism, and no
 compile keyed by the image size."""
+import json
+import os
 import subprocess
 import sys
 
@@ -172,8 +174,27 @@ def test_no_kernel_specialises_on_an_argument_that_follows_the_image_size():
         "    k = getattr(m, mod + '_kernel')\n"
         "    out[mod] = [p.name for p in k.params if p.do_not_specialize]\n"
         "print(json.dumps(out))\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    exempt = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    exempt = json.loads(result.stdout.strip().splitlines()[-1])
     for mod, sizes in KERNELS.items():
         assert set(sizes) <= set(exempt[mod]), f"{mod} specialises on {set(sizes) - set(exempt[mod])}"
+
+
+# Shared memory a program may use: sm_86 (and sm_89) give 99 KB, sm_90 227 KB.
+SHARED_LIMIT = {86: 101376, 90: 232448}
+
+
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+def test_every_kernel_fits_the_shared_memory_of_the_gpus_it_runs_on(arch):
+    """Compiles each kernel for the architecture, ahead of time and without a GPU, at every dtype
+    pairing with the launch options its launcher picks, up to the widest bottleneck the plan runs."""
+    from mona_kernels.backends.triton import MAX_D
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "_compile_plan.py")
+    result = subprocess.run([sys.executable, script, str(arch), str(MAX_D)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shared = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(shared) == 4 * 6
+    over = {k: v for k, v in shared.items() if v > SHARED_LIMIT[arch]}
+    assert not over, f"over the {SHARED_LIMIT[arch]} bytes of sm_{arch}: {over}"

@@ -30,6 +30,11 @@ from .reduce_grads import grads_size, reduce_grads
 from .tail_bwd import tail_bwd
 
 
+# Widest bottleneck the plan runs: at d = 128 B1's tiles need 110 KB of shared memory in bf16, over
+# the 99 KB an sm_86 GPU gives a program (tests/_compile_plan.py measures it).
+MAX_D = 64
+
+
 class Params(NamedTuple):
     """The adapter's sixteen parameters, in the order of the authors' state_dict."""
     w_ln: torch.Tensor     # norm.weight (C)

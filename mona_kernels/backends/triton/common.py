@@ -103,6 +103,18 @@ def dropout_args(p: float) -> tuple[float, float, float]:
     return p, hi, scale - hi
 
 
+def rows_and_stages(rows: int, *dtypes: torch.dtype) -> tuple[int, dict]:
+    """``(rows, options)`` for a kernel whose 2-byte tiles have ``rows`` rows: 4-byte tensors halve
+    them and pipeline two stages deep, 8-byte tensors quarter them and do not pipeline, so every
+    kernel's shared memory stays within the 99 KB an sm_86 GPU gives a program
+    (tests/test_triton_plan.py compiles each one for sm_80, sm_86 and sm_90 and checks)."""
+    size = max(t.itemsize for t in dtypes)
+    if size <= 2:
+        return rows, {}
+    # tl.dot takes no fewer than 16 rows
+    return (max(16, rows // 2), {"num_stages": 2}) if size == 4 else (max(16, rows // 4), {"num_stages": 1})
+
+
 def block_d(d: int) -> int:
     """Register width of the bottleneck: a power of two, at least tl.dot's 16."""
     return max(16, next_pow2(d))

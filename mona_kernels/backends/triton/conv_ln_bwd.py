@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, conv7_tile, precision, tile_coords
+from .common import Kernel, block_d, conv7_tile, precision, rows_and_stages, tile_coords
 
 TILE = 32
 BLOCK_N = 64
@@ -77,13 +77,20 @@ def conv_ln_bwd_kernel(dh2_ptr, w3_ptr, w5_ptr, w7_ptr, w1_ptr, x_ptr, mean_ptr,
 _conv_ln_bwd = Kernel(conv_ln_bwd_kernel)
 
 
+def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
+    """The kernel's tile and launch options for these dtypes and bottleneck width."""
+    tile, options = rows_and_stages(TILE, x_dtype, cdt)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
+
+
 def conv_ln_bwd(dh2, x, mean, rstd, g, w3, w5, w7, W1, w_ln, gamma, gammax, H: int, W: int):
     """``(dh1, dx)``."""
     M, d = dh2.shape
     C = x.shape[1]
     dh1 = torch.empty_like(dh2)
     dx = torch.empty_like(x)
-    _conv_ln_bwd[(triton.cdiv(M, TILE),)](
-        dh2, w3, w5, w7, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, M, C, d,
-        TILE=TILE, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(dh2.dtype), num_warps=WARPS)
+    options = meta(x.dtype, dh2.dtype, d)
+    _conv_ln_bwd[(triton.cdiv(M, options["TILE"]),)](
+        dh2, w3, w5, w7, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, M, C, d, **options)
     return dh1, dx

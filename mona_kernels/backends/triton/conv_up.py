@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, dropout_args, conv7_tile, gelu, keep, merged_bias, precision, tile_coords
+from .common import Kernel, block_d, dropout_args, rows_and_stages, conv7_tile, gelu, keep, merged_bias, precision, tile_coords
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
 # and warps.
@@ -72,13 +72,20 @@ def conv_up_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_pt
 _conv_up = Kernel(conv_up_kernel)
 
 
+def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
+    """The kernel's tile and launch options for these dtypes and bottleneck width."""
+    tile, options = rows_and_stages(TILE, x_dtype, cdt)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
+
+
 def conv_up(h1, x, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
     """The adapter's output (M, C) from h1 (M, d) and the tokens x (M, C)."""
     M, d = h1.shape
     C = x.shape[1]
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h1.dtype))
-    _conv_up[(triton.cdiv(M, TILE),)](
+    options = meta(x.dtype, h1.dtype, d)
+    _conv_up[(triton.cdiv(M, options["TILE"]),)](
         h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, x, out, seed, *dropout_args(p), H, W, M, C, d,
-        HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, TILE=TILE, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N,
-        PRECISION=precision(h1.dtype), num_warps=WARPS)
+        HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return out

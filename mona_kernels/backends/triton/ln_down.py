@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, precision
+from .common import Kernel, block_d, precision, rows_and_stages
 
 # Tokens a program and channels a step: a (64, 64) tile of x and a (64, d) fp32 accumulator.
 BLOCK_M = 64
@@ -77,6 +77,13 @@ def ln_down_kernel(x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_
 _ln_down = Kernel(ln_down_kernel)
 
 
+def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
+    """The kernel's block sizes and launch options for these dtypes and bottleneck width."""
+    rows, options = rows_and_stages(BLOCK_M, x_dtype, cdt)
+    return dict(BLOCK_M=rows, BLOCK_C=BLOCK_C, BLOCK_D=block_d(d), PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
+
+
 def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, eps: float, cdt: torch.dtype, acc: torch.dtype):
     """``(h1, mean, rstd)`` for tokens x (M, C)."""
     M, C = x.shape
@@ -84,7 +91,7 @@ def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, eps: float, cdt: torch.dtype, 
     h1 = x.new_empty((M, d), dtype=cdt)
     mean = x.new_empty((M,), dtype=acc)
     rstd = x.new_empty((M,), dtype=acc)
-    _ln_down[(triton.cdiv(M, BLOCK_M),)](
-        x, w_ln, b_ln, gamma, gammax, W1, b1, h1, mean, rstd, M, C, d, eps,
-        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d(d), PRECISION=precision(cdt), num_warps=WARPS)
+    options = meta(x.dtype, cdt, d)
+    _ln_down[(triton.cdiv(M, options["BLOCK_M"]),)](
+        x, w_ln, b_ln, gamma, gammax, W1, b1, h1, mean, rstd, M, C, d, eps, **options)
     return h1, mean, rstd

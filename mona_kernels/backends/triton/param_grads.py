@@ -13,10 +13,11 @@ Budget per token (2-byte tensors): reads 2C (g) + 2C (x) + 4d (a', dh1) + 8 + 4d
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, precision, tile_coords
+from .common import Kernel, block_d, precision, rows_and_stages, tile_coords
 from .ln_down import ln_scale_rows
 
 BLOCK_M = 64
@@ -140,21 +141,25 @@ def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_pt
 _param_grads = Kernel(param_grads_kernel)
 
 
+def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
+    """The kernel's block sizes and launch options for these dtypes and bottleneck width."""
+    rows, options = rows_and_stages(BLOCK_M, x_dtype, cdt)
+    return dict(BLOCK_M=rows, BLOCK_N=channel_block(d), BLOCK_D=block_d(d), TAP_TILE=TAP_TILE,
+                TAP_BLOCK_D=min(TAP_BLOCK_D, block_d(d)), PRECISION=precision(cdt), num_warps=WARPS, **options)
+
+
 def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, H: int, W: int,
                 channel_partial, tap_partial):
     """Fills ``channel_partial`` (channel splits, 4C + 2dC + d + C) and ``tap_partial`` (tap splits, 50d)."""
     M, C = x.shape
     d = h1.shape[1]
-    block_n = channel_block(d)
-    n_cblk = triton.cdiv(C, block_n)
+    options = meta(x.dtype, h1.dtype, d)
+    n_cblk = triton.cdiv(C, options["BLOCK_N"])
     splits = channel_partial.shape[0]
-    tokens = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
+    tokens = triton.cdiv(triton.cdiv(M, splits), options["BLOCK_M"]) * options["BLOCK_M"]
     tap_splits = tap_partial.shape[0]
-    tap_block = min(TAP_BLOCK_D, block_d(d))
-    n_dblk = triton.cdiv(d, tap_block)
+    n_dblk = triton.cdiv(d, options["TAP_BLOCK_D"])
     n_channel = splits * n_cblk
     _param_grads[(n_channel + tap_splits * 7 * n_dblk,)](
         g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, channel_partial, tap_partial,
-        H, W, M, C, d, tokens, n_cblk, n_channel, triton.cdiv(M, TAP_TILE), tap_splits, n_dblk,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d(d), TAP_TILE=TAP_TILE, TAP_BLOCK_D=tap_block,
-        PRECISION=precision(h1.dtype), num_warps=WARPS)
+        H, W, M, C, d, tokens, n_cblk, n_channel, triton.cdiv(M, TAP_TILE), tap_splits, n_dblk, **options)

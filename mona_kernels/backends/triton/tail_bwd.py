@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, dropout_args, gelu, gelu_grad, keep, precision, tile_coords
+from .common import Kernel, block_d, dropout_args, rows_and_stages, gelu, gelu_grad, keep, precision, tile_coords
 from .conv_up import conv_project
 
 TILE = 32
@@ -72,14 +72,21 @@ def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_p
 _tail_bwd = Kernel(tail_bwd_kernel)
 
 
+def meta(g_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
+    """The kernel's tile and launch options for these dtypes and bottleneck width."""
+    tile, options = rows_and_stages(TILE, g_dtype, cdt)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
+
+
 def tail_bwd(g, h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, seed, p: float, H: int, W: int, partial, programs: int):
     """``(dh2, a')`` (M, d); fills ``partial`` (programs, d*d + d) with dWp and dbp partial sums."""
     M, d = h1.shape
     C = g.shape[1]
     dh2 = torch.empty_like(h1)
     a = torch.empty_like(h1)
+    options = meta(g.dtype, h1.dtype, d)
     _tail_bwd[(programs,)](
         h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, g, dh2, a, partial, seed, *dropout_args(p), H, W, M, C, d,
-        triton.cdiv(M, TILE), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, TILE=TILE, BLOCK_D=block_d(d),
-        BLOCK_N=BLOCK_N, PRECISION=precision(h1.dtype), num_warps=WARPS)
+        triton.cdiv(M, options["TILE"]), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return dh2, a
