@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the GPU: the fused adapter and ops against the reference at the SPEC §2
+"""pytest-benchmark suite for the GPU: the fused adapter and ops against the reference at the benchmark
 shapes, forward+backward, bf16. Skipped without CUDA.
 
     pytest benchmarks/test_bench_adapter.py --benchmark-columns=median,iqr --benchmark-sort=name
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import mona_kernels as mk
-from mona_kernels.benchmark import SPEC_SHAPES
+from mona_kernels.benchmark import GPU_SHAPES
 from mona_kernels.reference import Mona as RefMona, multiscale_dwconv_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-IDS = ["x".join(map(str, s)) for s in SPEC_SHAPES]
+IDS = ["x".join(map(str, s)) for s in GPU_SHAPES]
 
 
 def _synced(fn):
@@ -41,7 +41,7 @@ def _adapter_case(shape, fused):
     return lambda: torch.autograd.grad(model(x, (H, W)), params, g)
 
 
-@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=IDS)
 @pytest.mark.parametrize("variant", ["reference", "fused"])
 def test_adapter_fwd_bwd(benchmark, shape, variant):
     benchmark.group = f"adapter {'x'.join(map(str, shape))}"
@@ -50,7 +50,7 @@ def test_adapter_fwd_bwd(benchmark, shape, variant):
     benchmark(_synced(step))
 
 
-@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=IDS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=IDS)
 @pytest.mark.parametrize("variant", ["reference", "fused"])
 def test_multiscale_dwconv_fwd(benchmark, shape, variant):
     B, H, W, _ = shape

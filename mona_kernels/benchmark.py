@@ -1,6 +1,6 @@
 """Benchmark the fused Mona against the eager and compiled reference: ``python -m mona_kernels.benchmark``.
 
-For each shape (SPEC §2 by default) it checks the fused outputs and gradients against the
+For each shape (by default where the adapter runs in Swin-B and Swin-L training) it checks the fused outputs and gradients against the
 reference, then times forward, backward and forward+backward (median of CUDA-event timings,
 rotating input sets so that the cache does not flatter), reports peak memory and the fraction of
 the HBM floor (bytes that must move over a copy bandwidth it measures itself), prints a table and
@@ -22,8 +22,11 @@ from . import reference
 from .modules import Mona
 from .ops.multiscale_dwconv import multiscale_dwconv
 
-SPEC_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
-               (2, 50, 84, 512), (4, 128, 128, 192), (4, 32, 32, 768)]
+# Swin-B classification at 224 (stages 1 and 3), COCO detection with Swin-B (stages 1 to 3), ADE20K
+# segmentation with Swin-L at 512 (stages 1 and 3).
+GPU_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
+              (2, 50, 84, 512), (4, 128, 128, 192), (4, 32, 32, 768)]
+CPU_SHAPES = [(2, 14, 14, 128), (2, 28, 28, 128)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INPUT_SETS = 3
 
@@ -40,7 +43,8 @@ def _time_ms(fn, device, reps: int) -> float:
         return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
     fn()
     times = []
-    for _ in range(max(3, reps // 100)):
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start) * 1e3 < reps:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -162,7 +166,7 @@ def _peak_mb(fn, device) -> float:
 
 def _saved_mb(fn, device) -> float:
     """Memory a forward leaves allocated for its backward, beyond the output it returns: what each
-    adapter of a network holds from its forward until its backward runs (SPEC §3: about x, h1 and two
+    adapter of a network holds from its forward until its backward runs (about x, h1 and two
     floats per token; x is the caller's tensor and is not counted)."""
     if device.type != "cuda":
         return float("nan")
@@ -230,6 +234,7 @@ def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
         err_grad = max(_rel(a, b) for a, b in zip(grads, grads_ref))
         del out, grads
         fwd = _time_ms(_rotating(lambda i: model(xs[i], hw)), device, reps)
+        eval_fwd = _time_ms(_no_grad(_rotating(lambda i: model(xs[i], hw))), device, reps)
 
         def fwd_bwd(i):
             return torch.autograd.grad(model(xs[i], hw), [xs[i], *mparams], gs[i])
@@ -248,7 +253,8 @@ def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
         peak = _peak_mb(three_calls, device)
         graphed_fwd, graphed = _graphed_pair(lambda i: model(xs[i], hw), fwd_bwd, [xs, gs], device, reps,
                                              graphs and name != "compiled")
-        rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd, bwd_ms=bwd,
+        rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd,
+                         eval_fwd_ms=eval_fwd, bwd_ms=bwd,
                          fwd_bwd_ms=both, graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed, peak_mb=peak,
                          saved_mb=saved,
                          err_out=err_out, err_grad=err_grad))
@@ -322,6 +328,7 @@ def _add_ratios(rows, bandwidth, elem_bytes):
     for r in rows:
         ref = next(x for x in rows if x["op"] == r["op"] and x["shape"] == r["shape"] and x["variant"] == "reference")
         r["speedup_fwd"] = ref["fwd_ms"] / r["fwd_ms"]
+        r["speedup_eval_fwd"] = ref.get("eval_fwd_ms", float("nan")) / r.get("eval_fwd_ms", float("nan"))
         r["speedup_fwd_bwd"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
         r["speedup_graph_fwd"] = ref["graph_fwd_ms"] / r["graph_fwd_ms"]
         r["speedup_graph"] = ref["graph_fwd_bwd_ms"] / r["graph_fwd_bwd_ms"]
@@ -330,58 +337,79 @@ def _add_ratios(rows, bandwidth, elem_bytes):
             n *= int(s)
         r["floor_fwd_ms"] = 2 * n * elem_bytes / bandwidth * 1e3
         r["floor_fwd_bwd_ms"] = 5 * n * elem_bytes / bandwidth * 1e3
-        r["pct_floor_fwd_bwd"] = 100 * r["floor_fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        r["floor_x_graph"] = r["graph_fwd_bwd_ms"] / r["floor_fwd_bwd_ms"]
+
+
+# (column, heading) of the printed table; a column no row has a value for is left out.
+COLUMNS = [("op", "op"), ("shape", "B x H x W x C"), ("variant", "variant"), ("eval_fwd_ms", "no-grad fwd ms"),
+           ("speedup_eval_fwd", "no-grad fwd speed-up"), ("fwd_ms", "fwd ms"),
+           ("fwd_bwd_ms", "fwd+bwd ms"), ("speedup_fwd_bwd", "fwd+bwd speed-up"), ("graph_fwd_ms", "graph fwd ms"),
+           ("graph_fwd_bwd_ms", "graph fwd+bwd ms"), ("speedup_graph", "graph speed-up"),
+           ("floor_x_graph", "graph fwd+bwd / floor"), ("peak_mb", "peak MB"), ("err_out", "err out"),
+           ("err_grad", "err grad")]
+
+
+def _has_value(v) -> bool:
+    return not (isinstance(v, float) and v != v)
 
 
 def _print_table(rows, header):
+    cols = [(c, h) for c, h in COLUMNS if any(_has_value(r.get(c, float("nan"))) for r in rows)]
     print(header)
-    cols = ["op", "shape", "variant", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "speedup_fwd", "speedup_fwd_bwd",
-            "graph_fwd_ms", "speedup_graph_fwd", "graph_fwd_bwd_ms", "speedup_graph", "floor_fwd_ms",
-            "floor_fwd_bwd_ms", "pct_floor_fwd_bwd", "peak_mb", "saved_mb", "err_out", "err_grad"]
-    print("| " + " | ".join(cols) + " |")
+    print("| " + " | ".join(h for _, h in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         cells = []
-        for c in cols:
-            v = r[c]
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        for c, _ in cols:
+            v = r.get(c, float("nan"))
+            cells.append("–" if not _has_value(v) else f"{v:.3g}" if isinstance(v, float) else str(v))
         print("| " + " | ".join(cells) + " |")
 
 
-def _plot(rows, path):
+def _plot(rows, path, title):
+    """Speed-up over the reference per shape and variant (forward+backward; replayed from CUDA graphs
+    where measured), on a linear axis with a line at 1."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
-        return
-    adapter = [r for r in rows if r["op"] == "adapter"]
-    shapes = sorted({r["shape"] for r in adapter}, key=[r["shape"] for r in adapter].index)
-    variants = sorted({r["variant"] for r in adapter}, key=[r["variant"] for r in adapter].index)
+        print("matplotlib is not installed (pip install mona_kernels[plot]): no plot written", file=sys.stderr)
+        return None
+    adapter = [r for r in rows if r["op"] == "adapter" and r["variant"] != "reference"]
+    if not adapter:
+        return None
+    key = "speedup_graph" if all(_has_value(r["speedup_graph"]) for r in adapter) else "speedup_fwd_bwd"
+    shapes = list(dict.fromkeys(r["shape"] for r in adapter))
+    variants = list(dict.fromkeys(r["variant"] for r in adapter))
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / max(1, len(variants))
+    width = 0.8 / len(variants)
     for k, v in enumerate(variants):
-        ys = [next((r["fwd_bwd_ms"] for r in adapter if r["shape"] == s and r["variant"] == v), 0) for s in shapes]
+        ys = [next((r[key] for r in adapter if r["shape"] == s and r["variant"] == v), 0) for s in shapes]
         ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=v)
+    ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, rotation=20, fontsize=8)
-    ax.set_ylabel("forward+backward ms")
-    ax.set_yscale("log")
+    ax.set_ylabel("speed-up over the reference (x)")
     ax.legend()
-    ax.set_title("Mona adapter, forward+backward")
+    ax.set_title(f"Mona adapter forward+backward{' (CUDA graphs)' if key == 'speedup_graph' else ''}: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return path
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="*", help="B,H,W,C shapes (default: SPEC §2)")
+    ap.add_argument("--shapes", nargs="*", help="B,H,W,C shapes (default on a GPU: "
+                    + " ".join(",".join(map(str, s)) for s in GPU_SHAPES) + "; on the CPU: "
+                    + " ".join(",".join(map(str, s)) for s in CPU_SHAPES) + ")")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--ops", nargs="*", default=["adapter", "multiscale_dwconv", "ln_scale"],
                     choices=["adapter", "multiscale_dwconv", "ln_scale"])
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time forward and forward+backward replayed from CUDA graphs (GPU time alone)")
+    ap.add_argument("--backends", nargs="*", choices=["triton", "cuda", "torch"],
+                    help="fused backends to time (default: every one that runs here)")
     ap.add_argument("--reps", type=int, default=200, help="milliseconds of timed repeats per case")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the CSV and the plot")
     args = ap.parse_args(argv)
@@ -392,10 +420,10 @@ def main(argv=None):
     if device.type == "cpu":
         print("No GPU found: timing the CPU path on small shapes (not representative of GPU speed).")
         dtype = torch.float32
-        shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else [(2, 14, 14, 128)]
+        shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else CPU_SHAPES
     else:
-        shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else SPEC_SHAPES
-    backends = [b for b in ("triton", "cuda", "torch") if _can_run(b, device) is None]
+        shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else GPU_SHAPES
+    backends = [b for b in (args.backends or ("triton", "cuda", "torch")) if _can_run(b, device) is None]
     if device.type == "cpu":
         backends = ["torch"]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -423,8 +451,10 @@ def main(argv=None):
         w.writeheader()
         for r in rows:
             w.writerow(dict(date=stamp, gpu=gpu, dtype=str(dtype), **r))
-    _plot(rows, os.path.join(args.out, "benchmark.png"))
-    _print_table(rows, f"\n{gpu}, {dtype}, {stamp}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    title = f"{gpu}, {str(dtype).replace('torch.', '')}, {stamp}"
+    plot = _plot(rows, os.path.join(args.out, "benchmark.png"), title)
+    _print_table(rows, f"\n{title}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"\nwrote {os.path.join(args.out, 'benchmark.csv')}" + (f" and {plot}" if plot else ""))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The oracle: the Mona adapter in plain PyTorch, as SPEC §1 defines it.
+"""The oracle: the Mona adapter in plain PyTorch, as docs/design.md defines it.
 
 Parameter names, shapes and initial values match the authors' checkpoints, so a state_dict saved
 from their module loads here unchanged, and ``mona_kernels.Mona`` loads this module's unchanged.

@@ -1,10 +1,12 @@
 """Shared test helpers: the tolerance table, backends to run, and random parameter fills."""
+import os
+
 import pytest
 import torch
 
 from mona_kernels.backend import _can_run
 
-# ||actual - expected|| / ||expected|| against a float64 reference (SPEC §4).
+# ||actual - expected|| / ||expected|| against a float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 HAS_CUDA = torch.cuda.is_available()
@@ -37,8 +39,10 @@ def assert_parity(fn, ref_fn, inputs, ref_inputs, names, dtype, scale=1.0):
 
 
 def backends_for(device: torch.device):
-    """Every backend that can run on ``device`` in this process."""
-    return [b for b in ("triton", "cuda", "torch") if _can_run(b, device) is None]
+    """Every backend that can run on ``device`` in this process, or those that
+    ``MONA_KERNELS_TEST_BACKENDS`` (comma-separated) names among them."""
+    wanted = os.environ.get("MONA_KERNELS_TEST_BACKENDS", "triton,cuda,torch").split(",")
+    return [b for b in ("triton", "cuda", "torch") if b in wanted and _can_run(b, device) is None]
 
 
 CPU_BACKENDS = backends_for(torch.device("cpu"))

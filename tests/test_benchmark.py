@@ -14,7 +14,7 @@ from mona_kernels import benchmark
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default run is the full SPEC benchmark")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default run is the full GPU benchmark")
 def test_cpu_run_checks_times_and_writes_every_op(tmp_path, capsys):
     rows = benchmark.main(["--out", str(tmp_path)])
     printed = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""GPU parity: every dtype and backend against the float64 reference, SPEC §2 shapes, non-contiguous
+"""GPU parity: every dtype and backend against the float64 reference, the benchmark shapes, non-contiguous
 inputs, autocast and torch.compile. Skipped where CUDA is absent."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ from mona_kernels.reference import Mona as RefMona, ln_scale_ref, multiscale_dwc
 
 pytestmark = needs_cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SPEC_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
+GPU_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
                (2, 50, 84, 512), (4, 128, 128, 192), (4, 32, 32, 768)]
 # Whole-adapter gradients chain five low-precision matmuls; their error budget is wider than one op's.
 CHAIN_SCALE = {torch.float32: 10.0, torch.float16: 3.0, torch.bfloat16: 3.0}
@@ -84,7 +84,7 @@ def test_adapter_odd_shape(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("shape", SPEC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_spec_shapes_bf16(shape, backend):
     B, H, W, C = shape
     ref, fused = _adapter_pair(C, torch.bfloat16)

@@ -143,7 +143,7 @@ def _mona_bwd(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
               W2: torch.Tensor, bhw: list[int], eps: float, p: float,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dln, dW1, db1, dKb, dWp, dbp, dW2)`` with the SPEC §1 formulas; dln is (5, C) rows
+    """``(dx, dln, dW1, db1, dKb, dWp, dbp, dW2)`` with the formulas of docs/design.md; dln is (5, C) rows
     (dgamma, dgammax, dw_ln, db_ln, db2), dKb (50, d) the merged-kernel and bias gradients."""
     name = _backend.resolve(x.device, backend)
     B, H, W = bhw
