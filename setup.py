@@ -78,7 +78,8 @@ setup(
     # ninja: the first-use build of the CUDA extension (torch.utils.cpp_extension.load) needs it
     install_requires=["torch>=2.4", "triton>=3.0", "ninja"],
     # setuptools: tests/test_packaging.py builds the wheel and the sdist without build isolation
-    extras_require={"test": ["pytest", "pytest-benchmark", "setuptools>=70.1"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "setuptools>=70.1"], "plot": ["matplotlib"],
+                    "timm": ["timm"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -5,11 +5,10 @@
 building it on first use if setup.py did not; and PyTorch everywhere else (the CPU, or a GPU where
 the extension cannot be had). ``MONA_KERNELS_BACKEND=triton|cuda|torch`` or a ``backend=`` argument
 forces one, with a clear error if it is unavailable. The CUDA kernels passed the same GPU parity
-tests as Triton's and a compute-sanitizer memcheck (H200, session 2).
+tests as Triton's and a compute-sanitizer memcheck.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -19,29 +18,40 @@ from .ops.utils import interpreting
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+# Answers that do not change within a process. A plain dict, not functools.lru_cache, which
+# torch.compile traces only with a warning.
+_KNOWN: dict = {}
+
+
+def _once(key, compute):
+    if key not in _KNOWN:
+        _KNOWN[key] = compute()
+    return _KNOWN[key]
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    def probe():
+        try:
+            import triton.language  # noqa: F401
+        except Exception:
+            return False
+        return True
+    return _once("triton", probe)
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_runs_on(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+    return _once(("capability", index), lambda: torch.cuda.get_device_capability(index) >= (8, 0))
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_extension_error() -> str | None:
-    from .ops import cuda_ext
-    try:
-        cuda_ext.load()
-    except Exception as err:  # any build or import failure means the backend is unavailable
-        return f"the CUDA extension cannot be loaded or built: {err}"
-    return None
+    def probe():
+        from .ops import cuda_ext
+        try:
+            cuda_ext.load()
+        except Exception as err:  # any build or import failure means the backend is unavailable
+            return f"the CUDA extension cannot be loaded or built: {err}"
+        return None
+    return _once("cuda_extension", probe)
 
 
 def _can_run(backend: str, device: torch.device) -> str | None:
