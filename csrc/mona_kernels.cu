@@ -94,7 +94,7 @@ void pick(int v, Fn&& fn) {
 // LayerNorm-scaling. Block = (bx threads over the row's channels) x (row slots). A loop step takes
 // kLnFwdRows (kLnBwdRows) rows a slot (row base + r * slots + threadIdx.y) and loads all of them
 // before the first reduction, so that each warp keeps several rows' loads in flight: with one row at
-// a time the kernels moved 1.4-1.9 TB/s (run 69). A row's sums are warp shuffles, then, when the row spans several warps,
+// a time the kernels moved 1.4-1.9 TB/s on an H200. A row's sums are warp shuffles, then, when the row spans several warps,
 // one shared-memory pass across them in a fixed order.
 
 constexpr int kLnFwdRows = 4;
@@ -406,7 +406,7 @@ size_t ln_smem(const RowShape& s, int64_t C, bool reduce) {
 // seven, and the 49 weights of its channels are read once per strip.
 
 // R rows a thread and MIN_BLOCKS resident blocks an SM (the register budget) are tuning choices,
-// measured by benchmarks/sweep_dwconv.py.
+// measured by graph-replayed sweeps on an H200.
 template <typename T, int VEC, bool FLIP, int R, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) dwconv7_kernel(
     const T* __restrict__ h, const float* __restrict__ K, const float* __restrict__ bias, T* __restrict__ out,
@@ -1104,11 +1104,11 @@ bool smem_available(size_t bytes) {
 }
 
 // kByShape: the shared-memory tiles from maps of these many pixels, the register kernels below.
-// Same-run A/B in the adapter (benchmarks/ab_conv.py, run 65, bf16 H200, GPU time of fwd+bwd): the
+// Same-call A/B in the adapter (bf16 H200, GPU time of fwd+bwd): the
 // tiles took 0.77x at 2x200x336, 0.81x at 32x56x56 and 0.86-0.90x at 128x128, 100x168 and 50x84;
 // at 14x14 they cost 5%; at 32x32 the wgrad's gained 2% and the conv's lost 2%. With at least
 // kConvBusyTiles tiles an SM, the conv tiles held to 64 registers (4 blocks an SM) took 1-4% less
-// (run 70: 0.758 / 0.799 / 0.827 against 0.766 / 0.808 / 0.858 at 2x200x336, 32x56x56, 4x128x128);
+// (0.758 / 0.799 / 0.827 against 0.766 / 0.808 / 0.858 ms at 2x200x336, 32x56x56, 4x128x128);
 // with fewer (2x50x84, 84 tiles) 1% more, and the kernel alone 9% more at 32x28x28 (256 tiles).
 constexpr int kUseDefault = -1, kByShape = -2;
 constexpr int64_t kConvTileMinPixels = 2048, kWgradTileMinPixels = 1024, kConvBusyTiles = 2;
@@ -1185,7 +1185,7 @@ cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T
     case 7: return launch_conv_smem<T, kConvTileRows, kConvTileCols, 2, 8, 4>(h, K, bias, out, out2, B, H, W, D, flip,
                                                                               stream);
     case 8: return launch_conv_smem<T, 8, 32, 2, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
-    // measured on the H200 at 2x200x336x64 bf16 (sweep_dwconv.py): 87, 123, 93 and 140 us
+    // measured on the H200 at 2x200x336x64 bf16: 87, 123, 93 and 140 us
     case 1: return launch_conv<T, 8, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 2: return launch_conv<T, 4, 4>(h, K, bias, out, out2, B, H, W, D, flip, stream);
     case 3: return launch_conv<T, 6, 2>(h, K, bias, out, out2, B, H, W, D, flip, stream);
@@ -1305,7 +1305,7 @@ cudaError_t multi_copy(const CopyList& list, int sms, cudaStream_t stream) {
   int64_t most = 0;
   for (int k = 0; k < list.n; ++k) most = std::max<int64_t>(most, list.job[k].bytes);
   // about 64 KiB a block, and at most four blocks an SM for the largest job: with two blocks of one
-  // 16-byte load a thread the copies moved 2.2 TB/s (runs 69 and 73), with this 2.5 (run 74)
+  // 16-byte load a thread the copies moved 2.2 TB/s on an H200, with this 2.5
   const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>(cdiv(most, 64 * 1024), 4 * (int64_t)sms));
   multi_copy_kernel<<<dim3(blocks, std::max(list.n, 1)), kThreads, 0, stream>>>(list);
   return cudaGetLastError();

@@ -34,7 +34,7 @@ cudaError_t ln_scale_bwd(const TD* dy, const T* x, const float* w, const float* 
 
 // out = conv7(h, K or K rotated by 180 degrees when flip) (+ bias when not null), zero "same"
 // padding, depthwise over (H, W); out2, when not null, receives a second copy (the accumulator of a
-// following in-place GEMM). `variant` picks a tiling, as benchmarks/sweep_dwconv.py measures them:
+// following in-place GEMM). `variant` picks a tiling:
 // 0-3 register rows, 4-8 shared-memory tiles; -1 takes the default set by dwconv7_defaults, -2
 // chooses by the map's size (the default's default). Every variant computes the same sums, the
 // shared-memory tiles in another order.

@@ -517,7 +517,7 @@ def test_benchmark_times_the_compiled_reference_beside_the_fused_adapter():
 
 def test_benchmark_graph_times_every_depthwise_variant():
     """Every variant of the depthwise op's table captures its forward and its forward+backward, the
-    module's weights included (runs 100-105 lost the fwd+bwd column at the first shape)."""
+    module's weights included (a live autograd graph over them once made the fwd+bwd capture fail)."""
     import math
     from mona_kernels.benchmark import bench_dwconv
     rows = bench_dwconv((2, 13, 9, 64), torch.bfloat16, torch.device("cuda"), reps=5, backends=DEVICE_BACKENDS,

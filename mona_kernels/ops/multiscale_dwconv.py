@@ -21,13 +21,13 @@ from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
 # The conv's tile (pixels, warps; consecutive pixels of the row-major grid) for small maps, and for
-# maps of at least LARGE_MAP_PIXELS pixels: the fastest in run 54's graph-timed sweep at 14x14 and
+# maps of at least LARGE_MAP_PIXELS pixels: the fastest in a graph-timed sweep on an H200 at 14x14 and
 # 28x28 (8.1 / 21.7 us against 12.7 / 25.6 for 64 px and 4 warps), and at 56x56 and COCO stage 1
 # (67.0 / 89.3 us against 72.5 / 100.4).
 TILE_PIXELS, TILE_WARPS = 64, 8
 LARGE_TILE_PIXELS, LARGE_TILE_WARPS = 16, 2
 LARGE_MAP_PIXELS = 65536
-# The weight gradient's pixel tile and warps: in run 46's sweep (benchmarks/sweep_dwconv.py) the
+# The weight gradient's pixel tile and warps: in a sweep on an H200 the
 # fastest at 14x14 maps and at COCO stage 1, within 6% of the best at 56x56.
 WGRAD_TILE_PIXELS = 8
 WGRAD_WARPS = 4
