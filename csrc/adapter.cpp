@@ -1,7 +1,7 @@
 // The whole Mona adapter on the CUDA backend as one C++ autograd node: forward and backward each run
 // from a single call with no Python between launches (the eager step is otherwise host-bound).
 //
-// Same math and layout contract as mona_kernels/ops/mona_adapter.py (SPEC §1): x is M tokens of C channels
+// Same math and layout contract as mona_kernels/ops/mona_adapter.py (docs/design.md): x is M tokens of C channels
 // (any leading shape, contiguous; out and dx take its shape, so no view op joins the autograd graph),
 // matmuls run in the compute dtype through cuBLAS with fp32 accumulation, the depthwise, LN-scaling
 // and GELU/dropout kernels are those of mona_kernels.cu. Saved for backward: x, mean, rstd, h1 and the

@@ -907,7 +907,7 @@ ColShape col_shape(int64_t D, int elem_bytes, const void* a, const void* b, cons
 
 
 // ---------------------------------------------------------------------------------------------
-// The merge of the three depthwise convs (SPEC §1) and the split of its gradient. Conv weights are
+// The merge of the three depthwise convs (docs/design.md) and the split of its gradient. Conv weights are
 // (D, 1, k, k); a 7x7 tap t = u * 7 + v lies in the centre 5x5 when 1 <= u, v <= 5 and in the centre
 // 3x3 when 2 <= u, v <= 4. Divisions are IEEE (the build uses fast math).
 
