@@ -3,7 +3,8 @@ trained, bf16 autocast) with reference Mona adapters, fused adapters, and a zero
 single learned scale that keeps the gradient path). Checks the fused adapter gradients against the
 reference first.
 
-    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--rounds 5] [--compile] [--graph] [--backends triton,cuda]
+    python benchmarks/swin_step.py [--batch 32] [--steps 20] [--rounds 5] [--graph] [--backends triton,cuda]
+                                   [--compile [VARIANT ...]] [--compile-modes default reduce-overhead]
 
 The eager step is bound by this host's Python and launch speed, which drifts within a run; so the
 variants are timed in turn, ``--rounds`` times, and each is reported by its median over the rounds,
@@ -110,6 +111,9 @@ def main():
     ap.add_argument("--compile", nargs="*", metavar="VARIANT",
                     help="also time torch.compile of each variant, or of the ones named (reference, "
                          "fused[triton], fused[cuda], zero-cost); compiling one Swin-B takes minutes")
+    ap.add_argument("--compile-modes", nargs="+", default=["default"], choices=["default", "reduce-overhead"],
+                    help="torch.compile modes for --compile (reduce-overhead graphs the compiled step with "
+                         "PyTorch's own CUDA-graph trees)")
     ap.add_argument("--graph", action="store_true", help="also time each variant's step replayed from a CUDA graph")
     ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
     args = ap.parse_args()
@@ -202,14 +206,16 @@ def main():
     print_table(rows, title)
     if args.compile is not None:  # last and printed apart: compiling four Swin-Bs can take longer than the rest
         compiled_rows = []
-        for label, adapters, b in variants:
-            if args.compile and label not in args.compile:
-                continue
-            use(adapters, b)
-            compiled = torch.compile(model)
-            ms, gb = time_steps(step_fn(compiled, x, y, opts[label]), args.steps)
-            compiled_rows.append((label, "compiled", ms, gb, None))
-            print(f"{label} compiled: {ms:.1f} ms a step", flush=True)
+        for mode in args.compile_modes:
+            for label, adapters, b in variants:
+                if args.compile and label not in args.compile:
+                    continue
+                use(adapters, b)
+                torch._dynamo.reset()
+                compiled = torch.compile(model, mode=None if mode == "default" else mode)
+                ms, gb = time_steps(step_fn(compiled, x, y, opts[label]), args.steps)
+                compiled_rows.append((label, f"compiled ({mode})", ms, gb, None))
+                print(f"{label} compiled ({mode}): {ms:.1f} ms a step", flush=True)
         print_table(compiled_rows, title + ", torch.compile")
 
 
