@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
+from ..backends.triton.common import tile_coords
 from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, num_workers, on_input_device, tl_acc
 
 KSIZE = 7
@@ -35,15 +36,6 @@ MAX_BLOCK_D = 64
 # Rows of a wgrad partial per program: one per tap, then the bias gradient.
 PARTIAL_ROWS = tl.constexpr(TAPS + 1)
 BIAS_ROW = tl.constexpr(TAPS)
-
-
-@triton.jit
-def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
-    """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
-    row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
-    pix = tl.cast(tile, tl.int64) * TILE + tl.arange(0, TILE)
-    r = pix % (H * W)
-    return pix, r // W, r % W, pix < n_pix
 
 
 @triton.jit
