@@ -36,8 +36,13 @@ def triton_kernel_info():
     """(kernel name, registers, spills) for every Triton kernel compiled in this process."""
     import triton
     rows = []
-    for mod in ("ln_scale", "multiscale_dwconv", "mona_adapter"):
-        module = sys.modules.get(f"mona_kernels.ops.{mod}")
+    modules = [f"mona_kernels.ops.{m}" for m in ("ln_scale", "multiscale_dwconv")]
+    modules += [f"mona_kernels.backends.triton.{m}" for m in ("ln_down", "conv_up", "tail_bwd", "conv_ln_bwd",
+                                                                 "param_grads", "reduce_grads")]
+    for mod in modules:
+        module = sys.modules.get(mod)
+        if module is None:
+            continue
         for name, fn in vars(module).items():
             if not isinstance(fn, triton.runtime.jit.JITFunction):
                 continue
