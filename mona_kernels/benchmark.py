@@ -29,6 +29,7 @@ GPU_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100,
 CPU_SHAPES = [(2, 14, 14, 128), (2, 28, 28, 128)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INPUT_SETS = 3
+ROUNDS = {"cuda": 1, "cpu": 5}  # interleaved rounds of the adapter's eager timings
 
 
 def _sync(device):
@@ -225,6 +226,20 @@ def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
     # Keep no autograd graph alive: a live graph pins the leaves' gradient-accumulation nodes to the
     # stream they were made on, and CUDA-graph capture on another stream then fails.
     out_ref = out_ref.detach()
+    def fwd_bwd_of(model):
+        mparams = list(model.parameters())
+        return lambda i: torch.autograd.grad(model(xs[i], hw), [xs[i], *mparams], gs[i])
+
+    # The eager timings run in interleaved rounds, each variant once a round, and keep each one's
+    # median: the host's speed drifts, and on the CPU the drift is as large as the differences.
+    timed = {name: {"fwd_ms": _rotating(lambda i, m=model: m(xs[i], hw)),
+                    "eval_fwd_ms": _no_grad(_rotating(lambda i, m=model: m(xs[i], hw))),
+                    "fwd_bwd_ms": _rotating(fwd_bwd_of(model))} for name, model in models.items()}
+    times = {name: {key: [] for key in fns} for name, fns in timed.items()}
+    for _ in range(ROUNDS[device.type]):
+        for name, fns in timed.items():
+            for key, fn in fns.items():
+                times[name][key].append(_time_ms(fn, device, reps))
     rows = []
     for name, model in models.items():
         mparams = list(model.parameters())
@@ -233,12 +248,7 @@ def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
         err_out = _rel(out, out_ref)
         err_grad = max(_rel(a, b) for a, b in zip(grads, grads_ref))
         del out, grads
-        fwd = _time_ms(_rotating(lambda i: model(xs[i], hw)), device, reps)
-        eval_fwd = _time_ms(_no_grad(_rotating(lambda i: model(xs[i], hw))), device, reps)
-
-        def fwd_bwd(i):
-            return torch.autograd.grad(model(xs[i], hw), [xs[i], *mparams], gs[i])
-        both = _time_ms(_rotating(fwd_bwd), device, reps)
+        fwd_bwd = fwd_bwd_of(model)
         outs = [model(x, hw) for x in xs[:INPUT_SETS]]  # not the graph timings' extra leaves
         bwd = _time_ms(_rotating(lambda i: torch.autograd.grad(outs[i], [xs[i], *mparams], gs[i],
                                                                retain_graph=True)), device, reps)
@@ -247,17 +257,17 @@ def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
         # Peak over three calls from an empty CUDA-graph cache (direct, capture, replay), so that the
         # cache's static buffers and graph pool count; the same three calls for every variant.
         _clear_graph_cache(name)
+
         def three_calls():
             for _ in range(3):
                 fwd_bwd(0)  # each call's gradients are dropped before the next
         peak = _peak_mb(three_calls, device)
         graphed_fwd, graphed = _graphed_pair(lambda i: model(xs[i], hw), fwd_bwd, [xs, gs], device, reps,
                                              graphs and name != "compiled")
-        rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), fwd_ms=fwd,
-                         eval_fwd_ms=eval_fwd, bwd_ms=bwd,
-                         fwd_bwd_ms=both, graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed, peak_mb=peak,
-                         saved_mb=saved,
-                         err_out=err_out, err_grad=err_grad))
+        medians = {key: sorted(v)[len(v) // 2] for key, v in times[name].items()}
+        rows.append(dict(op="adapter", variant=name, shape="x".join(map(str, shape)), bwd_ms=bwd,
+                         graph_fwd_ms=graphed_fwd, graph_fwd_bwd_ms=graphed, peak_mb=peak, saved_mb=saved,
+                         err_out=err_out, err_grad=err_grad, **medians))
     return rows
 
 
