@@ -76,8 +76,10 @@ def test_tail_bwd_writes_dh2_and_a_and_the_projector_partials(chain):
     from mona_kernels.backends.triton.tail_bwd import tail_bwd
     (B, H, W, C, d), c = chain
     q = c["params"]
-    partial = torch.empty(3, d * d + d, dtype=F64)
-    dh2, a = tail_bwd(c["g"], c["h1"].detach(), *q[6:15], None, 0.0, H, W, partial, 3)
+    partial = torch.zeros(5 + 3 * (d * d + d), dtype=F64)  # rows from element 5: the offset is honoured
+    dh2, a = tail_bwd(c["g"], c["h1"].detach(), *q[6:15], None, 0.0, H, W, partial, 5, 3)
+    assert torch.all(partial[:5] == 0)
+    partial = partial[5:].view(3, d * d + d)
     assert_close(dh2, c["h2"].grad, F64, "dh2")
     assert_close(a, c["a"], F64, "a")
     assert_close(partial.sum(0)[:d * d].view(d, d, 1, 1), c["grads"][12], F64, "dWp")
@@ -104,14 +106,14 @@ def test_param_grads_and_reduce_grads_give_every_other_parameter_gradient(chain)
     mean, rstd = x.mean(1), (x.var(1, unbiased=False) + 1e-5).rsqrt()
     rows = (3, 2, 4)  # channel, projector and tap rows; the projector rows' partials come from B1
     len_channel = 4 * C + 2 * d * C + d + C
-    channel = torch.empty(rows[0], len_channel, dtype=F64)
-    tail = torch.zeros(rows[1], d * d + d, dtype=F64)
-    tail[0] = torch.cat([c["grads"][12].flatten(), c["grads"][13]])
-    tap = torch.empty(rows[2], 50 * d, dtype=F64)
+    tail_offset = rows[0] * len_channel
+    tap_offset = tail_offset + rows[1] * (d * d + d)
+    partial = torch.zeros(tap_offset + rows[2] * 50 * d, dtype=F64)
+    partial[tail_offset:tail_offset + d * d + d] = torch.cat([c["grads"][12].flatten(), c["grads"][13]])
     param_grads(c["g"], c["a"].detach(), c["h1"].grad, x, mean, rstd, q[0], q[1], q[2], q[3], q[4],
-                c["h1"].detach(), c["h2"].grad, H, W, channel, tap)
+                c["h1"].detach(), c["h2"].grad, H, W, partial, 0, rows[0], tap_offset, rows[2])
     grads = torch.empty(grads_size(C, d), dtype=F64)
-    reduce_grads(torch.cat([channel.flatten(), tail.flatten(), tap.flatten()]), grads, C, d, *rows)
+    reduce_grads(partial, grads, C, d, *rows)
     names = ["norm.weight", "norm.bias", "gamma", "gammax", "project1.weight", "project1.bias", "conv1.weight",
              "conv1.bias", "conv2.weight", "conv2.bias", "conv3.weight", "conv3.bias", "projector.weight",
              "projector.bias", "project2.weight", "project2.bias"]
@@ -156,9 +158,9 @@ def test_two_backward_passes_are_bit_equal():
         assert torch.equal(a, b)
 
 
-KERNELS = {"ln_down": ["M", "C"], "conv_up": ["H", "W", "M", "C"], "tail_bwd": ["H", "W", "M", "C", "n_tiles"],
-           "conv_ln_bwd": ["H", "W", "M", "C"],
-           "param_grads": ["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits"],
+KERNELS = {"ln_down": ["M", "C"], "conv_up": ["H", "W", "M", "C"],
+           "tail_bwd": ["H", "W", "M", "C", "n_tiles", "partial_off"], "conv_ln_bwd": ["H", "W", "M", "C"],
+           "param_grads": ["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off", "tap_off"],
            "reduce_grads": ["C", "rows_channel", "rows_tail", "rows_tap", "max_rows"]}
 
 

@@ -92,13 +92,14 @@ def adapter_bwd(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.
     len_channel = 4 * C + 2 * d * C + d + C
     partial = torch.empty(rows_channel * len_channel + rows_tail * (d * d + d) + rows_tap * 50 * d,
                           device=x.device, dtype=mean.dtype)
-    channel_partial, tail_partial, tap_partial = partial.split(
-        [rows_channel * len_channel, rows_tail * (d * d + d), rows_tap * 50 * d])
+    # one buffer of three regions, [channel rows | projector rows | tap rows], as B4 reads it
+    tail_offset = rows_channel * len_channel
+    tap_offset = tail_offset + rows_tail * (d * d + d)
     dh2, a = tail_bwd(g, h1, q.w3, q.b3, q.w5, q.b5, q.w7, q.b7, q.Wp, q.bp, q.W2,
-                      seed if seed is not None else x, p, H, W, tail_partial, rows_tail)
+                      seed if seed is not None else x, p, H, W, partial, tail_offset, rows_tail)
     dh1, dx = conv_ln_bwd(dh2, x, mean, rstd, g, q.w3, q.w5, q.w7, q.W1, q.w_ln, q.gamma, q.gammax, H, W)
-    param_grads(g, a, dh1, x, mean, rstd, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, h1, dh2, H, W,
-                channel_partial.view(rows_channel, len_channel), tap_partial.view(rows_tap, 50 * d))
+    param_grads(g, a, dh1, x, mean, rstd, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, h1, dh2, H, W, partial,
+                0, rows_channel, tap_offset, rows_tap)
     grads = torch.empty(grads_size(C, d), device=x.device, dtype=grad_dtype)
     reduce_grads(partial, grads, C, d, rows_channel, rows_tail, rows_tap)
     return dx, grads

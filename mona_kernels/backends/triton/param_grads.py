@@ -77,7 +77,7 @@ def _channel_program(prog, g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_l
         dw_ln += tl.sum(dy * xn, axis=0) * gamma
         db_ln += tl.sum(dy, axis=0) * gamma
     # The row: [dw_ln, db_ln, dgamma, dgammax (C each), dW1 (D, C), db1 (D), dW2 (C, D), db2 (C)].
-    row = partial_ptr + split * (4 * C + 2 * D * C + D + C)
+    row = partial_ptr + split.to(tl.int64) * (4 * C + 2 * D * C + D + C)
     tl.store(row + n, dw_ln, mask=nmask)
     tl.store(row + C + n, db_ln, mask=nmask)
     tl.store(row + 2 * C + n, dgamma, mask=nmask)
@@ -119,23 +119,26 @@ def _tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_spli
         tl.store(row + 49 * D + ch, tl.sum(bias, axis=0), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits"])
+@triton.jit(do_not_specialize=["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off",
+                             "tap_off"])
 def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
-                       gammax_ptr, w1_ptr, h1_ptr, dh2_ptr, channel_ptr, tap_ptr, H, W, M, C, D, tokens, n_cblk,
+                       gammax_ptr, w1_ptr, h1_ptr, dh2_ptr, partial_ptr, channel_off, tap_off, H, W, M, C, D, tokens, n_cblk,
                        n_channel, n_tiles, n_splits, n_dblk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, TAP_TILE: tl.constexpr, TAP_BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr):
-    """Programs below ``n_channel`` are channel programs (rows of ``channel_ptr``), the rest tap
-    programs (rows of ``tap_ptr``); both partial buffers in ACC, the activations in the compute dtype."""
+    """Programs below ``n_channel`` are channel programs (rows from element ``channel_off`` of
+    ``partial``), the rest tap programs (rows from ``tap_off``); partial sums in ACC, the activations
+    in the compute dtype."""
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     prog = tl.program_id(0)
     if prog < n_channel:
         _channel_program(prog, g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
-                         gammax_ptr, w1_ptr, channel_ptr, M, C, D, tokens, n_cblk, ACC, BLOCK_M, BLOCK_N, BLOCK_D,
+                         gammax_ptr, w1_ptr, partial_ptr + channel_off, M, C, D, tokens, n_cblk, ACC, BLOCK_M,
+                         BLOCK_N, BLOCK_D,
                          PRECISION)
     else:
-        _tap_program(prog - n_channel, h1_ptr, dh2_ptr, tap_ptr, H, W, M, D, n_tiles, n_splits, n_dblk, ACC,
-                     TAP_TILE, TAP_BLOCK_D)
+        _tap_program(prog - n_channel, h1_ptr, dh2_ptr, partial_ptr + tap_off, H, W, M, D, n_tiles, n_splits, n_dblk,
+                     ACC,                      TAP_TILE, TAP_BLOCK_D)
 
 
 _param_grads = Kernel(param_grads_kernel)
@@ -148,18 +151,17 @@ def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
                 TAP_BLOCK_D=min(TAP_BLOCK_D, block_d(d)), PRECISION=precision(cdt), num_warps=WARPS, **options)
 
 
-def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, H: int, W: int,
-                channel_partial, tap_partial):
-    """Fills ``channel_partial`` (channel splits, 4C + 2dC + d + C) and ``tap_partial`` (tap splits, 50d)."""
+def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, H: int, W: int, partial,
+                channel_offset: int, splits: int, tap_offset: int, tap_splits: int):
+    """Writes into the flat ``partial``: ``splits`` channel rows of 4C + 2dC + d + C from element
+    ``channel_offset``, and ``tap_splits`` tap rows of 50d from ``tap_offset``."""
     M, C = x.shape
     d = h1.shape[1]
     options = meta(x.dtype, h1.dtype, d)
     n_cblk = triton.cdiv(C, options["BLOCK_N"])
-    splits = channel_partial.shape[0]
     tokens = triton.cdiv(triton.cdiv(M, splits), options["BLOCK_M"]) * options["BLOCK_M"]
-    tap_splits = tap_partial.shape[0]
     n_dblk = triton.cdiv(d, options["TAP_BLOCK_D"])
     n_channel = splits * n_cblk
     _param_grads[(n_channel + tap_splits * 7 * n_dblk,)](
-        g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, channel_partial, tap_partial,
+        g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, partial, channel_offset, tap_offset,
         H, W, M, C, d, tokens, n_cblk, n_channel, triton.cdiv(M, TAP_TILE), tap_splits, n_dblk, **options)

@@ -21,13 +21,13 @@ WARPS = 4
 PROGRAMS_PER_SM = 1  # each program writes a (d*d + d) partial row that B4 sums
 
 
-@triton.jit(do_not_specialize=["H", "W", "M", "C", "n_tiles"])
+@triton.jit(do_not_specialize=["H", "W", "M", "C", "n_tiles", "partial_off"])
 def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
-                    dh2_ptr, a_ptr, partial_ptr, seed_ptr, p, scale, scale_lo, H, W, M, C, D, n_tiles,
+                    dh2_ptr, a_ptr, partial_ptr, partial_off, seed_ptr, p, scale, scale_lo, H, W, M, C, D, n_tiles,
                     HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """h1 (M, D) and g (M, C) -> dh2 and a' (M, D) in h1's dtype; partial row ``program_id`` of
-    (programs, D*D + D) in ACC: dWp as [o, i] then dbp."""
+    (programs, D*D + D) in ACC, from element ``partial_off`` of ``partial``: dWp as [o, i] then dbp."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     CDT: tl.constexpr = h1_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -64,7 +64,7 @@ def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_p
         tl.store(dh2_ptr + offs, dh2.to(CDT), mask=mask)
         dwp += tl.dot(tl.trans(dh3), h2, input_precision=PRECISION, out_dtype=ACC)
         dbp += tl.sum(dh3.to(ACC), axis=0)
-    row = partial_ptr + pid.to(tl.int64) * (D * D + D)
+    row = partial_ptr + partial_off + pid.to(tl.int64) * (D * D + D)
     tl.store(row + ch[:, None] * D + ch[None, :], dwp, mask=cmask[:, None] & cmask[None, :])
     tl.store(row + D * D + ch, dbp, mask=cmask)
 
@@ -79,14 +79,17 @@ def meta(g_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
                 **options)
 
 
-def tail_bwd(g, h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, seed, p: float, H: int, W: int, partial, programs: int):
-    """``(dh2, a')`` (M, d); fills ``partial`` (programs, d*d + d) with dWp and dbp partial sums."""
+def tail_bwd(g, h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, seed, p: float, H: int, W: int, partial, offset: int,
+             programs: int):
+    """``(dh2, a')`` (M, d); writes ``programs`` rows of d*d + d partial sums of dWp and dbp into the
+    flat ``partial`` from element ``offset`` (offsets into one buffer, not views: the compiled graph
+    sees each kernel write the buffer that B4 reads)."""
     M, d = h1.shape
     C = g.shape[1]
     dh2 = torch.empty_like(h1)
     a = torch.empty_like(h1)
     options = meta(g.dtype, h1.dtype, d)
     _tail_bwd[(programs,)](
-        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, g, dh2, a, partial, seed, *dropout_args(p), H, W, M, C, d,
+        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, g, dh2, a, partial, offset, seed, *dropout_args(p), H, W, M, C, d,
         triton.cdiv(M, options["TILE"]), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return dh2, a
