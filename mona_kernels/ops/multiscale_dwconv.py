@@ -16,7 +16,8 @@ import triton.language as tl
 
 from .. import backend as _backend
 from . import cuda_ext
-from ..backends.triton.common import tile_coords
+from ..backends.triton.common import conv7_tile, tile_coords
+from ..backends.triton.param_grads import tap_program
 from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, num_workers, on_input_device, tl_acc
 
 KSIZE = 7
@@ -35,33 +36,6 @@ WGRAD_WARPS = 4
 MAX_BLOCK_D = 64
 # Rows of a wgrad partial per program: one per tap, then the bias gradient.
 PARTIAL_ROWS = tl.constexpr(TAPS + 1)
-BIAS_ROW = tl.constexpr(TAPS)
-
-
-@triton.jit
-def dwconv7_tile(h_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-                 ACC: tl.constexpr, FLIP: tl.constexpr = False):
-    """sum_{u,v} K[u*7+v, ch] * h[i+u-3, j+v-3, ch] for one tile; ``offs`` are the tile's own
-    element offsets (pixel * D + channel), zero outside the image; pixels past the last (``inside``
-    false) read nothing. FLIP uses the kernel rotated by 180 degrees, K[48 - t] (the input gradient)."""
-    center = h_ptr + offs
-    acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
-    # Rows of taps in a real loop, columns unrolled: unrolling all 49 lets the scheduler hoist every
-    # load and spill (measured: 255 registers and 178 spilled words at 64 px x 64 channels).
-    for u in range(7):
-        ii = i + (u - 3)
-        row_ok = inside & (ii >= 0) & (ii < H)
-        for v in tl.static_range(7):
-            jj = j + (v - 3)
-            ok = row_ok & (jj >= 0) & (jj < W)
-            # One scalar offset per tap: the pixel grid is row-major with D channels per pixel.
-            hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
-            if FLIP:
-                kv = tl.load(k_ptr + (48 - (u * 7 + v)) * D + ch, mask=cmask, other=0.0)
-            else:
-                kv = tl.load(k_ptr + (u * 7 + v) * D + ch, mask=cmask, other=0.0)
-            acc += hv.to(ACC) * kv[None, :]
-    return acc
 
 
 @triton.jit(do_not_specialize=["H", "W", "n_pix"])
@@ -74,44 +48,21 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
     offs = pix[:, None] * D + ch[None, :]
-    acc = dwconv7_tile(h_ptr, k_ptr, offs, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, ACC, FLIP)
+    acc = conv7_tile(h_ptr, k_ptr, k_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, FLIP, ACC, True)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & cmask[None, :])
 
 
 @triton.jit(do_not_specialize=["H", "W", "n_pix", "n_tiles"])
-def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix, n_tiles,
+def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix, n_tiles, n_splits, n_dblk,
                           TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """Program (p, u, c), for tap row u and channel block c: over pixel tiles p, p + P, p + 2P, ...
-    (P programs along axis 0), accumulates dout * h shifted by the seven taps (u, v) of the row in
-    registers, reducing over pixels once at the end, into partial[p, u * 7 + v, :]; row 0's
-    programs also write partial[p, 49, :], the sum of dout (the bias gradient). The host sums the
-    partials over p in fixed order."""
-    pid = tl.program_id(0)
-    u = tl.program_id(1)
-    ch = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = ch < D
-    v = tl.arange(0, 8)  # the seven column taps, padded to a power of two
-    acc = tl.zeros([TILE, 8, BLOCK_D], dtype=ACC)
-    bias_acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
-    for tile in range(pid, n_tiles, tl.num_programs(0)):
-        pix, i, j, inside = tile_coords(tile, H, W, n_pix, TILE)
-        offs = pix[:, None] * D + ch[None, :]
-        dout = tl.load(dout_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
-        ii = i + (u - 3)
-        jj = j[:, None] + (v[None, :] - 3)
-        ok = (inside & (ii >= 0) & (ii < H))[:, None] & (jj >= 0) & (jj < W) & (v[None, :] < 7)
-        shift = ((u - 3) * W + (v - 3)) * D
-        hv = tl.load(h_ptr + offs[:, None, :] + shift[None, :, None], mask=ok[:, :, None] & cmask[None, None, :],
-                     other=0.0)
-        acc += dout[:, None, :] * hv.to(ACC)
-        bias_acc += dout
-    row = partial_ptr + pid.to(tl.int64) * (PARTIAL_ROWS * D)
-    tl.store(row + (u * 7 + v)[:, None] * D + ch[None, :], tl.sum(acc, axis=0),
-             mask=(v < 7)[:, None] & cmask[None, :])
-    if u == 0:
-        tl.store(row + BIAS_ROW * D + ch, tl.sum(bias_acc, axis=0), mask=cmask)
+    """The merged kernel's weight and bias gradient as the Triton plan's tap programs compute it:
+    program (p, u, c) sums dout * h shifted by the seven taps of tap row u over pixel tiles
+    p, p + P, ... into partial[p, u * 7 + v, c-block]; row 0's programs also write partial[p, 49],
+    the sum of dout. The host sums the partials over p in fixed order."""
+    tap_program(tl.program_id(0), h_ptr, dout_ptr, partial_ptr, H, W, n_pix, D, n_tiles, n_splits, n_dblk, ACC,
+                 TILE, BLOCK_D)
 
 
 @triton.jit
@@ -174,8 +125,8 @@ def _wgrad_triton(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGR
     programs = max(1, min(n_tiles, num_workers(h.device) // (KSIZE * blocks)))
     acc = acc_dtype(h.dtype)
     partial = torch.empty(programs, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
-    _dwconv7_wgrad_launch[(programs, KSIZE, blocks)](
-        h, dout, partial, H, W, D, n_pix, n_tiles, TILE=pixels, BLOCK_D=block_d,
+    _dwconv7_wgrad_launch[(programs * KSIZE * blocks,)](
+        h, dout, partial, H, W, D, n_pix, n_tiles, programs, blocks, TILE=pixels, BLOCK_D=block_d,
         ACC=tl_acc(acc), num_warps=num_warps)
     return partial.sum(dim=0) if reduce else partial
 

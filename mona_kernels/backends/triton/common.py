@@ -55,9 +55,12 @@ def merged_bias(b3_ptr, b5_ptr, b7_ptr, ch, cmask, ACC: tl.constexpr):
 
 @triton.jit
 def conv7_tile(src_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, cmask,
-               TILE: tl.constexpr, BLOCK_D: tl.constexpr, FLIP: tl.constexpr, ACC: tl.constexpr):
+               TILE: tl.constexpr, BLOCK_D: tl.constexpr, FLIP: tl.constexpr, ACC: tl.constexpr,
+               MERGED: tl.constexpr = False):
     """sum_{u,v} K[u, v] * src[i+u-3, j+v-3] for one (TILE, BLOCK_D) tile in ACC, zero outside the
-    image, K the merged kernel; FLIP takes K rotated by 180 degrees (the input gradient)."""
+    image, K the merged kernel built from the three conv weights; FLIP takes K rotated by 180
+    degrees (the input gradient). With MERGED, w7_ptr holds K itself, taps-major (49, D), and
+    w3_ptr, w5_ptr go unread."""
     center = src_ptr + pix[:, None] * D + ch[None, :]
     acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
     # Tap rows in a real loop, columns unrolled: unrolling all 49 lets the scheduler hoist every load
@@ -69,7 +72,10 @@ def conv7_tile(src_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, 
             jj = j + (v - 3)
             ok = row_ok & (jj >= 0) & (jj < W)
             hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
-            if FLIP:
+            if MERGED:
+                tap = (48 - (u * 7 + v)) if FLIP else (u * 7 + v)
+                k = tl.load(w7_ptr + tap * D + ch, mask=cmask, other=0.0).to(ACC)
+            elif FLIP:
                 k = merged_tap(w3_ptr, w5_ptr, w7_ptr, 6 - u, 6 - v, ch, cmask, ACC)
             else:
                 k = merged_tap(w3_ptr, w5_ptr, w7_ptr, u, v, ch, cmask, ACC)

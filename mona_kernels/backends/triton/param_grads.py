@@ -91,7 +91,7 @@ def _channel_program(prog, g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_l
 
 
 @triton.jit
-def _tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_splits, n_dblk, ACC: tl.constexpr,
+def tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_splits, n_dblk, ACC: tl.constexpr,
                  TILE: tl.constexpr, BLOCK_D: tl.constexpr):
     split = prog // (7 * n_dblk)
     u = (prog // n_dblk) % 7
@@ -137,7 +137,7 @@ def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_pt
                          BLOCK_N, BLOCK_D,
                          PRECISION)
     else:
-        _tap_program(prog - n_channel, h1_ptr, dh2_ptr, partial_ptr + tap_off, H, W, M, D, n_tiles, n_splits, n_dblk,
+        tap_program(prog - n_channel, h1_ptr, dh2_ptr, partial_ptr + tap_off, H, W, M, D, n_tiles, n_splits, n_dblk,
                      ACC,                      TAP_TILE, TAP_BLOCK_D)
 
 
