@@ -1,5 +1,5 @@
-"""The Mona adapter as a composite of ops, for the CUDA and PyTorch backends (the Triton backend has
-its own six-kernel plan, :mod:`mona_kernels.backends.triton`).
+"""The Mona adapter as a composite of ops, for the CUDA backend (the Triton and PyTorch backends have
+plans of their own in :mod:`mona_kernels.backends`).
 
 Forward: LN-scaling -> down projection -> merged multi-scale depthwise conv -> projector with
 residual -> GELU -> dropout -> up projection -> residual. Saved for backward: ``x``, per-token
@@ -12,8 +12,6 @@ fp32 (float64 for float64 inputs); parameter gradients come back in each paramet
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -24,34 +22,9 @@ from .ln_scale import BACKWARD as LN_BACKWARD, FORWARD as LN_FORWARD
 from .multiscale_dwconv import CONV, TAPS, WGRAD, conv_flipped
 from .utils import acc_dtype, cast as _cast, call_op
 
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _torch_scale(seed, like, p):
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(int(seed.item()))
-    keep = torch.rand(like.shape, generator=gen, device=like.device) >= p
-    return keep.to(like.dtype) * (1.0 / (1.0 - p))
-
-
-def _gelu_fwd_torch(h3, seed, p):
-    a = F.gelu(h3)
-    return a * _torch_scale(seed, a, p) if p > 0 else a
-
-
-def _gelu_bwd_torch(da, h3, seed, p):
-    acc = acc_dtype(h3.dtype)
-    h = h3.to(acc)
-    dh = da.to(acc) * (0.5 * (1.0 + torch.erf(h * _SQRT_HALF)) + h * torch.exp(-0.5 * h * h) * _INV_SQRT_2PI)
-    if p > 0:
-        dh = dh * _torch_scale(seed, dh, p)
-    return dh.to(h3.dtype), dh.sum(0)
-
-
-# The backends draw different (equally distributed) masks; each pairs its forward with its backward.
-GELU_FWD = {"cuda": cuda_ext.gelu_dropout_fwd, "torch": _gelu_fwd_torch}
-GELU_BWD = {"cuda": cuda_ext.gelu_dropout_bwd, "torch": _gelu_bwd_torch}
+# The CUDA backend's GELU and dropout kernels; its backward regenerates the forward's mask.
+GELU_FWD = {"cuda": cuda_ext.gelu_dropout_fwd}
+GELU_BWD = {"cuda": cuda_ext.gelu_dropout_bwd}
 
 
 def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float, backend: str | None = None) -> torch.Tensor:
