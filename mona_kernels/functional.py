@@ -6,7 +6,7 @@ import torch
 from . import backend as _backend
 from .ops import cuda_ext
 from .ops.ln_scale import check_ln_params, ln_scale
-from .backends import torch as torch_plan, triton as triton_plan
+from .backends import Params, torch as torch_plan, triton as triton_plan
 from .ops.mona_adapter import MonaFunction
 from .ops.multiscale_dwconv import check_dwconv_params, merge_kernels, multiscale_dwconv
 from .ops.utils import acc_dtype, check_tensor, on_input_device
@@ -109,13 +109,13 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
             project1_weight, project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight,
             conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
             float(dropout), seed if seed.is_cuda else int(seed), _compute_dtype(x))
-    params = triton_plan.Params(norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
-                                conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
-                                projector_weight, projector_bias, project2_weight, project2_bias)
+    params = Params(norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, conv1_weight, conv1_bias,
+                    conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight, projector_bias,
+                    project2_weight, project2_bias)
     if name == "torch":
         return torch_plan.adapter(x, params, H, W, float(eps), float(dropout))
     if name == "triton":
-        params = triton_plan.Params(*(q.contiguous() for q in params))
+        params = Params(*(q.contiguous() for q in params))
         # drawn on the device: a new draw at every replay of a CUDA graph or a compiled step
         seed = _draw_seed(x, dropout, on_device=True) if dropout > 0 else None
         out = triton_plan.adapter(x.reshape(B * N, C).contiguous(), params, seed, H, W, float(eps), float(dropout),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton.adapter import Params
+from . import Params
 
 
 def merged_kernel(w3, b3, w5, b5, w7, b7):

@@ -15,11 +15,12 @@ through runtime arguments, so a new image size compiles nothing.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch.library import triton_op
 
+from .. import Params
 from ...ops.utils import acc_dtype, num_workers
 from . import param_grads as b3, tail_bwd as b1
 from .conv_ln_bwd import conv_ln_bwd
@@ -33,26 +34,6 @@ from .tail_bwd import tail_bwd
 # Widest bottleneck the plan runs: at d = 128 B1's tiles need 110 KB of shared memory in bf16, over
 # the 99 KB an sm_86 GPU gives a program (tests/_compile_plan.py measures it).
 MAX_D = 64
-
-
-class Params(NamedTuple):
-    """The adapter's sixteen parameters, in the order of the authors' state_dict."""
-    w_ln: torch.Tensor     # norm.weight (C)
-    b_ln: torch.Tensor     # norm.bias (C)
-    gamma: torch.Tensor    # (C)
-    gammax: torch.Tensor   # (C)
-    W1: torch.Tensor       # project1.weight (d, C)
-    b1: torch.Tensor       # project1.bias (d)
-    w3: torch.Tensor       # adapter_conv.conv1.weight (d, 1, 3, 3)
-    b3: torch.Tensor
-    w5: torch.Tensor       # adapter_conv.conv2.weight (d, 1, 5, 5)
-    b5: torch.Tensor
-    w7: torch.Tensor       # adapter_conv.conv3.weight (d, 1, 7, 7)
-    b7: torch.Tensor
-    Wp: torch.Tensor       # adapter_conv.projector.weight (d, d, 1, 1)
-    bp: torch.Tensor
-    W2: torch.Tensor       # project2.weight (C, d)
-    b2: torch.Tensor       # project2.bias (C)
 
 
 @triton_op("mona_kernels::triton_adapter_fwd", mutates_args={})
@@ -75,7 +56,7 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
     n_cblk = -(-C // b3.channel_block(d))
     channel = max(1, min(-(-sms // n_cblk), -(-M // b3.BLOCK_M)))
     tail = max(1, min(sms * b1.PROGRAMS_PER_SM, -(-M // b1.TILE)))
-    n_dblk = -(-d // min(b3.TAP_BLOCK_D, max(16, d)))
+    n_dblk = -(-d // b3.tap_block(d))
     tap = max(1, min(-(-2 * sms // (7 * n_dblk)), -(-M // b3.TAP_TILE)))
     return channel, tail, tap
 

@@ -26,6 +26,11 @@ TAP_TILE = 8  # pixels a tap program adds per step: a (8, 8, 64) fp32 accumulato
 TAP_BLOCK_D = 64
 
 
+def tap_block(d: int) -> int:
+    """Channels of d a tap program owns."""
+    return min(TAP_BLOCK_D, block_d(d))
+
+
 def channel_block(d: int) -> int:
     """Channels of C a channel program owns: its two fp32 accumulators hold 2 * BLOCK_D * block."""
     return max(16, min(64, 4096 // block_d(d)))
@@ -138,7 +143,7 @@ def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_pt
                          PRECISION)
     else:
         tap_program(prog - n_channel, h1_ptr, dh2_ptr, partial_ptr + tap_off, H, W, M, D, n_tiles, n_splits, n_dblk,
-                     ACC,                      TAP_TILE, TAP_BLOCK_D)
+                     ACC, TAP_TILE, TAP_BLOCK_D)
 
 
 _param_grads = Kernel(param_grads_kernel)
@@ -148,7 +153,7 @@ def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's block sizes and launch options for these dtypes and bottleneck width."""
     rows, options = rows_and_stages(BLOCK_M, x_dtype, cdt)
     return dict(BLOCK_M=rows, BLOCK_N=channel_block(d), BLOCK_D=block_d(d), TAP_TILE=TAP_TILE,
-                TAP_BLOCK_D=min(TAP_BLOCK_D, block_d(d)), PRECISION=precision(cdt), num_warps=WARPS, **options)
+                TAP_BLOCK_D=tap_block(d), PRECISION=precision(cdt), num_warps=WARPS, **options)
 
 
 def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, H: int, W: int, partial,
