@@ -15,9 +15,6 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ...ops.utils import Launcher, next_pow2
 
-KSIZE = 7
-TAPS = KSIZE * KSIZE
-
 
 @triton.jit
 def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):

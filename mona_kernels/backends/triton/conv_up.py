@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, dropout_args, rows_and_stages, conv7_tile, gelu, keep, merged_bias, precision, tile_coords
+from .common import (Kernel, block_d, conv7_tile, dropout_args, gelu, keep, merged_bias, precision, rows_and_stages,
+                     tile_coords)
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
 # and warps.

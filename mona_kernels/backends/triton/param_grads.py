@@ -127,8 +127,8 @@ def tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_split
 @triton.jit(do_not_specialize=["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off",
                              "tap_off"])
 def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
-                       gammax_ptr, w1_ptr, h1_ptr, dh2_ptr, partial_ptr, channel_off, tap_off, H, W, M, C, D, tokens, n_cblk,
-                       n_channel, n_tiles, n_splits, n_dblk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       gammax_ptr, w1_ptr, h1_ptr, dh2_ptr, partial_ptr, channel_off, tap_off, H, W, M, C, D, tokens,
+                       n_cblk, n_channel, n_tiles, n_splits, n_dblk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, TAP_TILE: tl.constexpr, TAP_BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Programs below ``n_channel`` are channel programs (rows from element ``channel_off`` of

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, dropout_args, rows_and_stages, gelu, gelu_grad, keep, precision, tile_coords
+from .common import (Kernel, block_d, dropout_args, gelu, gelu_grad, keep, precision, rows_and_stages,
+                     tile_coords)
 from .conv_up import conv_project
 
 TILE = 32
