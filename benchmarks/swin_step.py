@@ -21,7 +21,7 @@ import torch.nn as nn
 import timm
 
 import mona_kernels as mk
-from mona_kernels.backend import _can_run
+from mona_kernels.backends import unavailable
 from mona_kernels.integrations import add_mona, freeze_all_but_adapters
 from mona_kernels.benchmark import side_stream
 
@@ -149,7 +149,7 @@ def main():
     del m64
     ref_fp32 = adapter_grads(model, x, y, autocast=False)
     ref_bf16 = adapter_grads(model, x, y)
-    backends = [b for b in args.backends.split(",") if _can_run(b, x.device) is None]
+    backends = [b for b in args.backends.split(",") if unavailable(b, x.device) is None]
 
     def set_backend(name):
         for pair in fused:

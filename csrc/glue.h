@@ -7,7 +7,12 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
-#include "mona_kernels.h"
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "mona.h"
 
 namespace mona_glue {
 
@@ -75,18 +80,37 @@ inline void check_channels(int64_t C) {
               mona::ln_max_channels(C));
 }
 
+// The dropout seed: one int64 on the input's device, read there by the kernels.
+inline void check_seed(const torch::Tensor& seed, const torch::Tensor& like) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == like.device(),
+              "seed must be one int64 on ", like.device(), ", got ", seed.scalar_type(), " with ", seed.numel(),
+              " elements on ", seed.device());
+}
+
+inline mona::Dropout dropout(const std::optional<torch::Tensor>& seed, double p) {
+  return {0, seed.has_value() ? reinterpret_cast<const uint64_t*>(seed->data_ptr()) : nullptr, (float)p};
+}
+
+// The adapter's sixteen parameters in the authors' state_dict order.
+constexpr int kParams = 16;
+using Params = std::array<torch::Tensor, kParams>;
+enum Param { kWln, kBln, kGamma, kGammax, kW1, kB1, kW3, kB3, kW5, kB5, kW7, kB7, kWp, kBp, kW2, kB2 };
+
 }  // namespace mona_glue
 
-// The whole adapter with its own C++ autograd node (adapter.cpp). seed_dev, when given, holds the
-// dropout seed on the device (read at run time, so a caller's CUDA graph draws a new mask each replay)
-// and replaces `seed`.
-torch::Tensor mona_adapter(torch::Tensor x, int64_t B, int64_t H, int64_t W, torch::Tensor w_ln, torch::Tensor b_ln,
-                           torch::Tensor gamma, torch::Tensor gammax, torch::Tensor W1, torch::Tensor b1,
-                           torch::Tensor w3, torch::Tensor b3, torch::Tensor w5, torch::Tensor b5, torch::Tensor w7,
-                           torch::Tensor b7, torch::Tensor Wp, torch::Tensor bp, torch::Tensor W2, torch::Tensor b2,
-                           double eps, double p, int64_t seed, std::optional<torch::Tensor> seed_dev,
-                           at::ScalarType compute_dtype);
+// The CUDA backend's plan of the whole adapter (adapter.cpp); binding.cpp checks the arguments.
+// x is (M, C) tokens, M = B * H * W; seed, when given, is the dropout seed as one int64 on x's device.
+namespace mona_plan {
 
-// Sets the CUDA-graph cache's capacity (entries; 0 turns the graphs off, fewer entries evicts the least
-// recently used) unless capacity < 0, and returns the previous capacity (adapter.cpp).
-int64_t graph_cache(int64_t capacity);
+// (out, h1, mean, rstd): out in x's dtype promoted with the compute dtype cdt, h1 in cdt.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> forward(
+    const torch::Tensor& x, const mona_glue::Params& P, int64_t H, int64_t W, double eps, double p,
+    const std::optional<torch::Tensor>& seed, at::ScalarType cdt);
+
+// dx, then the sixteen parameter gradients in their parameters' dtypes and shapes; g is (M, C).
+std::vector<torch::Tensor> backward(const torch::Tensor& g, const torch::Tensor& x, const torch::Tensor& h1,
+                                    const torch::Tensor& mean, const torch::Tensor& rstd,
+                                    const mona_glue::Params& P, int64_t H, int64_t W, double eps, double p,
+                                    const std::optional<torch::Tensor>& seed);
+
+}  // namespace mona_plan

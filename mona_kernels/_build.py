@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SOURCES = ("binding.cpp", "adapter.cpp", "mona_kernels.cu")
-HEADERS = ("glue.h", "mona_kernels.h")
+SOURCES = ("binding.cpp", "adapter.cpp", "forward.cu", "backward.cu")
+HEADERS = ("glue.h", "mona.h", "common.cuh")
 # Where an installed package keeps its copy of csrc/ (setup.py's build_py puts it there), so that a
 # wheel or a non-editable install can still build the extension on first use.
 PACKAGED_CSRC = "_csrc"

@@ -180,13 +180,6 @@ def _saved_mb(fn, device) -> float:
     return saved / 2**20
 
 
-def _clear_graph_cache(variant):
-    """Empties the CUDA backend's graph cache before it is measured (no-op for the others)."""
-    if variant == "fused[cuda]":
-        from .ops import cuda_ext
-        cuda_ext.graph_cache(cuda_ext.graph_cache(0))
-
-
 def _rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
@@ -253,10 +246,8 @@ def _bench_adapter(shape, dtype, device, reps, variants, backends, graphs):
         bwd = _time_ms(_rotating(lambda i: torch.autograd.grad(outs[i], [xs[i], *mparams], gs[i],
                                                                retain_graph=True)), device, reps)
         outs.clear()  # free the three retained graphs before measuring peak memory
-        saved = _saved_mb(lambda: model(xs[0], hw), device)  # after the timings: any cache entry exists
-        # Peak over three calls from an empty CUDA-graph cache (direct, capture, replay), so that the
-        # cache's static buffers and graph pool count; the same three calls for every variant.
-        _clear_graph_cache(name)
+        saved = _saved_mb(lambda: model(xs[0], hw), device)
+        # Peak over three forward+backward calls, the same three for every variant.
 
         def three_calls():
             for _ in range(3):
@@ -424,7 +415,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the CSV and the plot")
     args = ap.parse_args(argv)
 
-    from .backend import _can_run
+    from .backends import unavailable
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
     if device.type == "cpu":
@@ -433,7 +424,7 @@ def main(argv=None):
         shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else CPU_SHAPES
     else:
         shapes = [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else GPU_SHAPES
-    backends = [b for b in (args.backends or ("triton", "cuda", "torch")) if _can_run(b, device) is None]
+    backends = [b for b in (args.backends or ("triton", "cuda", "torch")) if unavailable(b, device) is None]
     if device.type == "cpu":
         backends = ["torch"]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

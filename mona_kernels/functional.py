@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from . import backend as _backend
-from .ops import cuda_ext
+from . import backends
 from .ops.ln_scale import check_ln_params, ln_scale
-from .backends import Params, torch as torch_plan, triton as triton_plan
-from .ops.mona_adapter import MonaFunction
-from .ops.multiscale_dwconv import check_dwconv_params, merge_kernels, multiscale_dwconv
-from .ops.utils import acc_dtype, check_tensor, on_input_device
+from .ops.multiscale_dwconv import check_dwconv_params, multiscale_dwconv
+from .ops.utils import check_tensor, on_input_device
 
 __all__ = ["ln_scale", "multiscale_dwconv", "mona", "MAX_BOTTLENECK"]
 
@@ -21,28 +18,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-_NO_SEED = torch.zeros(1, dtype=torch.int64)  # never read: without dropout no kernel draws
-
-
-def _draw_seed(x: torch.Tensor, dropout: float, capturable: bool = False, on_device: bool = False) -> torch.Tensor:
-    """The dropout seed, an int64 tensor drawn from torch's generator (zero without dropout): on the
-    host, or on x's device for a backend whose kernels read it there (``on_device``). Inside a
-    CUDA-graph capture, a ``capturable`` backend gets it drawn on the GPU too, so that every replay
-    draws a new seed and mask."""
-    if dropout == 0:
-        return _NO_SEED
-    if on_device:
-        return torch.randint(0, 2**62, (1,), device=x.device)
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        if capturable:
-            return torch.randint(0, 2**62, (1,), device=x.device)
-        # a seed drawn on the host would give every replay the same mask
-        raise RuntimeError("mona: dropout > 0 cannot be captured in a CUDA graph on this backend (every replay "
-                           "would reuse one dropout mask); use the Triton or CUDA backend, or capture with dropout=0 "
-                           "or in eval mode")
-    return torch.randint(0, 2**62, (1,))
 
 
 def _is_int(v) -> bool:
@@ -97,46 +72,10 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
-    name = _backend.resolve(x.device, backend)
-    if name == "triton" and d > triton_plan.MAX_D:
+    name = backends.resolve(x.device, backend)
+    if name == "triton" and d > backends.triton.MAX_D:
         name = "torch"  # the Triton plan holds d x d tiles on chip; wider bottlenecks take PyTorch's ops
-    if name == "cuda" and not torch.compiler.is_compiling():
-        # the whole forward and backward in C++, one autograd node (torch.compile takes the custom op below);
-        # inside a capture the seed stays on the GPU, elsewhere it is an int the graph cache can stage
-        seed = _draw_seed(x, dropout, capturable=True)
-        return cuda_ext.mona_adapter(
-            x.contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
-            project1_weight, project1_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight,
-            conv3_bias, projector_weight, projector_bias, project2_weight, project2_bias, float(eps),
-            float(dropout), seed if seed.is_cuda else int(seed), _compute_dtype(x))
-    params = Params(norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, conv1_weight, conv1_bias,
-                    conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight, projector_bias,
-                    project2_weight, project2_bias)
-    if name == "torch":
-        return torch_plan.adapter(x, params, H, W, float(eps), float(dropout))
-    if name == "triton":
-        params = Params(*(q.contiguous() for q in params))
-        # drawn on the device: a new draw at every replay of a CUDA graph or a compiled step
-        seed = _draw_seed(x, dropout, on_device=True) if dropout > 0 else None
-        out = triton_plan.adapter(x.reshape(B * N, C).contiguous(), params, seed, H, W, float(eps), float(dropout),
-                                  _compute_dtype(x))
-        return out.view(B, N, C)
-    K, bias_k = merge_kernels(conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias,
-                              dtype=acc_dtype(x.dtype))
-    return mona_merged(x, (B, H, W), norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias,
-                       K, bias_k, projector_weight.view(d, d), projector_bias,
-                       project2_weight, project2_bias, dropout, eps, backend)
-
-
-@on_input_device
-def mona_merged(x, bhw, norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, K, bias_k,
-                projector_weight, projector_bias, project2_weight, project2_bias, dropout, eps, backend):
-    """:func:`mona` with the depthwise convs already merged into a taps-major (49, d) kernel."""
-    B, H, W = bhw
-    C = x.shape[-1]
-    seed = _draw_seed(x, dropout)
-    out = MonaFunction.apply(
-        x.reshape(B * H * W, C).contiguous(), (B, H, W), norm_weight, norm_bias, gamma, gammax,
-        project1_weight, project1_bias, K, bias_k, projector_weight, projector_bias,
-        project2_weight, project2_bias, float(eps), float(dropout), seed, _compute_dtype(x), backend or "auto")
-    return out.view(B, H * W, C)
+    params = backends.Params(norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, conv1_weight,
+                             conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight,
+                             projector_bias, project2_weight, project2_bias)
+    return backends.adapter(name, x, params, H, W, float(eps), float(dropout), _compute_dtype(x))

@@ -1,12 +1,12 @@
 """``nn.Module`` drop-ins; each only gathers its parameters and calls the fused op."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from . import backend as _backend, reference
-from .functional import hw_pair, mona, mona_merged
-from .ops.multiscale_dwconv import merge_kernels
-from .ops.utils import acc_dtype, cast
+from . import reference
+from .functional import hw_pair, mona
 
 
 class Mona(reference.Mona):
@@ -21,7 +21,6 @@ class Mona(reference.Mona):
                  eps: float = 1e-5, backend: str | None = None):
         super().__init__(in_dim, factor, bottleneck=bottleneck, dropout=dropout, eps=eps)
         self.backend = backend
-        self._folded = None
 
     def _params(self):
         # Plain dict lookups: nn.Module.__getattr__ costs about a microsecond a name, every call. A
@@ -54,44 +53,13 @@ class Mona(reference.Mona):
         elif hw_shapes is None:
             raise ValueError(f"hw_shapes=(H, W) is required for tokens x of shape {tuple(x.shape)} (B, N, C)")
         p = self.dropout.p if self.training else 0.0
-        # the Triton and PyTorch plans merge the convs where they run them: folding changes nothing there
-        if self._folded is not None and not self.training and _backend.resolve(x.device, self.backend) == "cuda":
-            out = self._forward_folded(x, hw_shapes)
-        else:
-            out = mona(x, hw_shapes, *self._params(), dropout=p, eps=self.norm.eps, backend=self.backend)
+        out = mona(x, hw_shapes, *self._params(), dropout=p, eps=self.norm.eps, backend=self.backend)
         return out.view(B, H, W, C) if spatial else out
 
     def fold(self):
-        """Merge the three depthwise convs and the identity into one 7x7 kernel for inference.
-
-        Outputs do not change; the parameters stay as they are (checkpoints still load and save).
-        Entering training mode, or changing the weights, calls for :meth:`unfold` or a new ``fold``.
-        """
-        conv = self.adapter_conv
-        with torch.no_grad():
-            K, bias = merge_kernels(conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias,
-                                    conv.conv3.weight, conv.conv3.bias, dtype=acc_dtype(conv.conv3.weight.dtype))
-        self._folded = (K.contiguous(), bias)
+        """Does nothing and warns: every backend merges the three depthwise convs and the identity into
+        one 7x7 kernel where it runs them, so there is nothing left to fold for inference. Kept so that
+        code written for earlier versions runs; returns the module."""
+        warnings.warn("Mona.fold() is no longer needed and changes nothing: every backend merges the convs "
+                      "inside its kernels", FutureWarning, stacklevel=2)
         return self
-
-    def unfold(self):
-        self._folded = None
-        return self
-
-    def train(self, mode: bool = True):
-        if mode:
-            self._folded = None
-        return super().train(mode)
-
-    def _forward_folded(self, x, hw_shapes):
-        B, N, C = x.shape
-        H, W = hw_pair(hw_shapes)
-        if N != H * W:
-            raise ValueError(f"x has N={N} tokens but hw_shapes=({H}, {W}) gives H*W={H * W}")
-        K, bias = self._folded
-        d = K.shape[1]
-        conv = self.adapter_conv
-        return mona_merged(x, (B, H, W), self.norm.weight, self.norm.bias, self.gamma, self.gammax,
-                           self.project1.weight, self.project1.bias, cast(K, acc_dtype(x.dtype)), cast(bias, acc_dtype(x.dtype)),
-                           conv.projector.weight.view(d, d), conv.projector.bias,
-                           self.project2.weight, self.project2.bias, 0.0, self.norm.eps, self.backend)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from mona_kernels.backend import _can_run
+from mona_kernels.backends import unavailable
 
 # ||actual - expected|| / ||expected|| against a float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -42,7 +42,7 @@ def backends_for(device: torch.device):
     """Every backend that can run on ``device`` in this process, or those that
     ``MONA_KERNELS_TEST_BACKENDS`` (comma-separated) names among them."""
     wanted = os.environ.get("MONA_KERNELS_TEST_BACKENDS", "triton,cuda,torch").split(",")
-    return [b for b in ("triton", "cuda", "torch") if b in wanted and _can_run(b, device) is None]
+    return [b for b in ("triton", "cuda", "torch") if b in wanted and unavailable(b, device) is None]
 
 
 CPU_BACKENDS = backends_for(torch.device("cpu"))

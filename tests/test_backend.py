@@ -4,7 +4,7 @@ import torch
 
 
 def test_auto_takes_cuda_extension_on_gpus_triton_cannot_run(monkeypatch):
-    from mona_kernels import backend
+    from mona_kernels import backends as backend
     monkeypatch.delenv("MONA_KERNELS_BACKEND", raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     monkeypatch.setattr(backend, "_triton_runs_on", lambda index: False)  # a Turing card

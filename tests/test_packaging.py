@@ -87,7 +87,7 @@ FIRST_USE = """
 import torch
 import mona_kernels as mk
 from mona_kernels import reference
-from mona_kernels.ops import cuda_ext
+from mona_kernels.backends import cuda
 assert "{site}" in mk.__file__, mk.__file__
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -105,7 +105,7 @@ for m in (ref, fused):
     out = m(x, (7, 9))
     outs.append(out)
     grads.append(torch.autograd.grad(out, [x, *m.parameters()], g))
-assert cuda_ext.load().__name__ == "mona_kernels_cuda", cuda_ext.load().__name__
+assert cuda.load().__name__ == "mona_kernels_cuda", cuda.load().__name__
 err = max([((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[1], grads[0])]
           + [((outs[1] - outs[0]).abs().max() / outs[0].abs().max()).item()])
 print("max relative error", err)

@@ -1,11 +1,34 @@
-"""The fused adapter's kernel plans, one package or module per backend, and the parameters they
-all take."""
+"""The backends: the one place where a call's backend is chosen, the parameters every plan takes, and
+the fused adapter's one autograd registration.
+
+``auto`` takes Triton on GPUs that run it (compute capability 8.0 and newer) and on the CPU when
+``TRITON_INTERPRET=1``; the compiled CUDA extension (``cuda``) on other GPUs (Turing, or no Triton),
+building it on first use if setup.py did not; and PyTorch everywhere else (the CPU, or a GPU where
+the extension cannot be had). ``MONA_KERNELS_BACKEND=triton|cuda|torch`` or a ``backend=`` argument
+forces one, with a clear error if it is unavailable.
+
+A backend is a plan of the whole adapter (its forward and backward), one module or package each:
+
+    triton   backends/triton/    six Triton kernels, registered with torch.library.triton_op
+    cuda     backends/cuda.py    the csrc kernels, registered from C++ with TORCH_LIBRARY
+    torch    backends/pytorch.py autograd through PyTorch's own ops (the CPU path)
+
+The Triton and CUDA plans expose the same two operators, a forward
+``(x, params, seed, H, W, eps, p, compute_dtype) -> (out, h1, mean, rstd)`` and a backward, and
+:func:`make_differentiable` joins them, the same way for both.
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import os
+from typing import Callable, NamedTuple, Optional
 
-# Tensor only: the name ``torch`` here is the PyTorch plan's module, backends/torch.py.
+import torch
 from torch import Tensor
+
+from ..ops.utils import interpreting
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
 class Params(NamedTuple):
@@ -26,3 +49,142 @@ class Params(NamedTuple):
     bp: Tensor
     W2: Tensor       # project2.weight (C, d)
     b2: Tensor       # project2.bias (C)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the backend. Answers that do not change within a process are kept in a plain dict, not
+# functools.lru_cache, which torch.compile traces only with a warning.
+_KNOWN: dict = {}
+
+
+def _once(key, compute):
+    if key not in _KNOWN:
+        _KNOWN[key] = compute()
+    return _KNOWN[key]
+
+
+def triton_available() -> bool:
+    def probe():
+        try:
+            import triton.language  # noqa: F401
+        except Exception:
+            return False
+        return True
+    return _once("triton", probe)
+
+
+def _triton_runs_on(index: int) -> bool:
+    return _once(("capability", index), lambda: torch.cuda.get_device_capability(index) >= (8, 0))
+
+
+def _cuda_extension_error() -> Optional[str]:
+    def probe():
+        from . import cuda
+        try:
+            cuda.load()
+        except Exception as err:  # any build or import failure means the backend is unavailable
+            return f"the CUDA extension cannot be loaded or built: {err}"
+        return None
+    return _once("cuda_extension", probe)
+
+
+def unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "Triton is not installed"
+        if device.type == "cuda":
+            return None if _triton_runs_on(device.index or 0) else "this GPU is older than compute capability 8.0"
+        if device.type == "cpu":
+            if not interpreting():
+                return "CPU tensors need TRITON_INTERPRET=1 for Triton"
+            return "torch.compile cannot trace the Triton interpreter" if torch.compiler.is_compiling() else None
+        return f"Triton does not run on {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors, got {device.type}"
+        return _cuda_extension_error()
+    return f"unknown backend {backend!r}"
+
+
+def resolve(device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend that runs a call on ``device``: ``'triton'``, ``'cuda'`` or ``'torch'``."""
+    choice = backend if backend not in (None, "auto") else os.environ.get("MONA_KERNELS_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice != "auto":
+        reason = unavailable(choice, device)
+        if reason is not None:
+            raise RuntimeError(f"backend {choice!r} is unavailable: {reason}")
+        return choice
+    for candidate in ("triton", "cuda"):
+        if unavailable(candidate, device) is None:
+            return candidate
+    return "torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused adapter: each fused backend's forward operator, made differentiable here, once.
+def make_differentiable(forward_op, backward: Callable) -> None:
+    """Joins a backend's adapter operator ``(x, params, seed, H, W, eps, p, compute_dtype) ->
+    (out, h1, mean, rstd)`` to its ``backward(g, x, h1, mean, rstd, params, seed, H, W, eps, p) ->
+    (dx, parameter gradients)``, which autograd calls with what the forward saved: x, h1 (the compute
+    dtype), mean and rstd, and the dropout seed."""
+    torch.library.register_autograd(forward_op, functools.partial(_backward, backward), setup_context=_setup_context)
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, seed, H, W, eps, p, compute_dtype = inputs
+    _, h1, mean, rstd = output
+    ctx.save_for_backward(x, h1, mean, rstd, seed, *params)
+    ctx.problem = (H, W, eps, p)
+    ctx.mark_non_differentiable(h1, mean, rstd)
+
+
+def _backward(backward, ctx, g, *_):
+    x, h1, mean, rstd, seed, *params = ctx.saved_tensors
+    dx, grads = backward(g.contiguous(), x, h1, mean, rstd, params, seed, *ctx.problem)
+    return dx, list(grads), None, None, None, None, None, None
+
+
+def draw_seed(x: Tensor) -> Tensor:
+    """The fused plans' dropout seed: one int64 drawn from torch's generator on x's device, where the
+    kernels read it, so that every replay of a CUDA graph or a compiled step draws a new mask."""
+    return torch.randint(0, 2**62, (1,), device=x.device)
+
+
+def fused_adapter(forward_op, x: Tensor, params: Params, H: int, W: int, eps: float, p: float,
+                  compute_dtype: torch.dtype) -> Tensor:
+    """The adapter's output for tokens x (B, N, C) through a fused backend's forward operator."""
+    B, N, C = x.shape
+    seed = draw_seed(x) if p > 0 else None
+    out = forward_op(x.reshape(B * N, C).contiguous(), [q.contiguous() for q in params], seed, H, W, eps, p,
+                     compute_dtype)[0]
+    return out.view(B, N, C)
+
+
+def adapter(name: str, x: Tensor, params: Params, H: int, W: int, eps: float, p: float,
+            compute_dtype: torch.dtype) -> Tensor:
+    """The adapter's output for tokens x (B, N, C), N = H * W, on backend ``name``."""
+    if name == "torch":
+        return pytorch.adapter(x, params, H, W, eps, p)
+    return fused_adapter(triton.adapter_fwd if name == "triton" else cuda.adapter_fwd(), x, params, H, W, eps, p,
+                         compute_dtype)
+
+
+def dropout_scale(name: str, seed: Tensor, like: Tensor, p: float) -> Tensor:
+    """The dropout multiplier (0 or 1/(1-p)) backend ``name`` applies to each element of the (M, d)
+    activations ``like`` for ``seed``. The Triton and CUDA plans draw the seed from torch's generator
+    and regenerate the mask in the backward without storing it; the PyTorch plan draws the mask
+    itself, as ``nn.Dropout`` does, and this is its mask after ``torch.manual_seed(seed)``."""
+    if name == "torch":
+        return pytorch.dropout_scale(seed, like, p)
+    if name == "triton":
+        return triton.dropout_scale(seed.to(like.device), like, p)
+    return cuda.dropout_scale(seed, like, p)
+
+
+# The plans last: the fused ones register their operators with make_differentiable as they load.
+from . import cuda, pytorch, triton  # noqa: E402

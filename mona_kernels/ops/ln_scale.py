@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backend as _backend
-from . import cuda_ext
+from .. import backends
+from ..backends import cuda
 from .utils import Launcher, acc_dtype, call_op, check_tensor, next_pow2, num_workers, on_input_device, tl_acc
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
@@ -170,14 +170,15 @@ def _bwd_torch(dy, x, w, b, gamma, gammax, mean, rstd, residual=None):
     return dx.to(x.dtype), torch.stack(rows)
 
 
-FORWARD = {"triton": _fwd_triton, "cuda": cuda_ext.ln_scale_fwd, "torch": _fwd_torch}
-BACKWARD = {"triton": _bwd_triton, "cuda": cuda_ext.ln_scale_bwd, "torch": _bwd_torch}
+# Each backend's LN-scaling forward and backward.
+FORWARD = {"triton": _fwd_triton, "cuda": cuda.ln_scale_fwd, "torch": _fwd_torch}
+BACKWARD = {"triton": _bwd_triton, "cuda": cuda.ln_scale_bwd, "torch": _bwd_torch}
 
 
 def _ln_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                  gammax: torch.Tensor, eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M, C) ``x`` -> ``(y, mean, rstd)``."""
-    return FORWARD[_backend.resolve(x.device, backend)](x, weight, bias, gamma, gammax, eps)
+    return FORWARD[backend](x, weight, bias, gamma, gammax, eps)
 
 
 ln_scale_fwd = torch.library.custom_op("mona_kernels::ln_scale_fwd", _ln_scale_fwd, mutates_args=())
@@ -194,7 +195,7 @@ def _ln_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dparams)``; dparams is (4, C) in the accumulation dtype, rows
     ``(dgamma, dgammax, dw_ln, db_ln)``."""
-    return BACKWARD[_backend.resolve(x.device, backend)](dy, x, weight, bias, gamma, gammax, mean, rstd)
+    return BACKWARD[backend](dy, x, weight, bias, gamma, gammax, mean, rstd)
 
 
 ln_scale_bwd = torch.library.custom_op("mona_kernels::ln_scale_bwd", _ln_scale_bwd, mutates_args=())
@@ -244,5 +245,5 @@ def ln_scale(x, weight, bias, gamma, gammax, eps: float = 1e-5, backend: str | N
     C = x.shape[-1]
     check_ln_params(C, x, weight=weight, bias=bias, gamma=gamma, gammax=gammax)
     x2d = x.reshape(-1, C).contiguous()
-    y = LNScaleFunction.apply(x2d, weight, bias, gamma, gammax, float(eps), backend or "auto")
+    y = LNScaleFunction.apply(x2d, weight, bias, gamma, gammax, float(eps), backends.resolve(x.device, backend))
     return y.view(x.shape)

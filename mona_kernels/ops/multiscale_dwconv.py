@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import backend as _backend
-from . import cuda_ext
+from .. import backends
+from ..backends import cuda
 from ..backends.triton.common import conv7_tile, tile_coords
 from ..backends.triton.param_grads import tap_program
 from .utils import Launcher, acc_dtype, cast, call_op, check_tensor, next_pow2, num_workers, on_input_device, tl_acc
@@ -148,7 +148,7 @@ def _wgrad_torch(h, dout):
     return torch.cat([dK.reshape(D, TAPS).t(), gc.sum(dim=(0, 2, 3))[None]])
 
 
-CONV = {"triton": _conv_triton, "cuda": cuda_ext.dwconv7_fwd, "torch": _conv_torch}
+CONV = {"triton": _conv_triton, "cuda": cuda.dwconv7_fwd, "torch": _conv_torch}
 
 
 def conv_flipped(name: str, dout: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -156,14 +156,14 @@ def conv_flipped(name: str, dout: torch.Tensor, K: torch.Tensor) -> torch.Tensor
     if name == "triton":
         return _conv_triton(dout, K, None, flip=True)
     if name == "cuda":
-        return cuda_ext.dwconv7_fwd(dout, K, None, flip=True)
+        return cuda.dwconv7_fwd(dout, K, None, flip=True)
     return CONV[name](dout, K.flip(0).contiguous(), None)
-WGRAD = {"triton": _wgrad_triton, "cuda": cuda_ext.dwconv7_wgrad, "torch": _wgrad_torch}
+WGRAD = {"triton": _wgrad_triton, "cuda": cuda.dwconv7_wgrad, "torch": _wgrad_torch}
 
 
 def _dwconv7_fwd(h: torch.Tensor, K: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:
     """Channels-last (B, H, W, d) ``h`` convolved with the merged taps-major (49, d) kernel."""
-    return CONV[_backend.resolve(h.device, backend)](h, K, bias)
+    return CONV[backend](h, K, bias)
 
 
 dwconv7_fwd = torch.library.custom_op("mona_kernels::dwconv7_fwd", _dwconv7_fwd, mutates_args=())
@@ -178,8 +178,7 @@ def _dwconv7_bwd(dout: torch.Tensor, h: torch.Tensor, K: torch.Tensor,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh, dKb)``: dh is the conv of dout with the flipped kernel; dKb (50, d) in K's dtype holds
     dK in rows 0..48 and the bias gradient in row 49."""
-    name = _backend.resolve(h.device, backend)
-    return conv_flipped(name, dout, K), cast(WGRAD[name](h, dout), K.dtype)
+    return conv_flipped(backend, dout, K), cast(WGRAD[backend](h, dout), K.dtype)
 
 
 dwconv7_bwd = torch.library.custom_op("mona_kernels::dwconv7_bwd", _dwconv7_bwd, mutates_args=())
@@ -229,14 +228,13 @@ class MergeKernels(torch.autograd.Function):
     dK7 = dK/3, dK5 = centre5(dK)/3, dK3 = centre3(dK)/3, each db = dbias/3."""
 
     @staticmethod
-    def forward(ctx, w3, b3, w5, b5, w7, b7, dtype):
+    def forward(ctx, w3, b3, w5, b5, w7, b7, dtype, backend):
         ctx.dtypes = (w3.dtype, b3.dtype, w5.dtype, b5.dtype, w7.dtype, b7.dtype)
-        use_triton = _backend.resolve(w7.device, None) == "triton" and not torch.compiler.is_compiling()
-        return merge(w3, b3, w5, b5, w7, b7, dtype, use_triton)
+        return merge(w3, b3, w5, b5, w7, b7, dtype, backend == "triton" and not torch.compiler.is_compiling())
 
     @staticmethod
     def backward(ctx, dK, dbias):
-        return split_kernel_grads(dK, dbias, ctx.dtypes) + (None,)
+        return split_kernel_grads(dK, dbias, ctx.dtypes) + (None, None)
 
 
 def merge(w3, b3, w5, b5, w7, b7, dtype, use_triton):
@@ -255,9 +253,10 @@ def split_kernel_grads(dK, dbias, dtypes):
     return tuple(cast(g, t) for g, t in zip(grads, dtypes))
 
 
-def merge_kernels(w3, b3, w5, b5, w7, b7, dtype: torch.dtype = torch.float32):
-    """The merged taps-major (49, d) kernel ``delta + (pad(K3) + pad(K5) + K7) / 3`` and its bias."""
-    return MergeKernels.apply(w3, b3, w5, b5, w7, b7, dtype)
+def merge_kernels(w3, b3, w5, b5, w7, b7, dtype: torch.dtype = torch.float32, backend: str = "torch"):
+    """The merged taps-major (49, d) kernel ``delta + (pad(K3) + pad(K5) + K7) / 3`` and its bias, by
+    one Triton launch on backend ``'triton'``, else by PyTorch's ops."""
+    return MergeKernels.apply(w3, b3, w5, b5, w7, b7, dtype, backend)
 
 
 def check_dwconv_params(d: int, like: torch.Tensor, **params):
@@ -283,5 +282,6 @@ def multiscale_dwconv(h, w3, b3, w5, b5, w7, b7, backend: str | None = None):
         raise ValueError(f"h must be channels-last (B, H, W, d) with d={d} channels, as the conv weights have; "
                          f"got shape {tuple(h.shape)}{hint}")
     check_dwconv_params(d, h, w3=w3, b3=b3, w5=w5, b5=b5, w7=w7, b7=b7)
-    K, bias = merge_kernels(w3, b3, w5, b5, w7, b7, dtype=acc_dtype(h.dtype))
-    return DWConv7Function.apply(h.contiguous(), K, bias, backend or "auto")
+    name = backends.resolve(h.device, backend)
+    K, bias = merge_kernels(w3, b3, w5, b5, w7, b7, dtype=acc_dtype(h.dtype), backend=name)
+    return DWConv7Function.apply(h.contiguous(), K, bias, name)

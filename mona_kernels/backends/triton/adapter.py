@@ -86,32 +86,17 @@ def adapter_bwd(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.
     return dx, grads
 
 
-def _setup_context(ctx, inputs, output):
-    x, params, seed, H, W, eps, p, compute_dtype = inputs
-    _, h1, mean, rstd = output
-    ctx.save_for_backward(x, h1, mean, rstd, seed, *params)
-    ctx.problem = (H, W, p)
-    ctx.mark_non_differentiable(h1, mean, rstd)
-
-
 def _grad_dtype(params) -> torch.dtype:
     """The parameters' own dtype, or the accumulation dtype where they differ."""
     dtypes = {q.dtype for q in params}
     return dtypes.pop() if len(dtypes) == 1 else acc_dtype(functools.reduce(torch.promote_types, dtypes))
 
 
-def _backward(ctx, g, *_):
-    x, h1, mean, rstd, seed, *params = ctx.saved_tensors
-    H, W, p = ctx.problem
-    dx, grads = adapter_bwd(g.contiguous(), x, h1, mean, rstd, params, seed, H, W, p, _grad_dtype(params))
+def backward(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+             params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, eps: float, p: float
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(dx, parameter gradients)``, each gradient in its parameter's dtype and shape (eps is not
+    needed: mean and rstd are saved)."""
+    dx, grads = adapter_bwd(g, x, h1, mean, rstd, params, seed, H, W, p, _grad_dtype(params))
     flat = grads.split([q.numel() for q in params])
-    return dx, [t.view(q.shape).to(q.dtype) for t, q in zip(flat, params)], None, None, None, None, None, None
-
-
-adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def adapter(x: torch.Tensor, params: Params, seed: Optional[torch.Tensor], H: int, W: int, eps: float, p: float,
-            compute_dtype: torch.dtype) -> torch.Tensor:
-    """The adapter's output for contiguous tokens x (M, C)."""
-    return adapter_fwd(x, list(params), seed, H, W, eps, p, compute_dtype)[0]
+    return dx, [t.view(q.shape).to(q.dtype) for t, q in zip(flat, params)]

@@ -2,11 +2,11 @@
 and the CUDA extension's register-row conv (variant 0), shared-memory conv (4), sliding-window wgrad
 (0) and shared-memory wgrad (2).
 
-    ncu --section SpeedOfLight --section Occupancy --section WarpStateStats python benchmarks/ncu_conv.py
+    ncu --section SpeedOfLight --section Occupancy --section WarpStateStats python benchmarks/tools/ncu_conv.py
 """
 import torch
 
-from mona_kernels.ops import cuda_ext
+from mona_kernels.backends import cuda
 from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
 
 B, H, W, d = 2, 200, 336, 64
@@ -18,7 +18,7 @@ for _ in range(2):
     _conv_triton(h, K, bias)
     _wgrad_triton(h, g)
     for v in (0, 4):
-        cuda_ext.dwconv7_fwd(h, K, bias, False, v)
+        cuda.dwconv7_fwd(h, K, bias, False, v)
     for v in (0, 2):
-        cuda_ext.dwconv7_wgrad(h, g, v)
+        cuda.dwconv7_wgrad(h, g, v)
 torch.cuda.synchronize()

@@ -1,9 +1,8 @@
 """A small odd-shaped adapter forward+backward on one backend, checked against the float64
-reference, three times (on the CUDA backend the first call runs directly, the second captures a CUDA
-graph and the third replays it); meant to run under ``compute-sanitizer --tool memcheck``. Each
-shape runs in fp32, in bf16, and in fp32 under bf16 autocast (the mixed-dtype LN kernels and casts).
+reference, three times; meant to run under ``compute-sanitizer --tool memcheck``. Each shape runs in fp32,
+in bf16, and in fp32 under bf16 autocast (the mixed-dtype LN kernels and casts).
 
-    compute-sanitizer --tool memcheck python benchmarks/memcheck_case.py cuda
+    compute-sanitizer --tool memcheck python benchmarks/tools/memcheck_case.py cuda
 """
 import sys
 

@@ -24,6 +24,8 @@ def adapter(x: torch.Tensor, q: Params, H: int, W: int, eps: float, p: float) ->
     generator as ``nn.Dropout`` does."""
     B, N, C = x.shape
     d = q.W1.shape[0]
+    if not torch.is_autocast_enabled(x.device.type) and any(t.dtype != x.dtype for t in q):
+        q = Params(*(t.to(x.dtype) for t in q))  # as the fused plans: parameters in the tokens' dtype
     y = F.layer_norm(x, (C,), q.w_ln, q.b_ln, eps) * q.gamma + x * q.gammax
     h1 = F.linear(y, q.W1, q.b1)
     K, bias = merged_kernel(q.w3, q.b3, q.w5, q.b5, q.w7, q.b7)
@@ -33,3 +35,10 @@ def adapter(x: torch.Tensor, q: Params, H: int, W: int, eps: float, p: float) ->
     h3 = h2 + F.linear(h2, q.Wp.view(d, d), q.bp)
     a = F.dropout(F.gelu(h3), p, training=p > 0)
     return x + F.linear(a, q.W2, q.b2)
+
+
+def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+    """The mask :func:`adapter` draws for activations like ``like`` after ``torch.manual_seed(seed)``."""
+    with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
+        torch.manual_seed(int(seed))
+        return F.dropout(torch.ones_like(like), p)

@@ -1,7 +1,7 @@
 """Host cost and launch count of one adapter forward+backward, and the registers/spills of every
 compiled Triton kernel.
 
-    python benchmarks/launch_profile.py [B,H,W,C]      (default 1,8,8,128: GPU work is negligible,
+    python benchmarks/tools/launch_profile.py [B,H,W,C]      (default 1,8,8,128: GPU work is negligible,
                                                          so the wall time is the host's cost)
 
 Prints, for the eager reference and each fused backend: GPU kernels launched per forward and per
@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 import mona_kernels as mk
 from host_cost import wall_us
 from mona_kernels import reference
-from mona_kernels.backend import _can_run
+from mona_kernels.backends import unavailable
 
 
 def wall_ms(fn, reps=200):
@@ -60,7 +60,7 @@ def main():
     ref.dropout.p = 0.0
     models = {"reference": ref}
     for backend in ("triton", "cuda", "torch"):
-        if _can_run(backend, torch.device("cuda")) is None:
+        if unavailable(backend, torch.device("cuda")) is None:
             m = mk.Mona(C, dropout=0.0, backend=backend).cuda().to(dtype)
             m.load_state_dict(ref.state_dict())
             models[f"fused[{backend}]"] = m

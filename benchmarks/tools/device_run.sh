@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU machine runs the chosen stages, each under its own time limit, with its log
 # streamed under $OUT, so a slow stage cannot swallow the others' results.
-#   bash benchmarks/device_run.sh [stages...] [-- benchmark args...]
+#   bash benchmarks/tools/device_run.sh [stages...] [-- benchmark args...]
 # Stages (default: all, in this order): build tests memcheck launch swin bench.
 #   build     build the CUDA extension (ninja) in the background while the others start
 #   tests     the whole pytest suite (GPU tests and the rest in two parallel processes)
 #   gputests  tests/test_gpu.py alone
 #   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
-#   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/launch_profile.py)
-#   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/profile_adapter.py;
+#   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/tools/launch_profile.py)
+#   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/tools/profile_adapter.py;
 #             PROFILE_SHAPES="B,H,W,C ..." picks its shapes)
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py; SWIN_ARGS
 #             passes it arguments, e.g. --graph)
@@ -29,7 +29,7 @@ SUMMARY="$OUT/summary.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$SUMMARY"
 git log -1 --format='commit %h %s' >> "$SUMMARY" 2>/dev/null
 if has build; then
-  python3 -c "from mona_kernels.ops import cuda_ext; cuda_ext.load(); print('cuda extension built')" \
+  python3 -c "from mona_kernels.backends import cuda; cuda.load(); print('cuda extension built')" \
     > "$OUT/build.log" 2>&1 &
   BUILD_PID=$!
 fi
@@ -56,13 +56,13 @@ fi
 wait_build
 if has memcheck; then
   for b in ${MEMCHECK_BACKENDS:-cuda}; do
-    timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/memcheck_case.py $b \
+    timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --leak-check no python3 benchmarks/tools/memcheck_case.py $b \
       >> "$OUT/memcheck.log" 2>&1
     echo "memcheck $b: exit $?" >> "$SUMMARY"
   done
 fi
 if has launch; then
-  timeout "${LAUNCH_S:-120}" python3 benchmarks/launch_profile.py >> "$OUT/launch.log" 2>&1
+  timeout "${LAUNCH_S:-120}" python3 benchmarks/tools/launch_profile.py >> "$OUT/launch.log" 2>&1
   echo "launch_profile: exit $?" >> "$SUMMARY"
 fi
 # stage NAME LIMIT LOG LABEL COMMAND...: when NAME was asked for, runs COMMAND under LIMIT seconds with
@@ -74,7 +74,7 @@ stage() {
   timeout "$limit" "$@" > "$OUT/$log" 2>&1
   echo "$label: exit $?" >> "$SUMMARY"
 }
-stage profile "${PROFILE_S:-180}" profile.log profile_adapter python3 benchmarks/profile_adapter.py ${PROFILE_SHAPES:-}
+stage profile "${PROFILE_S:-180}" profile.log profile_adapter python3 benchmarks/tools/profile_adapter.py ${PROFILE_SHAPES:-}
 stage swin "${SWIN_S:-150}" swin.log swin_step python3 benchmarks/swin_step.py ${SWIN_ARGS:-}
 stage bench "${BENCH_S:-240}" bench.log benchmark python3 -m mona_kernels.benchmark --out "$OUT" "$@"
 cat "$SUMMARY"

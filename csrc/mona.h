@@ -1,4 +1,4 @@
-// Launchers of the CUDA fallback kernels. Plain CUDA (no torch headers), so that every
+// Launchers of the CUDA fallback kernels (forward.cu and backward.cu). Plain CUDA (no torch headers), so that every
 // architecture in the build list can be compile-checked on a machine without a GPU.
 // Layout contract: rows/tokens row-major, channels last and contiguous; T is float, __half or
 // __nv_bfloat16; parameter vectors, mean/rstd, the merged kernel K (49, D) and partial sums are float.
@@ -7,10 +7,31 @@
 // allocate for a problem on a GPU with `sms` multiprocessors.
 #pragma once
 #include <cstdint>
-#include <utility>
 #include <cuda_runtime.h>
 
 namespace mona {
+
+// The four LN-scaling parameter vectors, C floats each.
+struct LnWeights {
+  const float* w;
+  const float* b;
+  const float* gamma;
+  const float* gammax;
+};
+
+// A channels-last map: B images of H x W pixels with D channels, contiguous.
+struct Map {
+  int64_t B, H, W, D;
+};
+
+// The dropout of the GELU kernels: the multiplier of each element is a hash of (seed, flat index);
+// seed_dev, when not null, holds the seed on the device (read at run time, so that a captured CUDA
+// graph takes a new seed at each replay) and replaces `seed`. p == 0 keeps every element.
+struct Dropout {
+  uint64_t seed;
+  const uint64_t* seed_dev;
+  float p;
+};
 
 // Widest row the LN-scaling kernels take (2048: one chunk of 512 threads with 4 channels each, or
 // four chunks of 512 threads with one channel each).
@@ -19,55 +40,46 @@ int64_t ln_max_channels(int64_t C);
 // mean and rstd may be null (a recompute that wants y only). y is in TY: T, or for float tokens also
 // __half or __nv_bfloat16 (the projections' dtype under autocast).
 template <typename T, typename TY = T>
-cudaError_t ln_scale_fwd(const T* x, const float* w, const float* b, const float* gamma, const float* gammax,
-                         TY* y, float* mean, float* rstd, int64_t M, int64_t C, float eps, int sms,
-                         cudaStream_t stream);
+cudaError_t ln_scale_fwd(const T* x, LnWeights pw, TY* y, float* mean, float* rstd, int64_t M, int64_t C, float eps,
+                         int sms, cudaStream_t stream);
 
 // dx = LN-scaling backward (+ residual when not null); partial (slots, 5, C) receives column sums of
 // (dy*(xn*w+b), dy*x, dy*gamma*xn, dy*gamma, residual) per slot (the fifth row 0 without residual).
 // dy is in TD: T, or for float tokens also __half or __nv_bfloat16.
 int ln_bwd_slots(int64_t M, int64_t C, int sms);
 template <typename T, typename TD = T>
-cudaError_t ln_scale_bwd(const TD* dy, const T* x, const float* w, const float* b, const float* gamma,
-                         const float* gammax, const float* mean, const float* rstd, const T* residual, T* dx,
-                         float* partial, int slots, int64_t M, int64_t C, cudaStream_t stream);
+cudaError_t ln_scale_bwd(const TD* dy, const T* x, LnWeights pw, const float* mean, const float* rstd,
+                         const T* residual, T* dx, float* partial, int slots, int64_t M, int64_t C,
+                         cudaStream_t stream);
 
 // out = conv7(h, K or K rotated by 180 degrees when flip) (+ bias when not null), zero "same"
 // padding, depthwise over (H, W); out2, when not null, receives a second copy (the accumulator of a
 // following in-place GEMM). `variant` picks a tiling:
-// 0-3 register rows, 4-8 shared-memory tiles; -1 takes the default set by dwconv7_defaults, -2
-// chooses by the map's size (the default's default). Every variant computes the same sums, the
-// shared-memory tiles in another order.
+// 0-3 register rows, 4-8 shared-memory tiles; a negative variant chooses by the map's size (the
+// adapter's). Every variant computes the same sums, the shared-memory tiles in another order.
 template <typename T>
-cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, int64_t B, int64_t H,
-                        int64_t W, int64_t D, bool flip, int variant, cudaStream_t stream);
+cudaError_t dwconv7_fwd(const T* h, const float* K, const float* bias, T* out, T* out2, const Map& m, bool flip,
+                        int variant, cudaStream_t stream);
 
 // partial (slots, 50, D): rows 0..48 sum dout * h shifted by the tap, row 49 sums dout. `variant`:
-// 0 four channels a thread, 1 two, 2-3 shared-memory tiles; -1 and -2 as for the conv.
-int wgrad_slots(int64_t B, int64_t H, int64_t W, int sms);
+// 0 four channels a thread, 1 two, 2-3 shared-memory tiles; negative as for the conv.
+int wgrad_slots(const Map& m, int sms);
 template <typename T>
-cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, int64_t B, int64_t H, int64_t W,
-                          int64_t D, int variant, cudaStream_t stream);
-
-// The variants that `variant` -1 means (the adapter's; -2, by the map's size, unless set): sets each
-// given as other than -1 and returns the previous pair. A tuning switch for benchmarks/; captured
-// graphs keep the kernels they captured.
-std::pair<int, int> dwconv7_defaults(int conv, int wgrad);
+cudaError_t dwconv7_wgrad(const T* h, const T* dout, float* partial, int slots, const Map& m, int variant,
+                          cudaStream_t stream);
 
 // a = gelu(h3 + bias) * m over (M, D), m the dropout multiplier for flat element index and seed (0 or
-// 1/(1-p); 1 when p == 0); bias (D) may be null. seed_dev, when not null, holds the seed on the device
-// (read at run time, so a captured CUDA graph takes a new seed each replay) and replaces `seed`.
+// 1/(1-p)); bias (D) may be null.
 template <typename T>
-cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, uint64_t seed,
-                             const uint64_t* seed_dev, float p, cudaStream_t stream);
+cudaError_t gelu_dropout_fwd(const T* h3, const float* bias, T* a, int64_t M, int64_t D, const Dropout& drop,
+                             cudaStream_t stream);
 
 // dh3 = da * m * gelu'(h3 + bias), also into dh3_copy when not null; partial (slots, 1, D) receives
-// per-slot column sums of dh3 (fp32). seed_dev as for the forward.
+// per-slot column sums of dh3 (fp32).
 int gelu_bwd_slots(int64_t M, int64_t D, int sms);
 template <typename T>
 cudaError_t gelu_dropout_bwd(const T* da, const T* h3, const float* bias, T* dh3, T* dh3_copy, float* partial,
-                             int slots, int64_t M, int64_t D, uint64_t seed, const uint64_t* seed_dev, float p,
-                             cudaStream_t stream);
+                             int slots, int64_t M, int64_t D, const Dropout& drop, cudaStream_t stream);
 
 // out (51, D) float: rows 0..48 the merged kernel delta + (pad(w3) + pad(w5) + w7) / 3 taps-major, row
 // 49 the merged bias (b3 + b5 + b7) / 3, row 50 bp. Weights (D, 1, k, k), biases (D).
@@ -84,22 +96,5 @@ cudaError_t split_kernel_grad(const float* dKb, T* dw3, T* db3, T* dw5, T* db5, 
 // out[k] = sum over s of partial[s * n + k], in slot order, rounded once to T.
 template <typename T>
 cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cudaStream_t stream);
-
-// Up to kMaxCopyJobs device-to-device copies in one launch (the staging of a replayed CUDA graph's
-// inputs and outputs); also stores `seed` at seed_dst when that is not null. Jobs must not overlap.
-constexpr int kMaxCopyJobs = 40;
-struct CopyJob {
-  const void* src;
-  void* dst;
-  int64_t bytes;
-};
-struct CopyList {
-  CopyJob job[kMaxCopyJobs];
-  int n = 0;
-  uint64_t seed = 0;
-  uint64_t* seed_dst = nullptr;
-  void add(const void* src, void* dst, int64_t bytes) { job[n++] = CopyJob{src, dst, bytes}; }
-};
-cudaError_t multi_copy(const CopyList& list, int sms, cudaStream_t stream);
 
 }  // namespace mona

@@ -1,7 +1,7 @@
 """Where the host time of one adapter backward (or forward) goes, op by op and Python function by
 function, at a shape whose GPU work is negligible.
 
-    python benchmarks/profile_host.py [B,H,W,C] [backend] [fwd|bwd]      (default 1,8,8,128 triton bwd)
+    python benchmarks/tools/profile_host.py [B,H,W,C] [backend] [fwd|bwd]      (default 1,8,8,128 triton bwd)
 
 Prints torch.profiler's CPU ops by self time and cProfile's functions by internal time, over 50 calls.
 """

@@ -1,6 +1,6 @@
 """Where forward+backward GPU time goes, per kernel, and whether the step captures in a CUDA graph.
 
-    python benchmarks/profile_adapter.py [--amp] [--rows N] [B,H,W,C ...]
+    python benchmarks/tools/profile_adapter.py [--amp] [--rows N] [B,H,W,C ...]
 
 For the eager reference and each fused backend that runs here: torch.profiler's GPU time per kernel
 (microseconds per step, top rows) and the step's total GPU time; then a CUDA-graph capture of the
@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import mona_kernels as mk
 from mona_kernels import reference
-from mona_kernels.backend import _can_run
+from mona_kernels.backends import unavailable
 from mona_kernels.benchmark import capture_graph
 
 SHAPES = [(2, 200, 336, 128), (32, 56, 56, 128)]
@@ -30,7 +30,7 @@ def variants(C, dtype):
     ref.dropout.p = 0.0
     out = {"reference": ref}
     for b in ("triton", "cuda"):
-        if _can_run(b, torch.device("cuda")) is None:  # None: it runs here
+        if unavailable(b, torch.device("cuda")) is None:  # None: it runs here
             m = mk.Mona(C, dropout=0.0, backend=b).cuda().to(dtype)
             m.load_state_dict(ref.state_dict())
             out[f"fused[{b}]"] = m
