@@ -497,11 +497,7 @@ cudaError_t sum_slots(const float* partial, T* out, int64_t slots, int64_t n, cu
   template cudaError_t ln_scale_bwd<T, T2>(const T2*, const T*, LnWeights, const float*, const float*, const T*, \
                                            T*, float*, int, int64_t, int64_t, cudaStream_t);
 
-MONA_INSTANTIATE_LN(float, float)
-MONA_INSTANTIATE_LN(__half, __half)
-MONA_INSTANTIATE_LN(__nv_bfloat16, __nv_bfloat16)
-MONA_INSTANTIATE_LN(float, __half)
-MONA_INSTANTIATE_LN(float, __nv_bfloat16)
+MONA_FOR_LN_TYPES(MONA_INSTANTIATE_LN)
 
 #define MONA_INSTANTIATE(T)                                                                                      \
   template cudaError_t dwconv7_wgrad<T>(const T*, const T*, float*, int, const Map&, int, cudaStream_t);         \
@@ -510,8 +506,6 @@ MONA_INSTANTIATE_LN(float, __nv_bfloat16)
   template cudaError_t sum_slots<T>(const float*, T*, int64_t, int64_t, cudaStream_t);                           \
   template cudaError_t split_kernel_grad<T>(const float*, T*, T*, T*, T*, T*, T*, int64_t, cudaStream_t);
 
-MONA_INSTANTIATE(float)
-MONA_INSTANTIATE(__half)
-MONA_INSTANTIATE(__nv_bfloat16)
+MONA_FOR_TYPES(MONA_INSTANTIATE)
 
 }  // namespace mona

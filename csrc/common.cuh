@@ -18,6 +18,12 @@
 #include <type_traits>
 #include <utility>
 
+// The element types every launcher is instantiated for: T alone, and for the LN kernels tokens T
+// with y or dy in T2 (T itself, or a half type beside float tokens, as under autocast).
+#define MONA_FOR_TYPES(M) M(float) M(__half) M(__nv_bfloat16)
+#define MONA_FOR_LN_TYPES(M) \
+  M(float, float) M(__half, __half) M(__nv_bfloat16, __nv_bfloat16) M(float, __half) M(float, __nv_bfloat16)
+
 namespace mona {
 namespace {
 

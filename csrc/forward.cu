@@ -421,11 +421,7 @@ cudaError_t merge_kernels(const T* w3, const T* b3, const T* w5, const T* b5, co
   template cudaError_t ln_scale_fwd<T, T2>(const T*, LnWeights, T2*, float*, float*, int64_t, int64_t, float, int, \
                                            cudaStream_t);
 
-MONA_INSTANTIATE_LN(float, float)
-MONA_INSTANTIATE_LN(__half, __half)
-MONA_INSTANTIATE_LN(__nv_bfloat16, __nv_bfloat16)
-MONA_INSTANTIATE_LN(float, __half)
-MONA_INSTANTIATE_LN(float, __nv_bfloat16)
+MONA_FOR_LN_TYPES(MONA_INSTANTIATE_LN)
 
 #define MONA_INSTANTIATE(T)                                                                                      \
   template cudaError_t dwconv7_fwd<T>(const T*, const float*, const float*, T*, T*, const Map&, bool, int,     \
@@ -435,8 +431,6 @@ MONA_INSTANTIATE_LN(float, __nv_bfloat16)
   template cudaError_t merge_kernels<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*,   \
                                         float*, int64_t, cudaStream_t);
 
-MONA_INSTANTIATE(float)
-MONA_INSTANTIATE(__half)
-MONA_INSTANTIATE(__nv_bfloat16)
+MONA_FOR_TYPES(MONA_INSTANTIATE)
 
 }  // namespace mona

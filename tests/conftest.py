@@ -1,10 +1,13 @@
-"""Shared test helpers: the tolerance table, backends to run, and random parameter fills."""
+"""Shared test helpers: the tolerance table, backends to run, random parameter fills, and the
+adapter pairs (fused and float64 reference) the GPU tests compare."""
 import os
 
 import pytest
 import torch
 
+import mona_kernels as mk
 from mona_kernels.backends import unavailable
+from mona_kernels.reference import Mona as RefMona
 
 # ||actual - expected|| / ||expected|| against a float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -60,3 +63,45 @@ def randomize_(module: torch.nn.Module, scale: float = 0.5):
 
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Whole-adapter gradients chain five matmuls; their error budget is wider than one op's.
+CHAIN_SCALE = {torch.float64: 1.0, torch.float32: 10.0, torch.float16: 3.0, torch.bfloat16: 3.0}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 matmuls and convs in full fp32, so that fp32 results meet the fp32 tolerance."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def gpu_pair(C, dtype, d=64):
+    """(float64 reference, fused Mona in ``dtype``) on the GPU, with the same random parameters."""
+    ref = randomize_(RefMona(C, bottleneck=d, dropout=0.0)).cuda().double()
+    fused = mk.Mona(C, bottleneck=d, dropout=0.0).cuda().to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def check_adapter(fused, ref, x, hw, dtype, scale):
+    """The fused output and every gradient (x and each parameter) against the float64 reference."""
+    x_ref = x.detach().double().requires_grad_()
+    out, out_ref = fused(x, hw), ref(x_ref, hw)
+    assert_close(out, out_ref, dtype, "out")
+    g = torch.randn_like(out_ref)
+    names = ["x"] + [n for n, _ in fused.named_parameters()]
+    grads = torch.autograd.grad(out, [x, *fused.parameters()], g.to(out.dtype))
+    for name, a, b in zip(names, grads, torch.autograd.grad(out_ref, [x_ref, *ref.parameters()], g)):
+        assert_close(a, b, dtype, name, scale=scale)
+
+
+class FixedScale(torch.nn.Module):
+    """A dropout stand-in for the reference: multiplies by a given mask."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, a):
+        return a * self.scale.to(a.dtype).view(a.shape)

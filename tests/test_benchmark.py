@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICE_BACKENDS, needs_cuda
 from mona_kernels import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +48,36 @@ def test_graph_columns_are_nan_without_a_gpu():
     for r in rows:
         assert math.isnan(r["graph_fwd_ms"]) and math.isnan(r["graph_fwd_bwd_ms"])
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+
+
+@needs_cuda
+def test_benchmark_times_the_compiled_reference_beside_the_fused_adapter():
+    """The benchmark's default run includes torch.compile(reference), whose backward is timed alone by
+    replaying a retained graph; every variant must come back with times and small errors."""
+    import math
+    from mona_kernels.benchmark import bench_adapter
+    rows = bench_adapter((2, 8, 8, 64), torch.bfloat16, torch.device("cuda"), reps=5, variants=("compiled",),
+                         backends=["triton"], graphs=True)
+    assert [r["variant"] for r in rows] == ["reference", "compiled", "fused[triton]"]
+    for r in rows:
+        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "peak_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["variant"], key)
+        assert r["err_out"] < 2e-2 and r["err_grad"] < 2e-2, r["variant"]
+    assert math.isnan(rows[1]["graph_fwd_bwd_ms"])  # the compiled variant is not graph-timed
+    assert all(r["graph_fwd_ms"] > 0 and r["graph_fwd_bwd_ms"] > r["graph_fwd_ms"] for r in (rows[0], rows[2]))
+
+
+@needs_cuda
+def test_benchmark_graph_times_every_depthwise_variant():
+    """Every variant of the depthwise op's table captures its forward and its forward+backward, the
+    module's weights included (a live autograd graph over them once made the fwd+bwd capture fail)."""
+    import math
+    from mona_kernels.benchmark import bench_dwconv
+    rows = bench_dwconv((2, 13, 9, 64), torch.bfloat16, torch.device("cuda"), reps=5, backends=DEVICE_BACKENDS,
+                        graphs=True)
+    assert [r["variant"] for r in rows] == ["reference", "single_7x7_conv"] + [f"fused[{b}]" for b in DEVICE_BACKENDS]
+    for r in rows:
+        assert math.isfinite(r["graph_fwd_ms"]) and r["graph_fwd_ms"] > 0, r["variant"]
+        assert math.isfinite(r["graph_fwd_bwd_ms"]) and r["graph_fwd_bwd_ms"] > r["graph_fwd_ms"], r["variant"]
+        if r["variant"] != "single_7x7_conv":
+            assert r["err_out"] < 2e-2, r["variant"]

@@ -4,8 +4,7 @@
 #   bash benchmarks/tools/device_run.sh [stages...] [-- benchmark args...]
 # Stages (default: all, in this order): build tests memcheck launch swin bench.
 #   build     build the CUDA extension (ninja) in the background while the others start
-#   tests     the whole pytest suite (GPU tests and the rest in two parallel processes)
-#   gputests  tests/test_gpu.py alone
+#   tests     the whole pytest suite, in four parallel processes
 #   memcheck  compute-sanitizer memcheck of a small adapter fwd+bwd on the cuda and triton backends
 #   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/tools/launch_profile.py)
 #   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/tools/profile_adapter.py;
@@ -34,23 +33,19 @@ if has build; then
   BUILD_PID=$!
 fi
 wait_build() { [ -n "${BUILD_PID:-}" ] && { wait "$BUILD_PID"; echo "build: exit $?" >> "$SUMMARY"; BUILD_PID=; }; }
-if has tests || has gputests; then
+if has tests; then
   wait_build
-  # test_gpu.py in four processes (Triton compiles on the CPU, one kernel at a time per process)
-  groups=("ln_scale" "multiscale_dwconv" "adapter" "not ln_scale and not multiscale_dwconv and not adapter")
+  # the suite in four processes (Triton compiles on the CPU, one kernel at a time per process)
+  groups=("tests/test_adapter.py" "tests/test_ops.py" "tests/test_compile.py tests/test_benchmark.py"
+          "tests --ignore=tests/test_adapter.py --ignore=tests/test_ops.py --ignore=tests/test_compile.py --ignore=tests/test_benchmark.py")
   pids=()
   for k in 0 1 2 3; do
-    timeout "${TESTS_S:-300}" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs -k "${groups[$k]}" \
-      > "/tmp/tests_gpu_$k.log" 2>&1 &
+    timeout "${TESTS_S:-300}" python3 -m pytest ${groups[$k]} -q -p no:cacheprovider -rs > "/tmp/tests_$k.log" 2>&1 &
     pids+=($!)
   done
-  if has tests; then
-    timeout "${TESTS_S:-300}" python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/test_gpu.py > "$OUT/tests.log" 2>&1
-    echo "tests (non-GPU files): exit $?" >> "$SUMMARY"
-  fi
   for k in 0 1 2 3; do
-    wait "${pids[$k]}"; echo "tests (test_gpu.py -k '${groups[$k]}'): exit $?" >> "$SUMMARY"
-    cat "/tmp/tests_gpu_$k.log" >> "$OUT/tests_gpu.log"
+    wait "${pids[$k]}"; echo "tests (${groups[$k]%% *}...): exit $?" >> "$SUMMARY"
+    cat "/tmp/tests_$k.log" >> "$OUT/tests.log"
   done
 fi
 wait_build
@@ -78,7 +73,7 @@ stage profile "${PROFILE_S:-180}" profile.log profile_adapter python3 benchmarks
 stage swin "${SWIN_S:-150}" swin.log swin_step python3 benchmarks/swin_step.py ${SWIN_ARGS:-}
 stage bench "${BENCH_S:-240}" bench.log benchmark python3 -m mona_kernels.benchmark --out "$OUT" "$@"
 cat "$SUMMARY"
-for f in tests.log tests_gpu.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
+for f in tests.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
 [ -f "$OUT/memcheck.log" ] && { echo "== memcheck"; grep -E "ERROR SUMMARY|passed|Error" "$OUT/memcheck.log";
   echo "$(grep -c worst "$OUT/memcheck.log") cases checked against float64"; }
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }

@@ -7,7 +7,7 @@ and the CUDA extension's register-row conv (variant 0), shared-memory conv (4), 
 import torch
 
 from mona_kernels.backends import cuda
-from mona_kernels.ops.multiscale_dwconv import _conv_triton, _wgrad_triton
+from mona_kernels.backends.triton.dwconv import dwconv7_fwd, dwconv7_wgrad
 
 B, H, W, d = 2, 200, 336, 64
 h = torch.randn(B, H, W, d, device="cuda", dtype=torch.bfloat16)
@@ -15,8 +15,8 @@ g = torch.randn_like(h)
 K = torch.randn(49, d, device="cuda")
 bias = torch.randn(d, device="cuda")
 for _ in range(2):
-    _conv_triton(h, K, bias)
-    _wgrad_triton(h, g)
+    dwconv7_fwd(h, K, bias)
+    dwconv7_wgrad(h, g)
     for v in (0, 4):
         cuda.dwconv7_fwd(h, K, bias, False, v)
     for v in (0, 2):

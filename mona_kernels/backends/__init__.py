@@ -174,16 +174,18 @@ def adapter(name: str, x: Tensor, params: Params, H: int, W: int, eps: float, p:
                          compute_dtype)
 
 
+def plan(name: str):
+    """Backend ``name``'s plan: its module, with the standalone ops' ``ln_scale_fwd``,
+    ``ln_scale_bwd``, ``dwconv7_fwd`` (``flip`` for the input gradient) and ``dwconv7_wgrad``."""
+    return {"triton": triton, "cuda": cuda, "torch": pytorch}[name]
+
+
 def dropout_scale(name: str, seed: Tensor, like: Tensor, p: float) -> Tensor:
     """The dropout multiplier (0 or 1/(1-p)) backend ``name`` applies to each element of the (M, d)
     activations ``like`` for ``seed``. The Triton and CUDA plans draw the seed from torch's generator
     and regenerate the mask in the backward without storing it; the PyTorch plan draws the mask
     itself, as ``nn.Dropout`` does, and this is its mask after ``torch.manual_seed(seed)``."""
-    if name == "torch":
-        return pytorch.dropout_scale(seed, like, p)
-    if name == "triton":
-        return triton.dropout_scale(seed.to(like.device), like, p)
-    return cuda.dropout_scale(seed, like, p)
+    return plan(name).dropout_scale(seed.to(like.device) if name == "triton" else seed, like, p)
 
 
 # The plans last: the fused ones register their operators with make_differentiable as they load.

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import torch
 
 from . import make_differentiable
-from ..ops.utils import acc_dtype
 
 # Widest row the CUDA LN-scaling kernels take (csrc: ln_max_channels).
 MAX_CHANNELS = 2048

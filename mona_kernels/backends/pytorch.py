@@ -1,13 +1,18 @@
 """The PyTorch plan: the adapter as autograd through PyTorch's own ops, for the CPU and for GPUs
 where neither the Triton plan nor the CUDA extension runs. It differs from the reference in one
 place: the three depthwise convs and the identity run as one merged 7x7 conv (49 taps instead of
-9 + 25 + 49 and one weight gradient instead of three). torch.compile traces it like any model."""
+9 + 25 + 49 and one weight gradient instead of three). torch.compile traces it like any model.
+Also the standalone ops' PyTorch forms (``ln_scale_*``, ``dwconv7_*``)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from . import Params
+from ..ops.utils import acc_dtype
+
+KSIZE = 7
+TAPS = KSIZE * KSIZE
 
 
 def merged_kernel(w3, b3, w5, b5, w7, b7):
@@ -42,3 +47,46 @@ def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Ten
     with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
         torch.manual_seed(int(seed))
         return F.dropout(torch.ones_like(like), p)
+
+
+def ln_scale_fwd(x, w, b, gamma, gammax, eps):
+    acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    mean = xf.mean(dim=1)
+    xc = xf - mean[:, None]
+    rstd = torch.rsqrt((xc * xc).mean(dim=1) + eps)
+    xn = xc * rstd[:, None]
+    y = (xn * w.to(acc) + b.to(acc)) * gamma.to(acc) + xf * gammax.to(acc)
+    return y.to(x.dtype), mean, rstd
+
+
+def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd):
+    acc = mean.dtype
+    xf, dyf = x.to(acc), dy.to(acc)
+    w, b, gamma, gammax = (p.to(acc) for p in (w, b, gamma, gammax))
+    xn = (xf - mean[:, None]) * rstd[:, None]
+    t = dyf * (gamma * w)
+    dx = dyf * gammax + rstd[:, None] * (t - t.mean(1, keepdim=True) - xn * (t * xn).mean(1, keepdim=True))
+    dy_xn = (dyf * xn).sum(0)
+    dy_sum = dyf.sum(0)
+    rows = [dy_xn * w + dy_sum * b, (dyf * xf).sum(0), dy_xn * gamma, dy_sum * gamma]
+    return dx.to(x.dtype), torch.stack(rows)
+
+
+def dwconv7_fwd(h, K, bias, flip: bool = False):
+    """The merged conv over channels-last h by PyTorch's depthwise conv2d; ``flip`` rotates K."""
+    D = h.shape[-1]
+    acc = K.dtype
+    weight = (K.flip(0) if flip else K).t().reshape(D, 1, KSIZE, KSIZE)
+    out = F.conv2d(h.permute(0, 3, 1, 2).to(acc), weight, bias, padding=KSIZE // 2, groups=D)
+    return out.permute(0, 2, 3, 1).to(h.dtype).contiguous()
+
+
+def dwconv7_wgrad(h, dout):
+    """``(50, d)``: the merged kernel's gradient and the bias's, by PyTorch's conv2d_weight."""
+    D = h.shape[-1]
+    acc = acc_dtype(h.dtype)
+    hc = h.permute(0, 3, 1, 2).to(acc)
+    gc = dout.permute(0, 3, 1, 2).to(acc)
+    dK = torch.nn.grad.conv2d_weight(hc, (D, 1, KSIZE, KSIZE), gc, padding=KSIZE // 2, groups=D)
+    return torch.cat([dK.reshape(D, TAPS).t(), gc.sum(dim=(0, 2, 3))[None]])

@@ -1,12 +1,15 @@
-"""The drop-in fused Mona module: parity with the reference, state_dict, layouts, dropout, folding,
-conversion of existing models, and input errors."""
+"""The drop-in fused Mona module, on the CPU and on the GPU: parity with the reference in every
+dtype and under autocast, state_dict, layouts, dropout, CUDA-graph capture, conversion of existing
+models, and input errors."""
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import CPU_BACKENDS, TOLERANCE, assert_close, randomize_, rel_err
+from conftest import (CHAIN_SCALE, CPU_BACKENDS, DEVICE_BACKENDS, GPU_DTYPES, TOLERANCE, FixedScale, assert_close,
+                      check_adapter, gpu_pair, needs_cuda, randomize_, rel_err)
+from mona_kernels.benchmark import capture_graph
 import mona_kernels as mk
-from mona_kernels.reference import Mona as RefMona
+from mona_kernels.reference import Mona as RefMona, multiscale_dwconv_ref
 
 F64 = torch.float64
 
@@ -18,11 +21,7 @@ def _pair(C=24, d=16, dropout=0.0, backend=None):
     return ref, fused
 
 
-# Whole-adapter gradients chain several fp32 matmuls: a wider budget than one op's 1e-5.
-CHAIN_SCALE = {F64: 1.0, torch.float32: 10.0}
-
-
-# float32 with d <= 64 takes the single-kernel tails on Triton; float64 the composite path. C = 130
+# float32 and float64 both take the six-kernel plan on Triton. C = 130
 # and C = 520 run the fused up projection (forward) and its gradient (backward) over 3 blocks of 64
 # and 5 of 128 (forward) or 64 (backward) channels, the last one partial. 2x9x11 has 7 pixel tiles,
 # so the backward's persistent programs (4 on the CPU) each sum several tiles' bias gradients.
@@ -122,7 +121,7 @@ def test_backward_reuses_the_forward_dropout_mask(backend, dtype):
     assert (scale == 0).any()
     ref = RefMona(24, bottleneck=16, dropout=0.0).to(F64)
     ref.load_state_dict(fused.state_dict())
-    ref.dropout = _FixedScale(scale)
+    ref.dropout = FixedScale(scale)
     x_ref = x64.clone().requires_grad_()
     out_ref = ref(x_ref, (4, 5))
     assert_close(out, out_ref, dtype, "out", scale=CHAIN_SCALE[dtype])
@@ -131,15 +130,6 @@ def test_backward_reuses_the_forward_dropout_mask(backend, dtype):
     grads_ref = torch.autograd.grad(out_ref, [x_ref, *ref.parameters()], g)
     for a, b in zip(grads, grads_ref):
         assert_close(a, b, dtype, scale=CHAIN_SCALE[dtype])
-
-
-class _FixedScale(nn.Module):
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, a):
-        return a * self.scale.view(a.shape)
 
 
 def test_fold_warns_and_changes_nothing():
@@ -291,7 +281,7 @@ def test_bottleneck_over_maximum_is_refused():
 
 # The Triton interpreter converts fp32 to bf16 by truncation, where GPUs round to nearest, so the
 # Triton path runs here under fp16 autocast (rounded to nearest on both) and its bf16 accuracy is
-# checked on the GPU (test_gpu.py). Both run fp32 tokens and parameters through the compute-dtype
+# checked on the GPU (below). Both run fp32 tokens and parameters through the compute-dtype
 # kernels: y written in it by the LN kernel, the weights cast together, the gradients copied back.
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
 def test_autocast_gradients_are_as_accurate_as_the_reference(backend, dtype):
@@ -322,18 +312,232 @@ def test_autocast_gradients_are_as_accurate_as_the_reference(backend, dtype):
         assert e_fused <= 2 * e_ref + 1e-3, f"{name}: fused {e_fused:.3g} vs reference {e_ref:.3g}"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_torch_compile_fullgraph_traces_without_graph_breaks(backend):
-    """The whole forward and backward are registered ops, so dynamo traces the module in one graph."""
-    if backend == "triton":
-        pytest.skip("torch.compile cannot trace the Triton interpreter; tests/test_gpu.py compiles the Triton plan")
-    ref, fused = _pair(backend=backend)
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 20, 24, dtype=F64, requires_grad=True)
-    out = compiled(x, (4, 5))
-    assert_close(out, ref(x, (4, 5)), F64)
+# ---------------------------------------------------------------------------------------------------
+# On the GPU: every backend that runs there, against the float64 reference.
+
+GPU_SHAPES = [(32, 56, 56, 128), (32, 14, 14, 512), (2, 200, 336, 128), (2, 100, 168, 256),
+               (2, 50, 84, 512), (4, 128, 128, 192), (4, 32, 32, 768)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_adapter_odd_shape(backend, dtype):
+    ref, fused = gpu_pair(96, dtype)
+    fused.backend = backend
+    x = torch.randn(2, 37 * 23, 96, device="cuda").to(dtype).requires_grad_()
+    check_adapter(fused, ref, x, (37, 23), dtype, CHAIN_SCALE[dtype])
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_adapter_spec_shapes_bf16(shape, backend):
+    B, H, W, C = shape
+    ref, fused = gpu_pair(C, torch.bfloat16)
+    fused.backend = backend
+    x = torch.randn(B, H * W, C, device="cuda").to(torch.bfloat16).requires_grad_()
+    check_adapter(fused, ref, x, (H, W), torch.bfloat16, CHAIN_SCALE[torch.bfloat16])
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_bf16_output_is_as_accurate_as_the_bf16_reference(backend):
+    # within tolerance is not enough: the fused output should lose no more to rounding than the
+    # reference module itself does in bf16 (both measured against float64)
+    ref, fused = gpu_pair(256, torch.bfloat16)
+    fused.backend = backend
+    ref_bf16 = RefMona(256, bottleneck=64, dropout=0.0).cuda().to(torch.bfloat16)
+    ref_bf16.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 40 * 30, 256, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        truth = ref(x.double(), (40, 30))
+        assert rel_err(fused(x, (40, 30)), truth) <= 1.25 * rel_err(ref_bf16(x, (40, 30)), truth)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_bf16_tokens_with_fp32_parameters(backend):
+    ref, fused = gpu_pair(96, torch.float32, d=32)
+    fused.backend = backend
+    x = torch.randn(2, 13 * 11, 96, device="cuda").to(torch.bfloat16).requires_grad_()
+    check_adapter(fused, ref, x, (13, 11), torch.bfloat16, CHAIN_SCALE[torch.bfloat16])
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_empty_batch_gives_empty_output_and_zero_gradients(backend):
+    _, fused = gpu_pair(64, torch.float32, d=16)
+    fused.backend = backend
+    x = torch.randn(0, 5 * 6, 64, device="cuda", requires_grad=True)
+    for _ in range(3):  # every call, not only the first
+        out = fused(x, (5, 6))
+        assert out.shape == x.shape
+        grads = torch.autograd.grad(out.sum(), list(fused.parameters()), None)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@needs_cuda
+def test_non_contiguous_tokens():
+    ref, fused = gpu_pair(64, torch.float32)
+    base = torch.randn(2, 64, 30, device="cuda")
+    x = base.transpose(1, 2).requires_grad_()
+    assert not x.is_contiguous()
+    check_adapter(fused, ref, x, (5, 6), torch.float32, CHAIN_SCALE[torch.float32])
+
+
+# (C, d, (H, W)): aligned rows, and odd C and d, whose weights sit misaligned in the CUDA backend's
+# one cast buffer and whose LN rows take the scalar path
+AUTOCAST_CASES = [(128, 64, (15, 17)), (130, 6, (7, 9))]
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", AUTOCAST_CASES, ids=lambda c: f"C{c[0]}-d{c[1]}")
+def test_autocast_keeps_fp32_parameters_and_accurate_gradients(backend, dtype, case):
+    C, d, hw = case
+    ref, fused = gpu_pair(C, torch.float32, d=d)
+    fused.backend = backend
+    names = ["x"] + [n for n, _ in fused.named_parameters()]
+    for _ in range(3):  # three calls: nothing carries over between them
+        x = torch.randn(2, hw[0] * hw[1], C, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=dtype):
+            out = fused(x, hw)
+        assert out.dtype == torch.float32
+        x_ref = x.detach().double().requires_grad_()
+        out_ref = ref(x_ref, hw)
+        assert_close(out, out_ref, dtype, "out")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, *fused.parameters()], g)
+        assert all(gr.dtype == torch.float32 for gr in grads[1:])
+        for name, a, b in zip(names, grads, torch.autograd.grad(out_ref, [x_ref, *ref.parameters()], g.double())):
+            assert_close(a, b, dtype, name, scale=CHAIN_SCALE[dtype])
+
+
+@needs_cuda
+def test_fp16_large_values_do_not_overflow():
+    ref, fused = gpu_pair(256, torch.float16)
+    x = (torch.randn(1, 64, 256, device="cuda") * 300).half()
+    out = fused(x, (8, 8))
+    assert torch.isfinite(out).all() == torch.isfinite(ref(x.double(), (8, 8))).all()
+
+
+@needs_cuda
+def test_mixed_devices_name_the_argument():
+    fused = mk.Mona(32, bottleneck=16).cuda()
+    with pytest.raises(ValueError, match="device|cpu"):
+        fused(torch.randn(1, 4, 32), (2, 2))
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_dropout_rate_scale_and_backward_mask(backend):
+    p = 0.3
+    seed = torch.tensor([987654321])
+    scale = mk.backends.dropout_scale(backend, seed, torch.empty(3000, 64, device="cuda"), p)
+    kept = scale != 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.01
+    assert torch.allclose(scale[kept], torch.full_like(scale[kept], 1 / (1 - p)))
+    # The backward applies exactly the forward's mask: compare with the reference given that mask.
+    ref, fused = gpu_pair(48, torch.float32, d=16)
+    fused.backend, fused.dropout.p = backend, 0.4
+    x = torch.randn(2, 6 * 7, 48, device="cuda", requires_grad=True)
+    torch.manual_seed(11)
+    out = fused(x, (6, 7))
+    torch.manual_seed(11)
+    # the fused plans draw their seed on the device; the PyTorch plan draws its mask as nn.Dropout does
+    seed = torch.tensor([11]) if backend == "torch" else torch.randint(0, 2**62, (1,), device="cuda")
+    ref.dropout = FixedScale(mk.backends.dropout_scale(backend, seed, torch.empty(84, 16, device="cuda"), 0.4))
+    x_ref = x.detach().double().requires_grad_()
+    out_ref = ref(x_ref, (6, 7))
+    assert_close(out, out_ref, torch.float32, "out", scale=CHAIN_SCALE[torch.float32])
     g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, *fused.parameters()], g)
-    grads_ref = torch.autograd.grad(ref(x, (4, 5)), [x, *ref.parameters()], g)
-    for a, b in zip(grads, grads_ref):
-        assert_close(a, b, F64)
+    for name, a, b in zip(["x"] + [n for n, _ in fused.named_parameters()],
+                          torch.autograd.grad(out, [x, *fused.parameters()], g),
+                          torch.autograd.grad(out_ref, [x_ref, *ref.parameters()], g.double())):
+        assert_close(a, b, torch.float32, name, scale=CHAIN_SCALE[torch.float32])
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_cuda_graph_replay_matches_eager(backend):
+    _, fused = gpu_pair(64, torch.bfloat16)
+    fused.backend = backend
+    static_x = torch.randn(2, 9 * 10, 64, device="cuda").to(torch.bfloat16).requires_grad_()
+    static_g = torch.randn_like(static_x)
+    params = [static_x, *fused.parameters()]
+
+    def step():
+        return torch.autograd.grad(fused(static_x, (9, 10)), params, static_g)
+
+    graph, static_grads = capture_graph(step, warmup=2)
+    with torch.no_grad():  # new data in the captured buffers, then replay
+        static_x.copy_(torch.randn_like(static_x))
+        static_g.copy_(torch.randn_like(static_g))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(static_grads, eager):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_tensors_on_a_gpu_other_than_the_current_one(backend):
+    ref, fused = gpu_pair(64, torch.float32, d=16)
+    ref, fused = ref.to("cuda:1"), fused.to("cuda:1")
+    fused.backend = backend
+    with torch.cuda.device(0):
+        for _ in range(3):  # three calls: nothing carries over between them
+            x = torch.randn(2, 5 * 6, 64, device="cuda:1", requires_grad=True)
+            check_adapter(fused, ref, x, (5, 6), torch.float32, CHAIN_SCALE[torch.float32])
+        h = torch.randn(2, 5, 6, 16, device="cuda:1")
+        c = fused.adapter_conv
+        weights = [c.conv1.weight, c.conv1.bias, c.conv2.weight, c.conv2.bias, c.conv3.weight, c.conv3.bias]
+        assert_close(mk.multiscale_dwconv(h, *weights, backend=backend),
+                     multiscale_dwconv_ref(h.double(), *[w.double() for w in weights]), torch.float32, "h2")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_dropout_under_graph_capture_draws_a_new_mask_every_replay(backend, monkeypatch):
+    """The Triton and CUDA backends draw the seed on the GPU inside a capture: each replay gets a new
+    mask, and the replay equals an eager call given that replay's seed. The PyTorch plan's dropout
+    draws from PyTorch's capture-safe generator: each replay draws a new mask too."""
+    fused = randomize_(mk.Mona(32, bottleneck=16, dropout=0.25, backend=backend)).cuda()
+    x = torch.randn(2, 16, 32, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    params = [x, *fused.parameters()]
+
+    def step():
+        out = fused(x, (4, 4))
+        return (out.detach(), *torch.autograd.grad(out, params, g))
+
+    step()
+    if backend == "torch":
+        graph, static = capture_graph(step, warmup=2)
+        outs = []
+        for _ in range(2):
+            graph.replay()
+            outs.append(static[0].clone())
+        assert not torch.equal(outs[0], outs[1])
+        return
+    drawn = []
+    draw = mk.backends.draw_seed
+    monkeypatch.setattr(mk.backends, "draw_seed", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    graph, static = capture_graph(step, warmup=2)
+    seed = drawn[-1]
+    assert seed.is_cuda  # the captured call's seed, rewritten by every replay
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [t.clone() for t in static]
+        monkeypatch.setattr(mk.backends, "draw_seed",
+                            lambda *a, value=seed.item(), **k: torch.tensor([value], device="cuda"))
+        for a, b in zip(replayed, step()):
+            assert torch.equal(a, b)
+        outs.append(replayed[0])
+    assert not torch.equal(outs[0], outs[1])
