@@ -73,8 +73,6 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
     name = backends.resolve(x.device, backend)
-    if name == "triton" and d > backends.triton.MAX_D:
-        name = "torch"  # the Triton plan holds d x d tiles on chip; wider bottlenecks take PyTorch's ops
     params = backends.Params(norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, conv1_weight,
                              conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight,
                              projector_bias, project2_weight, project2_bias)

@@ -168,6 +168,8 @@ def fused_adapter(forward_op, x: Tensor, params: Params, H: int, W: int, eps: fl
 def adapter(name: str, x: Tensor, params: Params, H: int, W: int, eps: float, p: float,
             compute_dtype: torch.dtype) -> Tensor:
     """The adapter's output for tokens x (B, N, C), N = H * W, on backend ``name``."""
+    if name == "triton" and params.W1.shape[0] > triton.MAX_D:
+        name = "torch"  # the Triton plan holds d x d tiles on chip; wider bottlenecks take PyTorch's ops
     if name == "torch":
         return pytorch.adapter(x, params, H, W, eps, p)
     return fused_adapter(triton.adapter_fwd if name == "triton" else cuda.adapter_fwd(), x, params, H, W, eps, p,
