@@ -9,6 +9,8 @@
 #   launch    kernels per call, host cost per call, Triton registers/spills (benchmarks/tools/launch_profile.py)
 #   profile   GPU time per kernel of one fwd+bwd, and CUDA-graph capture (benchmarks/tools/profile_adapter.py;
 #             PROFILE_SHAPES="B,H,W,C ..." picks its shapes)
+#   sweep     each Triton plan kernel's GPU time over its launch options against its byte budget
+#             (benchmarks/tools/plan_sweep.py; PROFILE_SHAPES picks its shapes too)
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py; SWIN_ARGS
 #             passes it arguments, e.g. --graph)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
@@ -70,6 +72,7 @@ stage() {
   echo "$label: exit $?" >> "$SUMMARY"
 }
 stage profile "${PROFILE_S:-180}" profile.log profile_adapter python3 benchmarks/tools/profile_adapter.py ${PROFILE_SHAPES:-}
+stage sweep "${SWEEP_S:-240}" sweep.log plan_sweep python3 benchmarks/tools/plan_sweep.py ${PROFILE_SHAPES:-}
 stage swin "${SWIN_S:-150}" swin.log swin_step python3 benchmarks/swin_step.py ${SWIN_ARGS:-}
 stage bench "${BENCH_S:-240}" bench.log benchmark python3 -m mona_kernels.benchmark --out "$OUT" "$@"
 cat "$SUMMARY"
@@ -78,6 +81,7 @@ for f in tests.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|faile
   echo "$(grep -c worst "$OUT/memcheck.log") cases checked against float64"; }
 [ -f "$OUT/launch.log" ] && { echo "== launch"; grep -E "^\||tiny" "$OUT/launch.log"; }
 [ -f "$OUT/profile.log" ] && { echo "== profile"; grep -v -i warn "$OUT/profile.log" | cut -c1-160; }
+[ -f "$OUT/sweep.log" ] && { echo "== sweep"; grep "^|" "$OUT/sweep.log"; }
 [ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
 [ -f "$OUT/bench.log" ] && { echo "== bench"; grep "^| adapter\|^| multi\|^| ln" "$OUT/bench.log" | grep -v "fused\[torch\]" | cut -c1-200; }
 exit 0

@@ -1,0 +1,108 @@
+"""GPU time of each Triton plan kernel over its launch options, one option of one stage changed at a
+time, against the kernel's byte budget (docs/design.md) at the copy bandwidth measured here. Each
+variant's output and gradients are first checked against the default's.
+
+    python benchmarks/tools/plan_sweep.py [B,H,W,C ...]      (default 32,56,56,128 2,200,336,128)
+
+bf16, d = 64, no dropout. Without a GPU (TRITON_INTERPRET=1) it checks every variant at one small
+shape and times nothing.
+"""
+import collections
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mona_kernels as mk
+from mona_kernels.backends.triton import conv_ln_bwd, conv_up, ln_down, param_grads, tail_bwd
+from mona_kernels.benchmark import measure_bandwidth
+
+D = 64
+STEPS = 5
+# Bytes a token each kernel must move with 2-byte tensors (docs/design.md, "Byte and FLOP budget").
+BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambda C: 4 * C + 2 * D,
+          "tail_bwd_kernel": lambda C: 2 * C + 6 * D, "conv_ln_bwd_kernel": lambda C: 6 * C + 4 * D + 8,
+          "param_grads_kernel": lambda C: 4 * C + 8 * D + 8}
+# (stage module, its kernel, the module constant swept, the values tried); the first value of each
+# constant is put back after its sweep.
+OPTIONS = [(ln_down, "ln_down_kernel", "WARPS", (4, 8)), (ln_down, "ln_down_kernel", "BLOCK_M", (32, 64)),
+           (conv_up, "conv_up_kernel", "WARPS", (4, 8)), (conv_up, "conv_up_kernel", "TILE", (16, 32, 64)),
+           (tail_bwd, "tail_bwd_kernel", "WARPS", (4, 8)), (tail_bwd, "tail_bwd_kernel", "TILE", (16, 32)),
+           (conv_ln_bwd, "conv_ln_bwd_kernel", "WARPS", (4, 8)),
+           (conv_ln_bwd, "conv_ln_bwd_kernel", "TILE", (16, 32, 64)),
+           (param_grads, "param_grads_kernel", "WARPS", (4, 8)),
+           (param_grads, "param_grads_kernel", "TAP_TILE", (4, 8, 16))]
+
+
+def _problem(shape, device):
+    B, H, W, C = shape
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    m = mk.Mona(C, bottleneck=D, dropout=0.0, backend="triton").to(device, dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5 / (p[0].numel() ** 0.5 if p.dim() > 1 else 1))
+    x = torch.randn(B, H * W, C, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def step():
+        out = m(x, (H, W))
+        return (out.detach(), *torch.autograd.grad(out, [x, *m.parameters()], g))
+    return step
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _kernel_us(step):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+    times = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] += e.device_time / STEPS
+    return times
+
+
+def main(shapes):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timed = device.type == "cuda"
+    bandwidth = measure_bandwidth(device) if timed else None
+    if not timed:
+        shapes = [(1, 5, 7, 24)]
+    print("| shape | stage option | kernel µs | × byte budget | max rel. diff to default |")
+    print("|---|---|---|---|---|")
+    for shape in shapes:
+        step = _problem(shape, device)
+        want = step()
+        M, C = shape[0] * shape[1] * shape[2], shape[3]
+        for module, kernel, name, values in OPTIONS:
+            default = getattr(module, name)
+            try:
+                for value in values:
+                    setattr(module, name, value)
+                    diff = max(_rel(a, b) for a, b in zip(step(), want))
+                    if diff > 2e-2:
+                        raise AssertionError(f"{module.__name__}.{name}={value}: results differ by {diff:.3g}")
+                    label = f"{module.__name__.rsplit('.', 1)[-1]}.{name}={value}" + (" (default)" if value == default
+                                                                                      else "")
+                    if not timed:
+                        print(f"| {'x'.join(map(str, shape))} | {label} | – | – | {diff:.2e} |")
+                        continue
+                    us = _kernel_us(step)[kernel]
+                    budget_us = M * BUDGET[kernel](C) / bandwidth * 1e6
+                    print(f"| {'x'.join(map(str, shape))} | {label} | {us:.1f} | {us / budget_us:.1f}× | {diff:.2e} |",
+                          flush=True)
+            finally:
+                setattr(module, name, default)
+
+
+if __name__ == "__main__":
+    main([tuple(int(v) for v in s.split(",")) for s in sys.argv[1:]] or [(32, 56, 56, 128), (2, 200, 336, 128)])
