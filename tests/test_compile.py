@@ -35,8 +35,12 @@ def test_torch_compile_fullgraph_traces_without_graph_breaks(backend):
 
 
 @needs_cuda
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """One graph with no break (fullgraph) on every backend: the fused ones through their registered
+    operators, the PyTorch plan traced op by op."""
     ref, fused = gpu_pair(128, torch.bfloat16)
+    fused.backend = backend
     compiled = torch.compile(fused, fullgraph=True)
     x = torch.randn(2, 9 * 11, 128, device="cuda").to(torch.bfloat16).requires_grad_()
     out = compiled(x, (9, 11))
