@@ -87,7 +87,7 @@ def test_new_image_sizes_compile_no_new_triton_kernel():
     fine as Triton's own, so a new key would be a new specialisation)."""
     if "triton" not in DEVICE_BACKENDS:
         pytest.skip("Triton does not run on this GPU")
-    from mona_kernels.ops.utils import Launcher
+    from mona_kernels.backends.triton.launcher import Launcher
     fused = randomize_(mk.Mona(96, bottleneck=64, backend="triton")).cuda().bfloat16()
 
     def step(B, H, W):

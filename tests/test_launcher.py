@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mona_kernels.ops import utils
-from mona_kernels.ops.utils import Launcher
+from mona_kernels.backends.triton import launcher
+from mona_kernels.backends.triton.launcher import Launcher
 
 
 class FakeKernel:
@@ -47,8 +47,8 @@ class FakeJit:
 def fake_gpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(utils, "_current_raw_stream", lambda: 77)
-    monkeypatch.setattr(utils, "_launch_hooks", lambda: (None, None))
+    monkeypatch.setattr(launcher, "_current_raw_stream", lambda: 77)
+    monkeypatch.setattr(launcher, "_launch_hooks", lambda: (None, None))
     monkeypatch.setattr(Launcher, "_disabled", False)
 
 

@@ -110,7 +110,7 @@ def main():
             torch.cuda.synchronize()
         print(f"\nhost time by torch op, {name}, 20 forward+backward calls:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
-    from mona_kernels.ops.utils import Launcher
+    from mona_kernels.backends.triton.launcher import Launcher
     print(f"\nTriton launches by path: {Launcher.stats}")
     print("\n| Triton kernel | registers | spills |")
     print("|---|---|---|")

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ...ops.utils import Launcher, next_pow2
+from ...ops.utils import next_pow2
+from .launcher import Launcher
 
 
 @triton.jit

@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.utils import Launcher, acc_dtype, next_pow2, num_workers, tl_acc
+from ...ops.utils import acc_dtype, next_pow2, num_workers, tl_acc
 from .common import conv7_tile, tile_coords
+from .launcher import Launcher
 from .param_grads import tap_program
 
 KSIZE = 7

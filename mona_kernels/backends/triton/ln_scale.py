@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.utils import Launcher, acc_dtype, next_pow2, num_workers, tl_acc
+from ...ops.utils import acc_dtype, next_pow2, num_workers, tl_acc
+from .launcher import Launcher
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
 ROW_BLOCK_ELEMS = 4096
