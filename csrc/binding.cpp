@@ -200,4 +200,6 @@ TORCH_LIBRARY_IMPL(mona_kernels, CUDA, m) {
 }
 
 // Importing the module loads the library, which registers the operators above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "CUDA fallback kernels of mona_kernels (torch.ops.mona_kernels.cuda_*)"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA fallback kernels of mona_kernels (torch.ops.mona_kernels.cuda_*)";
+}
