@@ -177,8 +177,9 @@ def adapter(name: str, x: Tensor, params: Params, H: int, W: int, eps: float, p:
 
 
 def plan(name: str):
-    """Backend ``name``'s plan: its module, with the standalone ops' ``ln_scale_fwd``,
-    ``ln_scale_bwd``, ``dwconv7_fwd`` (``flip`` for the input gradient) and ``dwconv7_wgrad``."""
+    """Backend ``name``'s plan, its module. The fused plans (triton, cuda) have the standalone ops'
+    kernels: ``ln_scale_fwd``, ``ln_scale_bwd``, ``dwconv7_fwd`` (``flip`` for the input gradient) and
+    ``dwconv7_wgrad``; the PyTorch plan has the ops whole (``ln_scale``, ``multiscale_dwconv``)."""
     return {"triton": triton, "cuda": cuda, "torch": pytorch}[name]
 
 

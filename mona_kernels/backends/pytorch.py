@@ -2,17 +2,14 @@
 where neither the Triton plan nor the CUDA extension runs. It differs from the reference in one
 place: the three depthwise convs and the identity run as one merged 7x7 conv (49 taps instead of
 9 + 25 + 49 and one weight gradient instead of three). torch.compile traces it like any model.
-Also the standalone ops' PyTorch forms (``ln_scale_*``, ``dwconv7_*``)."""
+The standalone ops' PyTorch forms, :func:`ln_scale` and :func:`multiscale_dwconv`, differentiate the
+same way."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from . import Params
-from ..ops.utils import acc_dtype
-
-KSIZE = 7
-TAPS = KSIZE * KSIZE
 
 
 def merged_kernel(w3, b3, w5, b5, w7, b7):
@@ -24,13 +21,20 @@ def merged_kernel(w3, b3, w5, b5, w7, b7):
     return K + delta, (b3 + b5 + b7) / 3.0
 
 
+def _like_tokens(x: torch.Tensor, params):
+    """The parameters in the tokens' dtype outside autocast, as the fused plans compute (PyTorch's
+    LayerNorm and convs take no mixed dtypes); under autocast, as they are."""
+    if torch.is_autocast_enabled(x.device.type) or all(t.dtype == x.dtype for t in params):
+        return params
+    return [t.to(x.dtype) for t in params]
+
+
 def adapter(x: torch.Tensor, q: Params, H: int, W: int, eps: float, p: float) -> torch.Tensor:
     """The adapter's output for tokens x (B, N, C), N = H * W; dropout ``p`` draws from torch's
     generator as ``nn.Dropout`` does."""
     B, N, C = x.shape
     d = q.W1.shape[0]
-    if not torch.is_autocast_enabled(x.device.type) and any(t.dtype != x.dtype for t in q):
-        q = Params(*(t.to(x.dtype) for t in q))  # as the fused plans: parameters in the tokens' dtype
+    q = Params(*_like_tokens(x, q))
     y = F.layer_norm(x, (C,), q.w_ln, q.b_ln, eps) * q.gamma + x * q.gammax
     h1 = F.linear(y, q.W1, q.b1)
     K, bias = merged_kernel(q.w3, q.b3, q.w5, q.b5, q.w7, q.b7)
@@ -49,44 +53,16 @@ def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Ten
         return F.dropout(torch.ones_like(like), p)
 
 
-def ln_scale_fwd(x, w, b, gamma, gammax, eps):
-    acc = acc_dtype(x.dtype)
-    xf = x.to(acc)
-    mean = xf.mean(dim=1)
-    xc = xf - mean[:, None]
-    rstd = torch.rsqrt((xc * xc).mean(dim=1) + eps)
-    xn = xc * rstd[:, None]
-    y = (xn * w.to(acc) + b.to(acc)) * gamma.to(acc) + xf * gammax.to(acc)
-    return y.to(x.dtype), mean, rstd
+def ln_scale(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, gammax: torch.Tensor,
+             eps: float) -> torch.Tensor:
+    """``LayerNorm(x) * gamma + x * gammax`` over the last dimension, by PyTorch's own LayerNorm."""
+    w, b, gamma, gammax = _like_tokens(x, (w, b, gamma, gammax))
+    return F.layer_norm(x, x.shape[-1:], w, b, eps) * gamma + x * gammax
 
 
-def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd):
-    acc = mean.dtype
-    xf, dyf = x.to(acc), dy.to(acc)
-    w, b, gamma, gammax = (p.to(acc) for p in (w, b, gamma, gammax))
-    xn = (xf - mean[:, None]) * rstd[:, None]
-    t = dyf * (gamma * w)
-    dx = dyf * gammax + rstd[:, None] * (t - t.mean(1, keepdim=True) - xn * (t * xn).mean(1, keepdim=True))
-    dy_xn = (dyf * xn).sum(0)
-    dy_sum = dyf.sum(0)
-    rows = [dy_xn * w + dy_sum * b, (dyf * xf).sum(0), dy_xn * gamma, dy_sum * gamma]
-    return dx.to(x.dtype), torch.stack(rows)
-
-
-def dwconv7_fwd(h, K, bias, flip: bool = False):
-    """The merged conv over channels-last h by PyTorch's depthwise conv2d; ``flip`` rotates K."""
-    D = h.shape[-1]
-    acc = K.dtype
-    weight = (K.flip(0) if flip else K).t().reshape(D, 1, KSIZE, KSIZE)
-    out = F.conv2d(h.permute(0, 3, 1, 2).to(acc), weight, bias, padding=KSIZE // 2, groups=D)
-    return out.permute(0, 2, 3, 1).to(h.dtype).contiguous()
-
-
-def dwconv7_wgrad(h, dout):
-    """``(50, d)``: the merged kernel's gradient and the bias's, by PyTorch's conv2d_weight."""
-    D = h.shape[-1]
-    acc = acc_dtype(h.dtype)
-    hc = h.permute(0, 3, 1, 2).to(acc)
-    gc = dout.permute(0, 3, 1, 2).to(acc)
-    dK = torch.nn.grad.conv2d_weight(hc, (D, 1, KSIZE, KSIZE), gc, padding=KSIZE // 2, groups=D)
-    return torch.cat([dK.reshape(D, TAPS).t(), gc.sum(dim=(0, 2, 3))[None]])
+def multiscale_dwconv(h: torch.Tensor, w3, b3, w5, b5, w7, b7) -> torch.Tensor:
+    """``h + (dw3(h) + dw5(h) + dw7(h)) / 3`` for channels-last h (B, H, W, d), as one merged 7x7 conv
+    that reads h in place."""
+    d = h.shape[-1]
+    K, bias = merged_kernel(*_like_tokens(h, (w3, b3, w5, b5, w7, b7)))
+    return F.conv2d(h.permute(0, 3, 1, 2), K, bias, padding=3, groups=d).permute(0, 2, 3, 1)

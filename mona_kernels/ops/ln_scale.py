@@ -83,6 +83,9 @@ def ln_scale(x, weight, bias, gamma, gammax, eps: float = 1e-5, backend: str | N
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     C = x.shape[-1]
     check_ln_params(C, x, weight=weight, bias=bias, gamma=gamma, gammax=gammax)
+    name = backends.resolve(x.device, backend)
+    if name == "torch":  # autograd through PyTorch's own ops: no kernels of its own to join
+        return backends.pytorch.ln_scale(x, weight, bias, gamma, gammax, float(eps))
     x2d = x.reshape(-1, C).contiguous()
-    y = LNScaleFunction.apply(x2d, weight, bias, gamma, gammax, float(eps), backends.resolve(x.device, backend))
+    y = LNScaleFunction.apply(x2d, weight, bias, gamma, gammax, float(eps), name)
     return y.view(x.shape)

@@ -138,5 +138,7 @@ def multiscale_dwconv(h, w3, b3, w5, b5, w7, b7, backend: str | None = None):
                          f"got shape {tuple(h.shape)}{hint}")
     check_dwconv_params(d, h, w3=w3, b3=b3, w5=w5, b5=b5, w7=w7, b7=b7)
     name = backends.resolve(h.device, backend)
+    if name == "torch":  # autograd through PyTorch's own ops: no kernels of its own to join
+        return backends.pytorch.multiscale_dwconv(h, w3, b3, w5, b5, w7, b7)
     K, bias = merge_kernels(w3, b3, w5, b5, w7, b7, dtype=acc_dtype(h.dtype), backend=name)
     return DWConv7Function.apply(h.contiguous(), K, bias, name)
