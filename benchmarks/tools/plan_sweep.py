@@ -7,18 +7,16 @@ variant's output and gradients are first checked against the default's.
 bf16, d = 64, no dropout. Without a GPU (TRITON_INTERPRET=1) it checks every variant at one small
 shape and times nothing.
 """
-import collections
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import mona_kernels as mk
 from mona_kernels.backends.triton import conv_ln_bwd, conv_up, ln_down, param_grads, tail_bwd
 from mona_kernels.benchmark import measure_bandwidth
+from profile_adapter import kernel_table  # this folder's: GPU time per kernel of a step
 
 D = 64
-STEPS = 5
 # Bytes a token each kernel must move with 2-byte tensors (docs/design.md, "Byte and FLOP budget").
 BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambda C: 4 * C + 2 * D,
           "tail_bwd_kernel": lambda C: 2 * C + 6 * D, "conv_ln_bwd_kernel": lambda C: 6 * C + 4 * D + 8,
@@ -56,21 +54,6 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _kernel_us(step):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(STEPS):
-            step()
-        torch.cuda.synchronize()
-    times = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            times[e.name] += e.device_time / STEPS
-    return times
-
-
 def main(shapes):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timed = device.type == "cuda"
@@ -96,7 +79,7 @@ def main(shapes):
                     if not timed:
                         print(f"| {'x'.join(map(str, shape))} | {label} | – | – | {diff:.2e} |")
                         continue
-                    us = _kernel_us(step)[kernel]
+                    us = kernel_table(step)[0][kernel]
                     budget_us = M * BUDGET[kernel](C) / bandwidth * 1e6
                     print(f"| {'x'.join(map(str, shape))} | {label} | {us:.1f} | {us / budget_us:.1f}× | {diff:.2e} |",
                           flush=True)
