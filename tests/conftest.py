@@ -76,6 +76,14 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def f64_pair(C=24, d=16, dropout=0.0, backend=None):
+    """(reference, fused Mona) on the CPU in float64, with the same random parameters."""
+    ref = randomize_(RefMona(C, bottleneck=d, dropout=dropout).to(torch.float64))
+    fused = mk.Mona(C, bottleneck=d, dropout=dropout, backend=backend).to(torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
 def gpu_pair(C, dtype, d=64):
     """(float64 reference, fused Mona in ``dtype``) on the GPU, with the same random parameters."""
     ref = randomize_(RefMona(C, bottleneck=d, dropout=0.0)).cuda().double()

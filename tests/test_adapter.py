@@ -6,19 +6,12 @@ import torch
 import torch.nn as nn
 
 from conftest import (CHAIN_SCALE, CPU_BACKENDS, DEVICE_BACKENDS, GPU_DTYPES, TOLERANCE, FixedScale, assert_close,
-                      check_adapter, gpu_pair, needs_cuda, randomize_, rel_err)
+                      check_adapter, f64_pair, gpu_pair, needs_cuda, randomize_, rel_err)
 from mona_kernels.benchmark import capture_graph
 import mona_kernels as mk
 from mona_kernels.reference import Mona as RefMona, multiscale_dwconv_ref
 
 F64 = torch.float64
-
-
-def _pair(C=24, d=16, dropout=0.0, backend=None):
-    ref = randomize_(RefMona(C, bottleneck=d, dropout=dropout).to(F64))
-    fused = mk.Mona(C, bottleneck=d, dropout=dropout, backend=backend).to(F64)
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
 
 
 # float32 and float64 both take the six-kernel plan on Triton. C = 130
@@ -31,7 +24,7 @@ def _pair(C=24, d=16, dropout=0.0, backend=None):
 @pytest.mark.parametrize("B,H,W,C,d", [(2, 5, 7, 24, 16), (1, 1, 6, 10, 8), (1, 7, 1, 33, 64), (3, 3, 4, 48, 12),
                                        (1, 3, 5, 130, 16), (1, 2, 3, 520, 8), (2, 9, 11, 40, 16), (1, 3, 4, 20, 96)])
 def test_outputs_and_every_gradient_match_reference(backend, B, H, W, C, d, dtype):
-    ref, fused = _pair(C, d, backend=backend)
+    ref, fused = f64_pair(C, d, backend=backend)
     fused.to(dtype)
     x = torch.randn(B, H * W, C, dtype=F64, requires_grad=True)
     xd = x.detach().to(dtype).requires_grad_()
@@ -67,7 +60,7 @@ def test_the_authors_positional_factor_builds_their_module_and_loads_their_check
 
 
 def test_state_dict_round_trip_with_reference():
-    ref, fused = _pair()
+    ref, fused = f64_pair()
     back = RefMona(24, bottleneck=16).to(F64)
     back.load_state_dict(fused.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ref.state_dict().values()))
@@ -75,7 +68,7 @@ def test_state_dict_round_trip_with_reference():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_spatial_layout_input_returns_spatial_layout(backend):
-    ref, fused = _pair(backend=backend)
+    ref, fused = f64_pair(backend=backend)
     x = torch.randn(2, 4, 5, 24, dtype=F64)
     out = fused(x)
     assert out.shape == x.shape
@@ -83,7 +76,7 @@ def test_spatial_layout_input_returns_spatial_layout(backend):
 
 
 def test_dropout_is_reproducible_under_manual_seed_and_differs_between_seeds():
-    _, fused = _pair(dropout=0.5)
+    _, fused = f64_pair(dropout=0.5)
     x = torch.randn(2, 12, 24, dtype=F64)
     torch.manual_seed(3)
     a = fused(x, (3, 4))
@@ -108,7 +101,7 @@ def test_dropout_keeps_the_reference_rate_and_scale(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 def test_backward_reuses_the_forward_dropout_mask(backend, dtype):
-    _, fused = _pair(dropout=0.4, backend=backend)
+    _, fused = f64_pair(dropout=0.4, backend=backend)
     fused.to(dtype)
     x64 = torch.randn(1, 20, 24, dtype=F64)
     x = x64.to(dtype).requires_grad_()
@@ -134,7 +127,7 @@ def test_backward_reuses_the_forward_dropout_mask(backend, dtype):
 
 
 def test_fold_warns_and_changes_nothing():
-    ref, fused = _pair()
+    ref, fused = f64_pair()
     fused.eval()
     ref.eval()
     x = torch.randn(2, 30, 24, dtype=F64)
@@ -146,7 +139,7 @@ def test_fold_warns_and_changes_nothing():
 
 
 def test_eval_under_no_grad_keeps_no_graph():
-    _, fused = _pair()
+    _, fused = f64_pair()
     fused.eval()
     with torch.no_grad():
         out = fused(torch.randn(1, 6, 24, dtype=F64), (2, 3))
@@ -160,7 +153,7 @@ def test_a_parametrized_weight_is_used():
         def forward(self, w):
             return 2 * w
 
-    ref, fused = _pair()
+    ref, fused = f64_pair()
     parametrize.register_parametrization(fused.project1, "weight", Double())
     with torch.no_grad():
         ref.project1.weight.mul_(2)
@@ -172,7 +165,7 @@ def test_a_parametrized_weight_is_used():
 def test_double_backward_is_right_or_raises_never_wrong(backend):
     """The fused kernels have no derivatives of their own, so a double backward raises; the PyTorch
     plan is autograd through PyTorch's ops, so its double backward is the reference's."""
-    ref, fused = _pair(backend=backend)
+    ref, fused = f64_pair(backend=backend)
     x = torch.randn(1, 6, 24, dtype=F64, requires_grad=True)
     (dx,) = torch.autograd.grad(fused(x, (2, 3)).square().sum(), x, create_graph=True)
     if backend == "torch":
@@ -240,7 +233,7 @@ def test_convert_of_a_single_module_returns_the_fused_module():
     (((2, 12, 24), (3, 4, 1)), TypeError, r"hw_shapes must be two integers"),
 ])
 def test_bad_input_raises_a_clear_error(args, error, match):
-    _, fused = _pair()
+    _, fused = f64_pair()
     shape, hw = args
     with pytest.raises(error, match=match):
         fused(torch.randn(*shape, dtype=F64), hw)
@@ -249,7 +242,7 @@ def test_bad_input_raises_a_clear_error(args, error, match):
 @pytest.mark.parametrize("hw", [(3, 4), [3, 4], torch.Size([3, 4]), torch.tensor([3, 4]),
                                 (torch.tensor(3), torch.tensor(4))], ids=["tuple", "list", "size", "tensor", "0-d"])
 def test_hw_shapes_takes_any_pair_of_integers(hw):
-    ref, fused = _pair()
+    ref, fused = f64_pair()
     x = torch.randn(2, 12, 24, dtype=F64)
     assert_close(fused(x, hw), ref(x, (3, 4)), F64)
 
@@ -263,13 +256,13 @@ def test_channels_first_input_to_the_depthwise_op_names_the_layout():
 
 
 def test_missing_hw_shapes_is_an_error():
-    _, fused = _pair()
+    _, fused = f64_pair()
     with pytest.raises(ValueError, match="hw_shapes"):
         fused(torch.randn(1, 6, 24, dtype=F64))
 
 
 def test_integer_input_is_a_type_error():
-    _, fused = _pair()
+    _, fused = f64_pair()
     with pytest.raises(TypeError, match="x"):
         fused(torch.ones(1, 6, 24, dtype=torch.int64), (2, 3))
 

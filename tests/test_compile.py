@@ -3,18 +3,10 @@ compile or Triton kernel for a new image or batch size."""
 import pytest
 import torch
 
-from conftest import CPU_BACKENDS, DEVICE_BACKENDS, assert_close, gpu_pair, needs_cuda, randomize_, rel_err
+from conftest import CPU_BACKENDS, DEVICE_BACKENDS, assert_close, f64_pair, gpu_pair, needs_cuda, randomize_, rel_err
 import mona_kernels as mk
-from mona_kernels.reference import Mona as RefMona
 
 F64 = torch.float64
-
-
-def _pair(C=24, d=16, backend=None):
-    ref = randomize_(RefMona(C, bottleneck=d, dropout=0.0).to(F64))
-    fused = mk.Mona(C, bottleneck=d, dropout=0.0, backend=backend).to(F64)
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -22,7 +14,7 @@ def test_torch_compile_fullgraph_traces_without_graph_breaks(backend):
     """The whole forward and backward are registered ops, so dynamo traces the module in one graph."""
     if backend == "triton":
         pytest.skip("torch.compile cannot trace the Triton interpreter; the GPU tests below compile the Triton plan")
-    ref, fused = _pair(backend=backend)
+    ref, fused = f64_pair(backend=backend)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 20, 24, dtype=F64, requires_grad=True)
     out = compiled(x, (4, 5))

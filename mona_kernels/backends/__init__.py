@@ -188,7 +188,7 @@ def dropout_scale(name: str, seed: Tensor, like: Tensor, p: float) -> Tensor:
     activations ``like`` for ``seed``. The Triton and CUDA plans draw the seed from torch's generator
     and regenerate the mask in the backward without storing it; the PyTorch plan draws the mask
     itself, as ``nn.Dropout`` does, and this is its mask after ``torch.manual_seed(seed)``."""
-    return plan(name).dropout_scale(seed.to(like.device) if name == "triton" else seed, like, p)
+    return plan(name).dropout_scale(seed.to(like.device), like, p)
 
 
 # The plans last: the fused ones register their operators with make_differentiable as they load.

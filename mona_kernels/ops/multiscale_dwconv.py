@@ -14,7 +14,6 @@ Layout contract: ``h``/``out``/``dout``/``dh`` are channels-last (B, H, W, d) in
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import backends
 from .utils import acc_dtype, cast, call_op, check_tensor, on_input_device
@@ -69,11 +68,9 @@ class DWConv7Function(torch.autograd.Function):
 
 
 def _merge_torch(w3, b3, w5, b5, w7, b7, dtype):
-    d = w7.shape[0]
-    K = F.pad(w3.to(dtype), (2, 2, 2, 2)) + F.pad(w5.to(dtype), (1, 1, 1, 1)) + w7.to(dtype)
-    K = K.reshape(d, TAPS).t() / 3.0
-    K[TAPS // 2] += 1.0
-    return K.contiguous(), (b3.to(dtype) + b5.to(dtype) + b7.to(dtype)) / 3.0
+    """The PyTorch plan's merge, in ``dtype`` and taps-major (49, d)."""
+    K, bias = backends.pytorch.merged_kernel(*(t.to(dtype) for t in (w3, b3, w5, b5, w7, b7)))
+    return K.reshape(K.shape[0], TAPS).t().contiguous(), bias
 
 
 class MergeKernels(torch.autograd.Function):
