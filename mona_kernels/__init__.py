@@ -11,5 +11,5 @@ from .integrations import convert, is_mona
 from .modules import Mona
 
 __version__ = "0.1.0"
-__all__ = ["Mona", "backends", "convert", "is_mona", "ln_scale", "multiscale_dwconv", "mona", "reference",
+__all__ = ["Mona", "convert", "is_mona", "ln_scale", "multiscale_dwconv", "mona", "reference",
            "resolve_backend", "MAX_BOTTLENECK", "__version__"]
