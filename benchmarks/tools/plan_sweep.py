@@ -21,15 +21,25 @@ D = 64
 BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambda C: 4 * C + 2 * D,
           "tail_bwd_kernel": lambda C: 2 * C + 6 * D, "conv_ln_bwd_kernel": lambda C: 6 * C + 4 * D + 8,
           "param_grads_kernel": lambda C: 4 * C + 8 * D + 8}
-# (stage module, its kernel, the module constant swept, the values tried); the first value of each
-# constant is put back after its sweep.
-OPTIONS = [(ln_down, "ln_down_kernel", "WARPS", (4, 8)), (ln_down, "ln_down_kernel", "BLOCK_M", (32, 64)),
-           (conv_up, "conv_up_kernel", "WARPS", (4, 8)), (conv_up, "conv_up_kernel", "TILE", (16, 32, 64)),
-           (tail_bwd, "tail_bwd_kernel", "WARPS", (4, 8)), (tail_bwd, "tail_bwd_kernel", "TILE", (16, 32)),
-           (conv_ln_bwd, "conv_ln_bwd_kernel", "WARPS", (4, 8)),
-           (conv_ln_bwd, "conv_ln_bwd_kernel", "TILE", (16, 32, 64)),
-           (param_grads, "param_grads_kernel", "WARPS", (4, 8)),
-           (param_grads, "param_grads_kernel", "TAP_TILE", (4, 8, 16))]
+# Per kernel: its stage module and the variants tried, each a set of the module's constants changed
+# together from their defaults (put back after each variant).
+VARIANTS = [
+    (ln_down, "ln_down_kernel", [dict(WARPS=8), dict(BLOCK_M=32), dict(BLOCK_M=128, WARPS=8), dict(BLOCK_C=128),
+                                 dict(BLOCK_C=128, WARPS=8)]),
+    (conv_up, "conv_up_kernel", [dict(WARPS=8), dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64),
+                                 dict(TILE=64, WARPS=8), dict(BLOCK_N=128, WARPS=8)]),
+    (tail_bwd, "tail_bwd_kernel", [dict(PROGRAMS_PER_SM=2), dict(PROGRAMS_PER_SM=4), dict(WARPS=8),
+                                   dict(WARPS=8, PROGRAMS_PER_SM=2), dict(WARPS=8, PROGRAMS_PER_SM=4),
+                                   dict(TILE=16, PROGRAMS_PER_SM=4), dict(TILE=16, WARPS=2, PROGRAMS_PER_SM=8),
+                                   dict(TILE=64, WARPS=8, PROGRAMS_PER_SM=2)]),
+    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(WARPS=8), dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64),
+                                         dict(TILE=64, WARPS=8)]),
+    (param_grads, "param_grads_kernel", [dict(WARPS=8), dict(CHANNEL_PROGRAMS_PER_SM=2),
+                                         dict(CHANNEL_PROGRAMS_PER_SM=4), dict(TAP_PROGRAMS_PER_SM=4),
+                                         dict(TAP_PROGRAMS_PER_SM=8), dict(TAP_TILE=16),
+                                         dict(TAP_TILE=4, TAP_PROGRAMS_PER_SM=8),
+                                         dict(WARPS=8, CHANNEL_PROGRAMS_PER_SM=2, TAP_PROGRAMS_PER_SM=4)]),
+]
 
 
 def _problem(shape, device):
@@ -60,31 +70,40 @@ def main(shapes):
     bandwidth = measure_bandwidth(device) if timed else None
     if not timed:
         shapes = [(1, 5, 7, 24)]
-    print("| shape | stage option | kernel µs | × byte budget | max rel. diff to default |")
-    print("|---|---|---|---|---|")
+    print("| shape | kernel | variant | kernel µs | × byte budget | whole step µs | max rel. diff to default |")
+    print("|---|---|---|---|---|---|---|")
     for shape in shapes:
         step = _problem(shape, device)
         want = step()
         M, C = shape[0] * shape[1] * shape[2], shape[3]
-        for module, kernel, name, values in OPTIONS:
-            default = getattr(module, name)
-            try:
-                for value in values:
-                    setattr(module, name, value)
+        name = "x".join(map(str, shape))
+        if timed:
+            default_times = kernel_table(step)[0]
+        for module, kernel, variants in VARIANTS:
+            budget_us = M * BUDGET[kernel](C) / bandwidth * 1e6 if timed else None
+            if timed:
+                us = default_times[kernel]
+                print(f"| {name} | {kernel} | default | {us:.1f} | {us / budget_us:.1f}× | "
+                      f"{sum(default_times.values()):.1f} | 0 |", flush=True)
+            for changes in variants:
+                defaults = {key: getattr(module, key) for key in changes}
+                label = ", ".join(f"{key}={value}" for key, value in changes.items())
+                try:
+                    for key, value in changes.items():
+                        setattr(module, key, value)
                     diff = max(_rel(a, b) for a, b in zip(step(), want))
                     if diff > 2e-2:
-                        raise AssertionError(f"{module.__name__}.{name}={value}: results differ by {diff:.3g}")
-                    label = f"{module.__name__.rsplit('.', 1)[-1]}.{name}={value}" + (" (default)" if value == default
-                                                                                      else "")
+                        raise AssertionError(f"{module.__name__} {label}: results differ by {diff:.3g}")
                     if not timed:
-                        print(f"| {'x'.join(map(str, shape))} | {label} | – | – | {diff:.2e} |")
+                        print(f"| {name} | {kernel} | {label} | – | – | – | {diff:.2e} |")
                         continue
-                    us = kernel_table(step)[0][kernel]
-                    budget_us = M * BUDGET[kernel](C) / bandwidth * 1e6
-                    print(f"| {'x'.join(map(str, shape))} | {label} | {us:.1f} | {us / budget_us:.1f}× | {diff:.2e} |",
-                          flush=True)
-            finally:
-                setattr(module, name, default)
+                    times = kernel_table(step)[0]
+                    us = times[kernel]
+                    print(f"| {name} | {kernel} | {label} | {us:.1f} | {us / budget_us:.1f}× | "
+                          f"{sum(times.values()):.1f} | {diff:.2e} |", flush=True)
+                finally:
+                    for key, value in defaults.items():
+                        setattr(module, key, value)
 
 
 if __name__ == "__main__":

@@ -54,10 +54,10 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
     fill the GPU once; more only add rows for B4 to sum."""
     sms = num_workers(device, per_sm=1)
     n_cblk = -(-C // b3.channel_block(d))
-    channel = max(1, min(-(-sms // n_cblk), -(-M // b3.BLOCK_M)))
+    channel = max(1, min(-(-sms * b3.CHANNEL_PROGRAMS_PER_SM // n_cblk), -(-M // b3.BLOCK_M)))
     tail = max(1, min(sms * b1.PROGRAMS_PER_SM, -(-M // b1.TILE)))
     n_dblk = -(-d // b3.tap_block(d))
-    tap = max(1, min(-(-2 * sms // (7 * n_dblk)), -(-M // b3.TAP_TILE)))
+    tap = max(1, min(-(-sms * b3.TAP_PROGRAMS_PER_SM // (7 * n_dblk)), -(-M // b3.TAP_TILE)))
     return channel, tail, tap
 
 

@@ -24,6 +24,9 @@ BLOCK_M = 64
 WARPS = 4
 TAP_TILE = 8  # pixels a tap program adds per step: a (8, 8, 64) fp32 accumulator
 TAP_BLOCK_D = 64
+# Programs of each kind per SM (adapter.partial_rows): each writes one partial row that B4 sums.
+CHANNEL_PROGRAMS_PER_SM = 1
+TAP_PROGRAMS_PER_SM = 2
 
 
 def tap_block(d: int) -> int:
