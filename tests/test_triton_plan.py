@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CPU_BACKENDS, assert_close, randomize_
+from mona_kernels.ops.multiscale_dwconv import merge_kernels
 from mona_kernels.reference import Mona as RefMona, multiscale_dwconv_ref
 
 F64 = torch.float64
@@ -53,13 +54,20 @@ def chain(request):
     return request.param, _chain(*request.param)
 
 
-def test_ln_down_writes_h1_and_the_token_statistics(chain):
+def _merged(q):
+    """The merged conv kernel as the plan lays it out: (50, d), the 49 taps then the bias."""
+    K, bias = merge_kernels(*q[6:12], dtype=F64)
+    return torch.cat([K, bias[None]])
+
+
+def test_ln_down_writes_h1_the_token_statistics_and_the_merged_conv(chain):
     from mona_kernels.backends.triton.ln_down import ln_down
     (B, H, W, C, d), c = chain
     q = c["params"]
     x = c["x"].detach()
-    h1, mean, rstd = ln_down(x, *q[:6], 1e-5, F64, F64)
+    h1, mean, rstd, K = ln_down(x, *q[:12], 1e-5, F64, F64)
     assert_close(h1, c["h1"], F64, "h1")
+    assert_close(K, _merged(q), F64, "K")
     assert_close(mean, x.mean(1), F64, "mean")
     assert_close(rstd, (x.var(1, unbiased=False) + 1e-5).rsqrt(), F64, "rstd")
 
@@ -68,7 +76,7 @@ def test_conv_up_writes_the_adapter_output(chain):
     from mona_kernels.backends.triton.conv_up import conv_up
     (B, H, W, C, d), c = chain
     q = c["params"]
-    out = conv_up(c["h1"].detach(), c["x"].detach(), *q[6:], None, 0.0, H, W)
+    out = conv_up(c["h1"].detach(), c["x"].detach(), _merged(q), *q[12:], None, 0.0, H, W)
     assert_close(out, c["out"], F64, "out")
 
 
@@ -77,7 +85,7 @@ def test_tail_bwd_writes_dh2_and_a_and_the_projector_partials(chain):
     (B, H, W, C, d), c = chain
     q = c["params"]
     partial = torch.zeros(5 + 3 * (d * d + d), dtype=F64)  # rows from element 5: the offset is honoured
-    dh2, a = tail_bwd(c["g"], c["h1"].detach(), *q[6:15], None, 0.0, H, W, partial, 5, 3)
+    dh2, a = tail_bwd(c["g"], c["h1"].detach(), _merged(q), *q[12:15], None, 0.0, H, W, partial, 5, 3)
     assert torch.all(partial[:5] == 0)
     partial = partial[5:].view(3, d * d + d)
     assert_close(dh2, c["h2"].grad, F64, "dh2")
@@ -92,7 +100,7 @@ def test_conv_ln_bwd_writes_dh1_and_dx(chain):
     q = c["params"]
     x = c["x"].detach()
     mean, rstd = x.mean(1), (x.var(1, unbiased=False) + 1e-5).rsqrt()
-    dh1, dx = conv_ln_bwd(c["h2"].grad, x, mean, rstd, c["g"], q[6], q[8], q[10], q[4], q[0], q[2], q[3], H, W)
+    dh1, dx = conv_ln_bwd(c["h2"].grad, x, mean, rstd, c["g"], _merged(q), q[4], q[0], q[2], q[3], H, W)
     assert_close(dh1, c["h1"].grad, F64, "dh1")
     assert_close(dx, c["x"].grad, F64, "dx")
 

@@ -24,21 +24,16 @@ BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambd
 # Per kernel: its stage module and the variants tried, each a set of the module's constants changed
 # together from their defaults (put back after each variant).
 VARIANTS = [
-    (ln_down, "ln_down_kernel", [dict(WARPS=8), dict(BLOCK_M=32), dict(BLOCK_M=128, WARPS=8), dict(BLOCK_C=128),
-                                 dict(BLOCK_C=128, WARPS=8)]),
-    (conv_up, "conv_up_kernel", [dict(WARPS=8), dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64),
-                                 dict(TILE=64, WARPS=8), dict(BLOCK_N=128, WARPS=8)]),
-    (tail_bwd, "tail_bwd_kernel", [dict(PROGRAMS_PER_SM=2), dict(PROGRAMS_PER_SM=4), dict(WARPS=8),
-                                   dict(WARPS=8, PROGRAMS_PER_SM=2), dict(WARPS=8, PROGRAMS_PER_SM=4),
-                                   dict(TILE=16, PROGRAMS_PER_SM=4), dict(TILE=16, WARPS=2, PROGRAMS_PER_SM=8),
-                                   dict(TILE=64, WARPS=8, PROGRAMS_PER_SM=2)]),
-    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(WARPS=8), dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64),
-                                         dict(TILE=64, WARPS=8)]),
-    (param_grads, "param_grads_kernel", [dict(WARPS=8), dict(CHANNEL_PROGRAMS_PER_SM=2),
-                                         dict(CHANNEL_PROGRAMS_PER_SM=4), dict(TAP_PROGRAMS_PER_SM=4),
-                                         dict(TAP_PROGRAMS_PER_SM=8), dict(TAP_TILE=16),
-                                         dict(TAP_TILE=4, TAP_PROGRAMS_PER_SM=8),
-                                         dict(WARPS=8, CHANNEL_PROGRAMS_PER_SM=2, TAP_PROGRAMS_PER_SM=4)]),
+    (ln_down, "ln_down_kernel", [dict(WARPS=2), dict(BLOCK_M=32, WARPS=2), dict(BLOCK_M=128)]),
+    (conv_up, "conv_up_kernel", [dict(WARPS=1), dict(TILE=32), dict(TILE=32, WARPS=4), dict(TILE=64, WARPS=4),
+                                 dict(TILE=64)]),
+    (tail_bwd, "tail_bwd_kernel", [dict(PROGRAMS_PER_SM=4), dict(WARPS=2, PROGRAMS_PER_SM=4),
+                                   dict(TILE=16, WARPS=2, PROGRAMS_PER_SM=8), dict(TILE=64), dict(TILE=64, WARPS=8)]),
+    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=2), dict(TILE=16, WARPS=2),
+                                         dict(TILE=128, WARPS=8)]),
+    (param_grads, "param_grads_kernel", [dict(TAP_TILE=32), dict(TAP_PROGRAMS_PER_SM=4),
+                                         dict(TAP_TILE=32, TAP_PROGRAMS_PER_SM=4), dict(TAP_PROGRAMS_PER_SM=1),
+                                         dict(CHANNEL_PROGRAMS_PER_SM=2), dict(WARPS=2), dict(BLOCK_M=128)]),
 ]
 
 

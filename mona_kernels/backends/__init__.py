@@ -129,23 +129,25 @@ def resolve(device: torch.device, backend: Optional[str] = None) -> str:
 # The fused adapter: each fused backend's forward operator, made differentiable here, once.
 def make_differentiable(forward_op, backward: Callable) -> None:
     """Joins a backend's adapter operator ``(x, params, seed, H, W, eps, p, compute_dtype) ->
-    (out, h1, mean, rstd)`` to its ``backward(g, x, h1, mean, rstd, params, seed, H, W, eps, p) ->
-    (dx, parameter gradients)``, which autograd calls with what the forward saved: x, h1 (the compute
-    dtype), mean and rstd, and the dropout seed."""
+    (out, *saved)`` to its ``backward(g, x, saved, params, seed, H, W, eps, p) -> (dx, parameter
+    gradients)``, which autograd calls with x, the dropout seed and what the plan chose to save for
+    its backward (``saved``: the forward's other outputs, e.g. h1 and the row statistics)."""
     torch.library.register_autograd(forward_op, functools.partial(_backward, backward), setup_context=_setup_context)
 
 
 def _setup_context(ctx, inputs, output):
     x, params, seed, H, W, eps, p, compute_dtype = inputs
-    _, h1, mean, rstd = output
-    ctx.save_for_backward(x, h1, mean, rstd, seed, *params)
+    _, *saved = output
+    ctx.save_for_backward(x, seed, *params, *saved)
+    ctx.n_params = len(params)
     ctx.problem = (H, W, eps, p)
-    ctx.mark_non_differentiable(h1, mean, rstd)
+    ctx.mark_non_differentiable(*saved)
 
 
 def _backward(backward, ctx, g, *_):
-    x, h1, mean, rstd, seed, *params = ctx.saved_tensors
-    dx, grads = backward(g.contiguous(), x, h1, mean, rstd, params, seed, *ctx.problem)
+    x, seed, *rest = ctx.saved_tensors
+    params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
+    dx, grads = backward(g.contiguous(), x, saved, params, seed, *ctx.problem)
     return dx, list(grads), None, None, None, None, None, None
 
 

@@ -105,7 +105,8 @@ def adapter_fwd():
     return torch.ops.mona_kernels.cuda_adapter_fwd.default
 
 
-def backward(g, x, h1, mean, rstd, params, seed, H, W, eps, p):
+def backward(g, x, saved, params, seed, H, W, eps, p):
+    h1, mean, rstd = saved
     grads = torch.ops.mona_kernels.cuda_adapter_bwd(g, x, h1, mean, rstd, params, seed, H, W, eps, p)
     return grads[0], grads[1:]
 

@@ -8,7 +8,8 @@ with ``torch.library.triton_op`` so that ``torch.compile`` sees and launches the
               B3 param_grads  g, a', dh1, x, dh2, h1     -> partial rows of every other gradient
               B4 reduce_grads partial rows -> the sixteen parameter gradients
 
-Saved for the backward: x, h1 (compute dtype), mean and rstd (two floats a token) and the dropout
+F1 also merges the three convs' weights into one (50, d) kernel K that F2, B1 and B2 read.
+Saved for the backward: x, h1 (compute dtype), mean and rstd (two floats a token), K and the dropout
 seed; y, h2, h3, a' and the mask are recomputed. No kernel depends on the sizes B, H, W except
 through runtime arguments, so a new image size compiles nothing.
 """
@@ -39,14 +40,13 @@ MAX_D = 64
 @triton_op("mona_kernels::triton_adapter_fwd", mutates_args={})
 def adapter_fwd(x: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int,
                 eps: float, p: float, compute_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, h1, mean, rstd)`` for contiguous tokens x (M, C), M = B * H * W."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, h1, mean, rstd, K)`` for contiguous tokens x (M, C), M = B * H * W."""
     q = Params(*params)
-    h1, mean, rstd = ln_down(x, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, q.b1, eps, compute_dtype,
-                             acc_dtype(compute_dtype))
-    out = conv_up(h1, x, q.w3, q.b3, q.w5, q.b5, q.w7, q.b7, q.Wp, q.bp, q.W2, q.b2,
-                  seed if seed is not None else x, p, H, W)
-    return out, h1, mean, rstd
+    h1, mean, rstd, K = ln_down(x, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, q.b1, q.w3, q.b3, q.w5, q.b5, q.w7,
+                                q.b7, eps, compute_dtype, acc_dtype(compute_dtype))
+    out = conv_up(h1, x, K, q.Wp, q.bp, q.W2, q.b2, seed if seed is not None else x, p, H, W)
+    return out, h1, mean, rstd, K
 
 
 def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int, int]:
@@ -63,7 +63,7 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
 
 @triton_op("mona_kernels::triton_adapter_bwd", mutates_args={})
 def adapter_bwd(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, p: float,
+                K: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, p: float,
                 grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, grads)``: the input gradient and the sixteen parameter gradients flat, in ``grad_dtype``."""
     q = Params(*params)
@@ -76,9 +76,9 @@ def adapter_bwd(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.
     # one buffer of three regions, [channel rows | projector rows | tap rows], as B4 reads it
     tail_offset = rows_channel * len_channel
     tap_offset = tail_offset + rows_tail * (d * d + d)
-    dh2, a = tail_bwd(g, h1, q.w3, q.b3, q.w5, q.b5, q.w7, q.b7, q.Wp, q.bp, q.W2,
-                      seed if seed is not None else x, p, H, W, partial, tail_offset, rows_tail)
-    dh1, dx = conv_ln_bwd(dh2, x, mean, rstd, g, q.w3, q.w5, q.w7, q.W1, q.w_ln, q.gamma, q.gammax, H, W)
+    dh2, a = tail_bwd(g, h1, K, q.Wp, q.bp, q.W2, seed if seed is not None else x, p, H, W, partial, tail_offset,
+                      rows_tail)
+    dh1, dx = conv_ln_bwd(dh2, x, mean, rstd, g, K, q.W1, q.w_ln, q.gamma, q.gammax, H, W)
     param_grads(g, a, dh1, x, mean, rstd, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, h1, dh2, H, W, partial,
                 0, rows_channel, tap_offset, rows_tap)
     grads = torch.empty(grads_size(C, d), device=x.device, dtype=grad_dtype)
@@ -92,11 +92,12 @@ def _grad_dtype(params) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else acc_dtype(functools.reduce(torch.promote_types, dtypes))
 
 
-def backward(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-             params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, eps: float, p: float
+def backward(g: torch.Tensor, x: torch.Tensor, saved: list[torch.Tensor], params: list[torch.Tensor],
+             seed: Optional[torch.Tensor], H: int, W: int, eps: float, p: float
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(dx, parameter gradients)``, each gradient in its parameter's dtype and shape (eps is not
-    needed: mean and rstd are saved)."""
-    dx, grads = adapter_bwd(g, x, h1, mean, rstd, params, seed, H, W, p, _grad_dtype(params))
+    """``(dx, parameter gradients)`` from the forward's saved (h1, mean, rstd, K), each gradient in
+    its parameter's dtype and shape (eps is not needed: mean and rstd are saved)."""
+    h1, mean, rstd, K = saved
+    dx, grads = adapter_bwd(g, x, h1, mean, rstd, K, params, seed, H, W, p, _grad_dtype(params))
     flat = grads.split([q.numel() for q in params])
     return dx, [t.view(q.shape).to(q.dtype) for t, q in zip(flat, params)]

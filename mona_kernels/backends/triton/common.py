@@ -27,38 +27,37 @@ def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
 
 
 @triton.jit
-def merged_tap(w3_ptr, w5_ptr, w7_ptr, u, v: tl.constexpr, ch, cmask, ACC: tl.constexpr):
-    """Tap (u, v) of the merged kernel ``delta + (pad(w3) + pad(w5) + w7) / 3`` for channels ``ch``,
-    in ACC, from the three (d, 1, k, k) weights: built where it is used, so no merge pass runs."""
-    k = tl.load(w7_ptr + ch * 49 + (u * 7 + v), mask=cmask, other=0.0).to(ACC)
-    if v >= 1 and v <= 5:
-        in5 = cmask & (u >= 1) & (u <= 5)
-        k += tl.load(w5_ptr + ch * 25 + ((u - 1) * 5 + (v - 1)), mask=in5, other=0.0).to(ACC)
-    if v >= 2 and v <= 4:
-        in3 = cmask & (u >= 2) & (u <= 4)
-        k += tl.load(w3_ptr + ch * 9 + ((u - 2) * 3 + (v - 2)), mask=in3, other=0.0).to(ACC)
-    k = k / 3.0
-    if v == 3:
-        k += tl.where(u == 3, 1.0, 0.0)
-    return k
+def merge_taps(u, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, ch, cmask, ACC: tl.constexpr):
+    """Row u of the merged kernel ``delta + (pad(w3) + pad(w5) + w7) / 3`` from the three (d, 1, k, k)
+    weights: taps u * 7 .. u * 7 + 6 of the taps-major (50, D) ``k_ptr`` in ACC, and with row 0 its
+    last row, the bias ``(b3 + b5 + b7) / 3``. Merged once a step, so that each of the conv's taps
+    loads one weight vector instead of building it from three."""
+    uu = u + ch * 0  # the row index as a vector, for masks
+    in5 = cmask & (uu >= 1) & (uu <= 5)
+    in3 = cmask & (uu >= 2) & (uu <= 4)
+    for v in tl.static_range(7):
+        k = tl.load(w7_ptr + ch * 49 + (u * 7 + v), mask=cmask, other=0.0).to(ACC)
+        if v >= 1 and v <= 5:
+            k += tl.load(w5_ptr + ch * 25 + ((u - 1) * 5 + v - 1), mask=in5, other=0.0).to(ACC)
+        if v >= 2 and v <= 4:
+            k += tl.load(w3_ptr + ch * 9 + ((u - 2) * 3 + v - 2), mask=in3, other=0.0).to(ACC)
+        k = k / 3.0
+        if v == 3:
+            k += tl.where(u == 3, 1.0, 0.0)
+        tl.store(k_ptr + (u * 7 + v) * D + ch, k, mask=cmask)
+    if u == 0:
+        bias = (tl.load(b3_ptr + ch, mask=cmask, other=0.0).to(ACC)
+                + tl.load(b5_ptr + ch, mask=cmask, other=0.0).to(ACC)
+                + tl.load(b7_ptr + ch, mask=cmask, other=0.0).to(ACC)) / 3.0
+        tl.store(k_ptr + 49 * D + ch, bias, mask=cmask)
 
 
 @triton.jit
-def merged_bias(b3_ptr, b5_ptr, b7_ptr, ch, cmask, ACC: tl.constexpr):
-    """The merged conv's bias ``(b3 + b5 + b7) / 3`` in ACC."""
-    return (tl.load(b3_ptr + ch, mask=cmask, other=0.0).to(ACC)
-            + tl.load(b5_ptr + ch, mask=cmask, other=0.0).to(ACC)
-            + tl.load(b7_ptr + ch, mask=cmask, other=0.0).to(ACC)) / 3.0
-
-
-@triton.jit
-def conv7_tile(src_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, cmask,
-               TILE: tl.constexpr, BLOCK_D: tl.constexpr, FLIP: tl.constexpr, ACC: tl.constexpr,
-               MERGED: tl.constexpr = False):
-    """sum_{u,v} K[u, v] * src[i+u-3, j+v-3] for one (TILE, BLOCK_D) tile in ACC, zero outside the
-    image, K the merged kernel built from the three conv weights; FLIP takes K rotated by 180
-    degrees (the input gradient). With MERGED, w7_ptr holds K itself, taps-major (49, D), and
-    w3_ptr, w5_ptr go unread."""
+def conv7_tile(src_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+               FLIP: tl.constexpr, ACC: tl.constexpr):
+    """sum_{u,v} K[u * 7 + v] * src[i+u-3, j+v-3] for one (TILE, BLOCK_D) tile in ACC, zero outside
+    the image, K the merged kernel, taps-major (49 or 50, D) at ``k_ptr``; FLIP takes K rotated by 180
+    degrees (the input gradient)."""
     center = src_ptr + pix[:, None] * D + ch[None, :]
     acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
     # Tap rows in a real loop, columns unrolled: unrolling all 49 lets the scheduler hoist every load
@@ -70,13 +69,8 @@ def conv7_tile(src_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, 
             jj = j + (v - 3)
             ok = row_ok & (jj >= 0) & (jj < W)
             hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
-            if MERGED:
-                tap = (48 - (u * 7 + v)) if FLIP else (u * 7 + v)
-                k = tl.load(w7_ptr + tap * D + ch, mask=cmask, other=0.0).to(ACC)
-            elif FLIP:
-                k = merged_tap(w3_ptr, w5_ptr, w7_ptr, 6 - u, 6 - v, ch, cmask, ACC)
-            else:
-                k = merged_tap(w3_ptr, w5_ptr, w7_ptr, u, v, ch, cmask, ACC)
+            tap = (48 - (u * 7 + v)) if FLIP else (u * 7 + v)
+            k = tl.load(k_ptr + tap * D + ch, mask=cmask, other=0.0).to(ACC)
             acc += hv.to(ACC) * k[None, :]
     return acc
 

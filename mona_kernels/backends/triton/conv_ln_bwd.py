@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .common import Kernel, block_d, conv7_tile, precision, rows_and_stages, tile_coords
 
-TILE = 32
+TILE = 64
 BLOCK_N = 64
 WARPS = 4
 
@@ -32,7 +32,7 @@ def _dy_xn(dh1, w1_ptr, x_ptr, mean, rstd, pix, inside, n, nmask, ch, cmask, C, 
 
 
 @triton.jit(do_not_specialize=["H", "W", "M", "C"])
-def conv_ln_bwd_kernel(dh2_ptr, w3_ptr, w5_ptr, w7_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
+def conv_ln_bwd_kernel(dh2_ptr, k_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
                        w_ln_ptr, gamma_ptr, gammax_ptr, dh1_ptr, dx_ptr, H, W, M, C, D,
                        TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dh2 (M, D) in the compute dtype, x and g (M, C), mean and rstd (M,) in ACC -> dh1 (M, D) and
@@ -42,8 +42,7 @@ def conv_ln_bwd_kernel(dh2_ptr, w3_ptr, w5_ptr, w7_ptr, w1_ptr, x_ptr, mean_ptr,
     pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
-    dh1 = conv7_tile(dh2_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, True,
-                     ACC).to(CDT)
+    dh1 = conv7_tile(dh2_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, True, ACC).to(CDT)
     tl.store(dh1_ptr + pix[:, None] * D + ch[None, :], dh1, mask=inside[:, None] & cmask[None, :])
     mean = tl.load(mean_ptr + pix, mask=inside, other=0.0)
     rstd = tl.load(rstd_ptr + pix, mask=inside, other=0.0)
@@ -84,13 +83,13 @@ def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
                 **options)
 
 
-def conv_ln_bwd(dh2, x, mean, rstd, g, w3, w5, w7, W1, w_ln, gamma, gammax, H: int, W: int):
-    """``(dh1, dx)``."""
+def conv_ln_bwd(dh2, x, mean, rstd, g, K, W1, w_ln, gamma, gammax, H: int, W: int):
+    """``(dh1, dx)``, K the merged conv kernel (50, d) of the forward."""
     M, d = dh2.shape
     C = x.shape[1]
     dh1 = torch.empty_like(dh2)
     dx = torch.empty_like(x)
     options = meta(x.dtype, dh2.dtype, d)
     _conv_ln_bwd[(triton.cdiv(M, options["TILE"]),)](
-        dh2, w3, w5, w7, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, M, C, d, **options)
+        dh2, K, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, M, C, d, **options)
     return dh1, dx

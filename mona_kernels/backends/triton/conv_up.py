@@ -14,25 +14,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (Kernel, block_d, conv7_tile, dropout_args, gelu, keep, merged_bias, precision, rows_and_stages,
-                     tile_coords)
+from .common import Kernel, block_d, conv7_tile, dropout_args, gelu, keep, precision, rows_and_stages, tile_coords
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
 # and warps.
-TILE = 32
+TILE = 16
 BLOCK_N = 64
-WARPS = 4
+WARPS = 2
 
 
 @triton.jit
-def conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, pix, i, j, inside,
-                 H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                 ACC: tl.constexpr):
-    """``(h2, h3)`` of one tile in the compute dtype (h1's): h2 = conv7(h1, K) + bias_K and
-    h3 = h2 + h2 Wp^T + bp, each accumulated in ACC."""
+def conv_project(h1_ptr, k_ptr, wp_ptr, bp_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """``(h2, h3)`` of one tile in the compute dtype (h1's): h2 = conv7(h1, K) + bias_K with the
+    merged (50, D) kernel at ``k_ptr``, and h3 = h2 + h2 Wp^T + bp, each accumulated in ACC."""
     CDT: tl.constexpr = h1_ptr.dtype.element_ty
-    h2 = conv7_tile(h1_ptr, w3_ptr, w5_ptr, w7_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, False, ACC)
-    h2 = (h2 + merged_bias(b3_ptr, b5_ptr, b7_ptr, ch, cmask, ACC)[None, :]).to(CDT)
+    h2 = conv7_tile(h1_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, False, ACC)
+    h2 = (h2 + tl.load(k_ptr + 49 * D + ch, mask=cmask, other=0.0).to(ACC)[None, :]).to(CDT)
     # Wp^T as an (in, out) tile: element [i, o] = Wp[o, i].
     wpt = tl.load(wp_ptr + ch[None, :] * D + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
     h3 = tl.dot(h2, wpt.to(CDT), input_precision=PRECISION, out_dtype=ACC)
@@ -41,8 +39,7 @@ def conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr,
 
 
 @triton.jit(do_not_specialize=["H", "W", "M", "C"])
-def conv_up_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr,
-                   x_ptr, out_ptr, seed_ptr, p, scale, scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr,
+def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, seed_ptr, p, scale, scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr,
                    FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr):
     """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's."""
@@ -51,8 +48,8 @@ def conv_up_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_pt
     pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
-    _, h3 = conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, pix, i, j, inside,
-                         H, W, D, ch, cmask, TILE, BLOCK_D, PRECISION, ACC)
+    _, h3 = conv_project(h1_ptr, k_ptr, wp_ptr, bp_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D,
+                         PRECISION, ACC)
     a = gelu(h3.to(ACC))
     if HAS_DROPOUT:
         a = tl.where(keep(seed_ptr, pix[:, None] * D + ch[None, :], p), a * scale + a * scale_lo, 0.0)
@@ -80,13 +77,14 @@ def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
                 **options)
 
 
-def conv_up(h1, x, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
-    """The adapter's output (M, C) from h1 (M, d) and the tokens x (M, C)."""
+def conv_up(h1, x, K, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
+    """The adapter's output (M, C) from h1 (M, d), the merged conv kernel K (50, d) and the tokens
+    x (M, C)."""
     M, d = h1.shape
     C = x.shape[1]
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h1.dtype))
     options = meta(x.dtype, h1.dtype, d)
     _conv_up[(triton.cdiv(M, options["TILE"]),)](
-        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, b2, x, out, seed, *dropout_args(p), H, W, M, C, d,
+        h1, K, Wp, bp, W2, b2, x, out, seed, *dropout_args(p), H, W, M, C, d,
         HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return out

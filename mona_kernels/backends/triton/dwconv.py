@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import acc_dtype, next_pow2, num_workers, tl_acc
-from .common import conv7_tile, tile_coords
+from .common import conv7_tile, merge_taps, tile_coords
 from .launcher import Launcher
 from .param_grads import tap_program
 
@@ -45,7 +45,7 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
     offs = pix[:, None] * D + ch[None, :]
-    acc = conv7_tile(h_ptr, k_ptr, k_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, FLIP, ACC, True)
+    acc = conv7_tile(h_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, FLIP, ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & cmask[None, :])
@@ -63,31 +63,11 @@ def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix, n_tiles,
 
 
 @triton.jit
-def _merge_kernel(w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, bias_ptr, D, BLOCK_D: tl.constexpr):
-    """K[t, :] = delta_t + (pad(w3) + pad(w5) + w7)[:, t] / 3 for the 7 taps t of tap row program_id(1)
-    (one program a row: a single program for all 49 taps took 7 us, all latency); bias = mean of the
-    three, from row 0's programs."""
+def _merge_kernel(w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, BLOCK_D: tl.constexpr):
+    """Tap row program_id(1) of the merged (50, d) kernel, and its bias row from row 0's programs (one
+    program a row: a single program for all 49 taps took 7 us, all latency)."""
     ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    u = tl.program_id(1)
-    cmask = ch < D
-    uu = u + ch * 0  # the row index as a vector, for masks
-    in5 = cmask & (uu >= 1) & (uu <= 5)
-    in3 = cmask & (uu >= 2) & (uu <= 4)
-    for v in tl.static_range(7):
-        k = tl.load(w7_ptr + ch * 49 + (u * 7 + v), mask=cmask, other=0.0).to(tl.float32)
-        if v >= 1 and v <= 5:
-            k += tl.load(w5_ptr + ch * 25 + ((u - 1) * 5 + v - 1), mask=in5, other=0.0).to(tl.float32)
-        if v >= 2 and v <= 4:
-            k += tl.load(w3_ptr + ch * 9 + ((u - 2) * 3 + v - 2), mask=in3, other=0.0).to(tl.float32)
-        k = k / 3.0
-        if v == 3:
-            k += tl.where(u == 3, 1.0, 0.0)
-        tl.store(k_ptr + (u * 7 + v) * D + ch, k, mask=cmask)
-    if u == 0:
-        bias = (tl.load(b3_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-                + tl.load(b5_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-                + tl.load(b7_ptr + ch, mask=cmask, other=0.0).to(tl.float32)) / 3.0
-        tl.store(bias_ptr + ch, bias, mask=cmask)
+    merge_taps(tl.program_id(1), w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, ch, ch < D, tl.float32)
 
 
 _dwconv7_launch = Launcher(_dwconv7_kernel)
@@ -133,9 +113,8 @@ def dwconv7_wgrad(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGR
 def merge_kernels(w3, b3, w5, b5, w7, b7):
     """``(K, bias)`` in fp32: the merged taps-major (49, d) kernel and its bias, one launch."""
     d = w7.shape[0]
-    K = torch.empty(TAPS, d, device=w7.device, dtype=torch.float32)
-    bias = torch.empty(d, device=w7.device, dtype=torch.float32)
+    K = torch.empty(TAPS + 1, d, device=w7.device, dtype=torch.float32)
     block_d = min(next_pow2(d), 128)
     _merge_launch[(triton.cdiv(d, block_d), KSIZE)](w3.contiguous(), b3, w5.contiguous(), b5, w7.contiguous(), b7,
-                                                     K, bias, d, BLOCK_D=block_d)
-    return K, bias
+                                                     K, d, BLOCK_D=block_d)
+    return K[:TAPS], K[TAPS]

@@ -1,7 +1,8 @@
 """F1, the forward's first pass: LayerNorm-scaling and the down projection.
 
 Reads x (M, C); writes h1 = y W1^T + b1 (M, d) in the compute dtype and the per-token mean and rstd
-(M,) in the accumulation dtype. y = LN(x) * gamma + x * gammax never reaches memory.
+(M,) in the accumulation dtype. y = LN(x) * gamma + x * gammax never reaches memory. Seven more
+programs merge the three convs into the one (50, d) kernel that F2, B1 and B2 read.
 Budget per token (2-byte x): reads 2C, writes 2d + 8 bytes; 2Cd FLOP on tensor cores.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, precision, rows_and_stages
+from .common import Kernel, block_d, merge_taps, precision, rows_and_stages
 
 # Tokens a program and channels a step: a (64, 64) tile of x and a (64, d) fp32 accumulator.
 BLOCK_M = 64
@@ -30,15 +31,13 @@ def ln_scale_rows(x, mean, rstd, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, cols
     return (xn * w[None, :] + b[None, :]) * gamma[None, :] + x * gammax[None, :], xn
 
 
-@triton.jit(do_not_specialize=["M", "C"])
-def ln_down_kernel(x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, h1_ptr, mean_ptr, rstd_ptr,
-                   M, C, D, eps, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """x (M, C) any float dtype -> h1 (M, D) in the compute dtype, mean and rstd (M,) in the
-    accumulation dtype."""
+@triton.jit
+def _row_program(pid, x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, h1_ptr, mean_ptr, rstd_ptr,
+                 M, C, D, eps, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
     CDT: tl.constexpr = h1_ptr.dtype.element_ty
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     # Statistics in one pass, shifted by each row's first element so that a large common offset
     # costs no precision in the variance.
@@ -74,6 +73,23 @@ def ln_down_kernel(x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_
     tl.store(h1_ptr + rows[:, None] * D + ch[None, :], h1.to(CDT), mask=rmask[:, None] & dmask[None, :])
 
 
+@triton.jit(do_not_specialize=["M", "C", "n_rows"])
+def ln_down_kernel(x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr,
+                   w7_ptr, b7_ptr, h1_ptr, mean_ptr, rstd_ptr, k_ptr, M, C, D, eps, n_rows, BLOCK_M: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """x (M, C) any float dtype -> h1 (M, D) in the compute dtype, mean and rstd (M,) in the
+    accumulation dtype: programs below ``n_rows`` take BLOCK_M tokens each; the seven after them
+    write the merged kernel (50, D) in the accumulation dtype, a tap row each."""
+    pid = tl.program_id(0)
+    if pid < n_rows:
+        _row_program(pid, x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, h1_ptr, mean_ptr,
+                     rstd_ptr, M, C, D, eps, BLOCK_M, BLOCK_C, BLOCK_D, PRECISION)
+    else:
+        ch = tl.arange(0, BLOCK_D)
+        merge_taps(pid - n_rows, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, ch, ch < D,
+                   mean_ptr.dtype.element_ty)
+
+
 _ln_down = Kernel(ln_down_kernel)
 
 
@@ -84,14 +100,18 @@ def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
                 **options)
 
 
-def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, eps: float, cdt: torch.dtype, acc: torch.dtype):
-    """``(h1, mean, rstd)`` for tokens x (M, C)."""
+def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, eps: float, cdt: torch.dtype,
+            acc: torch.dtype):
+    """``(h1, mean, rstd, K)`` for tokens x (M, C): K the merged conv kernel, taps-major (50, d) with
+    the bias last."""
     M, C = x.shape
     d = W1.shape[0]
     h1 = x.new_empty((M, d), dtype=cdt)
     mean = x.new_empty((M,), dtype=acc)
     rstd = x.new_empty((M,), dtype=acc)
+    K = x.new_empty((50, d), dtype=acc)
     options = meta(x.dtype, cdt, d)
-    _ln_down[(triton.cdiv(M, options["BLOCK_M"]),)](
-        x, w_ln, b_ln, gamma, gammax, W1, b1, h1, mean, rstd, M, C, d, eps, **options)
-    return h1, mean, rstd
+    n_rows = triton.cdiv(M, options["BLOCK_M"])
+    _ln_down[(n_rows + 7,)](x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, h1, mean, rstd, K, M, C, d,
+                            eps, n_rows, **options)
+    return h1, mean, rstd, K

@@ -22,7 +22,7 @@ from .ln_down import ln_scale_rows
 
 BLOCK_M = 64
 WARPS = 4
-TAP_TILE = 8  # pixels a tap program adds per step: a (8, 8, 64) fp32 accumulator
+TAP_TILE = 16  # pixels a tap program adds per step: a (16, 8, 64) fp32 accumulator
 TAP_BLOCK_D = 64
 # Programs of each kind per SM (adapter.partial_rows): each writes one partial row that B4 sums.
 CHANNEL_PROGRAMS_PER_SM = 1

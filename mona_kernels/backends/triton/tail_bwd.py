@@ -19,11 +19,11 @@ from .conv_up import conv_project
 TILE = 32
 BLOCK_N = 64
 WARPS = 4
-PROGRAMS_PER_SM = 1  # each program writes a (d*d + d) partial row that B4 sums
+PROGRAMS_PER_SM = 2  # each program writes a (d*d + d) partial row that B4 sums
 
 
 @triton.jit(do_not_specialize=["H", "W", "M", "C", "n_tiles", "partial_off"])
-def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
+def tail_bwd_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
                     dh2_ptr, a_ptr, partial_ptr, partial_off, seed_ptr, p, scale, scale_lo, H, W, M, C, D, n_tiles,
                     HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -42,8 +42,8 @@ def tail_bwd_kernel(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_p
         pix, i, j, inside = tile_coords(tile, H, W, M, TILE)
         offs = pix[:, None] * D + ch[None, :]
         mask = inside[:, None] & cmask[None, :]
-        h2, h3 = conv_project(h1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, wp_ptr, bp_ptr, pix, i, j,
-                              inside, H, W, D, ch, cmask, TILE, BLOCK_D, PRECISION, ACC)
+        h2, h3 = conv_project(h1_ptr, k_ptr, wp_ptr, bp_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D,
+                              PRECISION, ACC)
         h = h3.to(ACC)
         a = gelu(h)
         if HAS_DROPOUT:
@@ -80,7 +80,7 @@ def meta(g_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
                 **options)
 
 
-def tail_bwd(g, h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, seed, p: float, H: int, W: int, partial, offset: int,
+def tail_bwd(g, h1, K, Wp, bp, W2, seed, p: float, H: int, W: int, partial, offset: int,
              programs: int):
     """``(dh2, a')`` (M, d); writes ``programs`` rows of d*d + d partial sums of dWp and dbp into the
     flat ``partial`` from element ``offset`` (offsets into one buffer, not views: the compiled graph
@@ -91,6 +91,6 @@ def tail_bwd(g, h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, seed, p: float, H: int, 
     a = torch.empty_like(h1)
     options = meta(g.dtype, h1.dtype, d)
     _tail_bwd[(programs,)](
-        h1, w3, b3, w5, b5, w7, b7, Wp, bp, W2, g, dh2, a, partial, offset, seed, *dropout_args(p), H, W, M, C, d,
+        h1, K, Wp, bp, W2, g, dh2, a, partial, offset, seed, *dropout_args(p), H, W, M, C, d,
         triton.cdiv(M, options["TILE"]), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return dh2, a
