@@ -87,8 +87,9 @@ def main(shapes):
                     for key, value in changes.items():
                         setattr(module, key, value)
                     diff = max(_rel(a, b) for a, b in zip(step(), want))
-                    if diff > 2e-2:
-                        raise AssertionError(f"{module.__name__} {label}: results differ by {diff:.3g}")
+                    if diff > 2e-2:  # a wrong variant is reported, not timed
+                        print(f"| {name} | {kernel} | {label} | WRONG | – | – | {diff:.2e} |", flush=True)
+                        continue
                     if not timed:
                         print(f"| {name} | {kernel} | {label} | – | – | – | {diff:.2e} |")
                         continue
