@@ -18,9 +18,9 @@ from .common import Kernel, block_d, conv7_tile, dropout_args, gelu, keep, preci
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
 # and warps.
-TILE = 16
+TILE = 32
 BLOCK_N = 64
-WARPS = 2
+WARPS = 4
 
 
 @triton.jit

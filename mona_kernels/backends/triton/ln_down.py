@@ -13,8 +13,8 @@ import triton.language as tl
 
 from .common import Kernel, block_d, merge_taps, precision, rows_and_stages
 
-# Tokens a program and channels a step: a (64, 64) tile of x and a (64, d) fp32 accumulator.
-BLOCK_M = 64
+# Tokens a program and channels a step: a (128, 64) tile of x and a (128, d) fp32 accumulator.
+BLOCK_M = 128
 BLOCK_C = 64
 WARPS = 4
 

@@ -20,13 +20,13 @@ import triton.language as tl
 from .common import Kernel, block_d, precision, rows_and_stages, tile_coords
 from .ln_down import ln_scale_rows
 
-BLOCK_M = 64
+BLOCK_M = 128
 WARPS = 4
-TAP_TILE = 16  # pixels a tap program adds per step: a (16, 8, 64) fp32 accumulator
+TAP_TILE = 32  # pixels a tap program adds per step: a (32, 8, 64) fp32 accumulator
 TAP_BLOCK_D = 64
 # Programs of each kind per SM (adapter.partial_rows): each writes one partial row that B4 sums.
 CHANNEL_PROGRAMS_PER_SM = 1
-TAP_PROGRAMS_PER_SM = 2
+TAP_PROGRAMS_PER_SM = 4
 
 
 def tap_block(d: int) -> int:

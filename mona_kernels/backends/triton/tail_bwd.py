@@ -16,7 +16,7 @@ from .common import (Kernel, block_d, dropout_args, gelu, gelu_grad, keep, preci
                      tile_coords)
 from .conv_up import conv_project
 
-TILE = 32
+TILE = 64
 BLOCK_N = 64
 WARPS = 4
 PROGRAMS_PER_SM = 2  # each program writes a (d*d + d) partial row that B4 sums
