@@ -46,8 +46,10 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 def test_compiled_triton_plan_matches_eager_and_compiles_once_for_every_size(mode):
     """Under torch.compile the plan's kernels are launched by the compiled graph itself (triton_op):
     results match eager ones, and new image and batch sizes compile nothing new after the first
-    dynamic recompile. Not bit for bit: on an H100 one bf16 element of dx in some sizes came out one
-    unit in the last place apart (Inductor compiles the kernels with its own specialisations)."""
+    dynamic recompile. Not bit for bit: Inductor compiles the kernels with its own specialisations (an
+    image width divisible by 16, say), which round differently; on an H100 at 2x16x16 the bf16 output
+    came out 1.4e-4 apart and the parameter gradients up to 1.6e-3, against the 1e-1 a wrong kernel
+    gives."""
     if "triton" not in DEVICE_BACKENDS:
         pytest.skip("Triton does not run on this GPU")
     torch._dynamo.reset()
@@ -66,7 +68,7 @@ def test_compiled_triton_plan_matches_eager_and_compiles_once_for_every_size(mod
         out = fused(x, (H, W))
         want = (out.detach(), *torch.autograd.grad(out, [x, *fused.parameters()], g))
         for a, b in zip(got, want):
-            assert rel_err(a, b) < 1e-3, (B, H, W, rel_err(a, b))
+            assert rel_err(a, b) < 1e-2, (B, H, W, rel_err(a, b))
         if (B, H, W) == (3, 5, 17):  # the second size made the graph dynamic; later ones reuse it
             frames = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == frames

@@ -19,6 +19,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch import sym_max, sym_min
 from torch.library import triton_op
 
 from .. import Params
@@ -54,10 +55,12 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
     fill the GPU once; more only add rows for B4 to sum."""
     sms = num_workers(device, per_sm=1)
     n_cblk = -(-C // b3.channel_block(d))
-    channel = max(1, min(-(-sms * b3.CHANNEL_PROGRAMS_PER_SM // n_cblk), -(-M // b3.BLOCK_M)))
-    tail = max(1, min(sms * b1.PROGRAMS_PER_SM, -(-M // b1.TILE)))
+    # sym_min and sym_max: under torch.compile M is symbolic, and Python's min and max would guard the
+    # graph on the branch taken, recompiling when a new size takes the other one.
+    channel = sym_max(1, sym_min(-(-sms * b3.CHANNEL_PROGRAMS_PER_SM // n_cblk), -(-M // b3.BLOCK_M)))
+    tail = sym_max(1, sym_min(sms * b1.PROGRAMS_PER_SM, -(-M // b1.TILE)))
     n_dblk = -(-d // b3.tap_block(d))
-    tap = max(1, min(-(-sms * b3.TAP_PROGRAMS_PER_SM // (7 * n_dblk)), -(-M // b3.TAP_TILE)))
+    tap = sym_max(1, sym_min(-(-sms * b3.TAP_PROGRAMS_PER_SM // (7 * n_dblk)), -(-M // b3.TAP_TILE)))
     return channel, tail, tap
 
 

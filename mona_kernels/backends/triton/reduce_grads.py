@@ -8,6 +8,7 @@ db3 = db5 = db7 = dbias_K / 3.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -72,5 +73,5 @@ def grads_size(C: int, d: int) -> int:
 
 def reduce_grads(partial, grads, C: int, d: int, rows_channel: int, rows_tail: int, rows_tap: int):
     _reduce_grads[(triton.cdiv(grads.numel(), BLOCK),)](
-        partial, grads, C, d, rows_channel, rows_tail, rows_tap, max(rows_channel, rows_tail, rows_tap),
+        partial, grads, C, d, rows_channel, rows_tail, rows_tap, torch.sym_max(rows_channel, torch.sym_max(rows_tail, rows_tap)),
         BLOCK=BLOCK, ROWS=ROWS, num_warps=WARPS)
