@@ -1,6 +1,7 @@
 """One forward+backward of the Triton plan (bf16, d = 64) after a warm-up, for ncu:
 
-    ncu --kernel-name regex:"_kernel$" --launch-skip 6 --launch-count 6 \
+    ncu --kernel-name regex:"^(ln_down|conv_up|tail_bwd|conv_ln_bwd|param_grads|reduce_grads)_kernel" \
+        --launch-skip 6 --launch-count 6 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         python benchmarks/tools/ncu_plan.py [B,H,W,C]          (default 32,56,56,128)
 """
