@@ -165,6 +165,23 @@ def test_two_backward_passes_are_bit_equal():
         assert torch.equal(a, b)
 
 
+def test_eager_calls_and_the_registered_operator_give_the_same_bits():
+    """Eager calls skip the operator's dispatch and run the plan's functions through an
+    autograd.Function; the operator (what torch.compile sees) must give the same output and
+    gradients, dropout included."""
+    from mona_kernels.backends import _EagerAdapter
+    from mona_kernels.backends import triton as plan
+    x, params = _plan_inputs(B=2, H=7, W=9, C=40, d=16)
+    seed = torch.tensor([1234])
+    g = torch.randn(x.shape, dtype=F64)
+    out = plan.adapter_fwd(x, list(params), seed, 7, 9, 1e-5, 0.1, F64)[0]
+    want = (out, *torch.autograd.grad(out, [x, *params], g))
+    out = _EagerAdapter.apply(plan.ADAPTER, x, seed, 7, 9, 1e-5, 0.1, F64, *params)
+    got = (out, *torch.autograd.grad(out, [x, *params], g))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 KERNELS = {"ln_down": ["M", "C"], "conv_up": ["H", "W", "M", "C"],
            "tail_bwd": ["H", "W", "M", "C", "n_tiles", "partial_off"], "conv_ln_bwd": ["H", "W", "M", "C"],
            "param_grads": ["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off", "tap_off"],

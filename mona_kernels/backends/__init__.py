@@ -14,7 +14,7 @@ A backend is a plan of the whole adapter (its forward and backward), one module 
     torch    backends/pytorch.py autograd through PyTorch's own ops (the CPU path)
 
 The Triton and CUDA plans expose the same two operators, a forward
-``(x, params, seed, H, W, eps, p, compute_dtype) -> (out, h1, mean, rstd)`` and a backward, and
+``(x, params, seed, H, W, eps, p, compute_dtype) -> (out, *saved)`` and a backward, and
 :func:`make_differentiable` joins them, the same way for both.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..ops.utils import interpreting
+from ..ops.utils import interpreting, traced
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
@@ -127,28 +127,65 @@ def resolve(device: torch.device, backend: Optional[str] = None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The fused adapter: each fused backend's forward operator, made differentiable here, once.
-def make_differentiable(forward_op, backward: Callable) -> None:
-    """Joins a backend's adapter operator ``(x, params, seed, H, W, eps, p, compute_dtype) ->
+class Differentiable(NamedTuple):
+    """A fused plan's adapter, differentiable: ``op`` its forward operator, ``forward`` the same forward
+    as a plain function, ``backward`` its backward."""
+    op: Callable
+    forward: Callable
+    backward: Callable
+
+
+def make_differentiable(op, backward: Callable, forward: Optional[Callable] = None) -> Differentiable:
+    """Joins a backend's adapter operator ``op(x, params, seed, H, W, eps, p, compute_dtype) ->
     (out, *saved)`` to its ``backward(g, x, saved, params, seed, H, W, eps, p) -> (dx, parameter
     gradients)``, which autograd calls with x, the dropout seed and what the plan chose to save for
-    its backward (``saved``: the forward's other outputs, e.g. h1 and the row statistics)."""
-    torch.library.register_autograd(forward_op, functools.partial(_backward, backward), setup_context=_setup_context)
+    its backward (``saved``: the forward's other outputs, e.g. h1 and the row statistics).
+    ``forward`` is the operator's function itself, where the plan has one in Python."""
+    torch.library.register_autograd(op, functools.partial(_backward, backward), setup_context=_setup_context)
+    return Differentiable(op, forward or op, backward)
+
+
+def _save(ctx, x, seed, params, saved, problem):
+    ctx.save_for_backward(x, seed, *params, *saved)
+    ctx.n_params = len(params)
+    ctx.problem = problem
+
+
+def _run_backward(backward, ctx, g):
+    x, seed, *rest = ctx.saved_tensors
+    n = ctx.n_params
+    return backward(g.contiguous(), x, rest[n:], rest[:n], seed, *ctx.problem)
 
 
 def _setup_context(ctx, inputs, output):
     x, params, seed, H, W, eps, p, compute_dtype = inputs
     _, *saved = output
-    ctx.save_for_backward(x, seed, *params, *saved)
-    ctx.n_params = len(params)
-    ctx.problem = (H, W, eps, p)
+    _save(ctx, x, seed, params, saved, (H, W, eps, p))
     ctx.mark_non_differentiable(*saved)
 
 
 def _backward(backward, ctx, g, *_):
-    x, seed, *rest = ctx.saved_tensors
-    params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
-    dx, grads = backward(g.contiguous(), x, saved, params, seed, *ctx.problem)
+    dx, grads = _run_backward(backward, ctx, g)
     return dx, list(grads), None, None, None, None, None, None
+
+
+class _EagerAdapter(torch.autograd.Function):
+    """The registered operator's autograd, for eager calls: the same forward and backward, saving the
+    same tensors, without the operator's dispatch, schema checks and argument flattening, which cost
+    240 of 570 us of host time a forward+backward (a 1x8x8x128 adapter, kernels not launched, on a
+    CPU of the CI's kind); eager steps are bound by that host time."""
+
+    @staticmethod
+    def forward(ctx, plan, x, seed, H, W, eps, p, compute_dtype, *params):
+        out, *saved = plan.forward(x, list(params), seed, H, W, eps, p, compute_dtype)
+        _save(ctx, x, seed, params, saved, (H, W, eps, p))
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, grads = _run_backward(ctx.plan.backward, ctx, g)
+        return (None, dx, None, None, None, None, None, None, *grads)
 
 
 def draw_seed(x: Tensor) -> Tensor:
@@ -157,13 +194,19 @@ def draw_seed(x: Tensor) -> Tensor:
     return torch.randint(0, 2**62, (1,), device=x.device)
 
 
-def fused_adapter(forward_op, x: Tensor, params: Params, H: int, W: int, eps: float, p: float,
+def fused_adapter(plan: Differentiable, x: Tensor, params: Params, H: int, W: int, eps: float, p: float,
                   compute_dtype: torch.dtype) -> Tensor:
-    """The adapter's output for tokens x (B, N, C) through a fused backend's forward operator."""
+    """The adapter's output for tokens x (B, N, C) through a fused backend's plan: its registered
+    operator while traced (torch.compile sees the kernels), the same functions directly in eager
+    calls."""
     B, N, C = x.shape
     seed = draw_seed(x) if p > 0 else None
-    out = forward_op(x.reshape(B * N, C).contiguous(), [q.contiguous() for q in params], seed, H, W, eps, p,
-                     compute_dtype)[0]
+    tokens = x.reshape(B * N, C).contiguous()
+    params = [q.contiguous() for q in params]
+    if traced():
+        out = plan.op(tokens, params, seed, H, W, eps, p, compute_dtype)[0]
+    else:
+        out = _EagerAdapter.apply(plan, tokens, seed, H, W, eps, p, compute_dtype, *params)
     return out.view(B, N, C)
 
 
@@ -174,7 +217,7 @@ def adapter(name: str, x: Tensor, params: Params, H: int, W: int, eps: float, p:
         name = "torch"  # the Triton plan holds d x d tiles on chip; wider bottlenecks take PyTorch's ops
     if name == "torch":
         return pytorch.adapter(x, params, H, W, eps, p)
-    return fused_adapter(triton.adapter_fwd if name == "triton" else cuda.adapter_fwd(), x, params, H, W, eps, p,
+    return fused_adapter(triton.ADAPTER if name == "triton" else cuda.adapter(), x, params, H, W, eps, p,
                          compute_dtype)
 
 

@@ -18,7 +18,7 @@ from . import make_differentiable
 # Widest row the CUDA LN-scaling kernels take (csrc: ln_max_channels).
 MAX_CHANNELS = 2048
 
-_LOADED: list = []
+_LOADED: list = []  # the extension module, then the adapter made differentiable
 
 
 def load():
@@ -26,8 +26,7 @@ def load():
     cannot be had."""
     if not _LOADED:
         module = _import_or_build()
-        _register()
-        _LOADED.append(module)
+        _LOADED.extend([module, _register()])
     return _LOADED[0]
 
 
@@ -55,6 +54,7 @@ def _import_or_build():
 
 
 def _register():
+    """Fake shapes of every operator, and the adapter made differentiable (returned)."""
     ops = torch.ops.mona_kernels
     fake = torch.library.register_fake
 
@@ -90,7 +90,7 @@ def _register():
     def _(g, x, h1, mean, rstd, params, seed, H, W, eps, p):
         return [torch.empty_like(x)] + [torch.empty_like(q) for q in params]
 
-    make_differentiable(ops.cuda_adapter_fwd.default, backward)
+    return make_differentiable(ops.cuda_adapter_fwd.default, backward)
 
 
 def _check_channels(x):
@@ -99,10 +99,10 @@ def _check_channels(x):
                          "(use backend='triton' or 'torch')")
 
 
-def adapter_fwd():
-    """The adapter's forward operator (loads the extension)."""
+def adapter():
+    """The plan's adapter, differentiable (loads the extension)."""
     load()
-    return torch.ops.mona_kernels.cuda_adapter_fwd.default
+    return _LOADED[1]
 
 
 def backward(g, x, saved, params, seed, H, W, eps, p):

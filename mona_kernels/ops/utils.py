@@ -5,6 +5,7 @@ import functools
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -12,6 +13,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def interpreting() -> bool:
     """True when Triton runs its kernels on the CPU (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a, b):
+    """``ceil(a / b)`` for non-negative integers, symbolic ones included: plain arithmetic, because
+    ``triton.cdiv`` goes through Triton's JIT call path (about 5 us a call)."""
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
@@ -74,7 +81,14 @@ def on_input_device(fn):
     return wrapper
 
 
+def traced() -> bool:
+    """Whether this call is being traced (torch.compile, or a dispatch mode such as fake tensors or
+    export) rather than run eagerly: traced calls go through the registered operators, eager ones
+    straight to the kernels."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
 def call_op(op, impl, *args):
-    """Run ``impl`` directly in eager mode (no dispatcher overhead per call); while torch.compile
-    traces, call the registered custom ``op`` so that the graph holds it as one opaque node."""
-    return (op if torch.compiler.is_compiling() else impl)(*args)
+    """Run ``impl`` directly in eager mode (no dispatcher overhead per call); while traced, call the
+    registered custom ``op`` so that the graph holds it as one opaque node."""
+    return (op if traced() else impl)(*args)

@@ -23,7 +23,7 @@ from torch import sym_max, sym_min
 from torch.library import triton_op
 
 from .. import Params
-from ...ops.utils import acc_dtype, num_workers
+from ...ops.utils import acc_dtype, call_op, num_workers
 from . import param_grads as b3, tail_bwd as b1
 from .conv_ln_bwd import conv_ln_bwd
 from .conv_up import conv_up
@@ -38,8 +38,7 @@ from .tail_bwd import tail_bwd
 MAX_D = 64
 
 
-@triton_op("mona_kernels::triton_adapter_fwd", mutates_args={})
-def adapter_fwd(x: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int,
+def forward(x: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int,
                 eps: float, p: float, compute_dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, h1, mean, rstd, K)`` for contiguous tokens x (M, C), M = B * H * W."""
@@ -48,6 +47,9 @@ def adapter_fwd(x: torch.Tensor, params: list[torch.Tensor], seed: Optional[torc
                                 q.b7, eps, compute_dtype, acc_dtype(compute_dtype))
     out = conv_up(h1, x, K, q.Wp, q.bp, q.W2, q.b2, seed if seed is not None else x, p, H, W)
     return out, h1, mean, rstd, K
+
+
+adapter_fwd = triton_op("mona_kernels::triton_adapter_fwd", mutates_args={})(forward)
 
 
 def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int, int]:
@@ -64,10 +66,9 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
     return channel, tail, tap
 
 
-@triton_op("mona_kernels::triton_adapter_bwd", mutates_args={})
-def adapter_bwd(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                K: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, p: float,
-                grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def gradients(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              K: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, p: float,
+              grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, grads)``: the input gradient and the sixteen parameter gradients flat, in ``grad_dtype``."""
     q = Params(*params)
     M, C = x.shape
@@ -89,6 +90,9 @@ def adapter_bwd(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.
     return dx, grads
 
 
+adapter_bwd = triton_op("mona_kernels::triton_adapter_bwd", mutates_args={})(gradients)
+
+
 def _grad_dtype(params) -> torch.dtype:
     """The parameters' own dtype, or the accumulation dtype where they differ."""
     dtypes = {q.dtype for q in params}
@@ -101,6 +105,8 @@ def backward(g: torch.Tensor, x: torch.Tensor, saved: list[torch.Tensor], params
     """``(dx, parameter gradients)`` from the forward's saved (h1, mean, rstd, K), each gradient in
     its parameter's dtype and shape (eps is not needed: mean and rstd are saved)."""
     h1, mean, rstd, K = saved
-    dx, grads = adapter_bwd(g, x, h1, mean, rstd, K, params, seed, H, W, p, _grad_dtype(params))
-    flat = grads.split([q.numel() for q in params])
-    return dx, [t.view(q.shape).to(q.dtype) for t, q in zip(flat, params)]
+    # the operator while traced (the compiled backward launches the kernels), the function in eager calls
+    dx, grads = call_op(adapter_bwd, gradients, g, x, h1, mean, rstd, K, params, seed, H, W, p, _grad_dtype(params))
+    # one call makes the sixteen views (a view and a cast each cost a dispatch in eager calls)
+    views = torch._C._nn.unflatten_dense_tensors(grads, params)
+    return dx, [t if t.dtype == q.dtype else t.to(q.dtype) for t, q in zip(views, params)]

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ...ops.utils import next_pow2
+from ...ops.utils import next_pow2, traced
 from .launcher import Launcher
 
 
@@ -135,7 +134,7 @@ class Kernel:
         self.fast = Launcher(fn)
 
     def __getitem__(self, grid):
-        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        if traced():
             return torch.library.wrap_triton(self.fn)[grid]
         return self.fast[grid]
 

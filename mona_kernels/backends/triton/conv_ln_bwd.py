@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.utils import cdiv
 from .common import Kernel, block_d, conv7_tile, precision, rows_and_stages, tile_coords
 
 TILE = 64
@@ -90,6 +91,6 @@ def conv_ln_bwd(dh2, x, mean, rstd, g, K, W1, w_ln, gamma, gammax, H: int, W: in
     dh1 = torch.empty_like(dh2)
     dx = torch.empty_like(x)
     options = meta(x.dtype, dh2.dtype, d)
-    _conv_ln_bwd[(triton.cdiv(M, options["TILE"]),)](
+    _conv_ln_bwd[(cdiv(M, options["TILE"]),)](
         dh2, K, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, M, C, d, **options)
     return dh1, dx

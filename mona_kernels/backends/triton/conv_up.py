@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.utils import cdiv
 from .common import Kernel, block_d, conv7_tile, dropout_args, gelu, keep, precision, rows_and_stages, tile_coords
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
@@ -84,7 +85,7 @@ def conv_up(h1, x, K, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
     C = x.shape[1]
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h1.dtype))
     options = meta(x.dtype, h1.dtype, d)
-    _conv_up[(triton.cdiv(M, options["TILE"]),)](
+    _conv_up[(cdiv(M, options["TILE"]),)](
         h1, K, Wp, bp, W2, b2, x, out, seed, *dropout_args(p), H, W, M, C, d,
         HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return out

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.utils import cdiv
 from .common import Kernel, block_d, merge_taps, precision, rows_and_stages
 
 # Tokens a program and channels a step: a (128, 64) tile of x and a (128, d) fp32 accumulator.
@@ -111,7 +112,7 @@ def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, eps: f
     rstd = x.new_empty((M,), dtype=acc)
     K = x.new_empty((50, d), dtype=acc)
     options = meta(x.dtype, cdt, d)
-    n_rows = triton.cdiv(M, options["BLOCK_M"])
+    n_rows = cdiv(M, options["BLOCK_M"])
     _ln_down[(n_rows + 7,)](x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, h1, mean, rstd, K, M, C, d,
                             eps, n_rows, **options)
     return h1, mean, rstd, K

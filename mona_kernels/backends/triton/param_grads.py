@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.utils import cdiv
 from .common import Kernel, block_d, precision, rows_and_stages, tile_coords
 from .ln_down import ln_scale_rows
 
@@ -166,10 +167,10 @@ def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2
     M, C = x.shape
     d = h1.shape[1]
     options = meta(x.dtype, h1.dtype, d)
-    n_cblk = triton.cdiv(C, options["BLOCK_N"])
-    tokens = triton.cdiv(triton.cdiv(M, splits), options["BLOCK_M"]) * options["BLOCK_M"]
-    n_dblk = triton.cdiv(d, options["TAP_BLOCK_D"])
+    n_cblk = cdiv(C, options["BLOCK_N"])
+    tokens = cdiv(cdiv(M, splits), options["BLOCK_M"]) * options["BLOCK_M"]
+    n_dblk = cdiv(d, options["TAP_BLOCK_D"])
     n_channel = splits * n_cblk
     _param_grads[(n_channel + tap_splits * 7 * n_dblk,)](
         g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, partial, channel_offset, tap_offset,
-        H, W, M, C, d, tokens, n_cblk, n_channel, triton.cdiv(M, TAP_TILE), tap_splits, n_dblk, **options)
+        H, W, M, C, d, tokens, n_cblk, n_channel, cdiv(M, TAP_TILE), tap_splits, n_dblk, **options)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops.utils import cdiv
 from .common import (Kernel, block_d, dropout_args, gelu, gelu_grad, keep, precision, rows_and_stages,
                      tile_coords)
 from .conv_up import conv_project
@@ -92,5 +93,5 @@ def tail_bwd(g, h1, K, Wp, bp, W2, seed, p: float, H: int, W: int, partial, offs
     options = meta(g.dtype, h1.dtype, d)
     _tail_bwd[(programs,)](
         h1, K, Wp, bp, W2, g, dh2, a, partial, offset, seed, *dropout_args(p), H, W, M, C, d,
-        triton.cdiv(M, options["TILE"]), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
+        cdiv(M, options["TILE"]), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return dh2, a
