@@ -5,6 +5,7 @@ reference first.
 
     python benchmarks/swin_step.py [--batch 32] [--steps 20] [--rounds 5] [--graph] [--backends triton,cuda]
                                    [--compile [VARIANT ...]] [--compile-modes default reduce-overhead]
+    python benchmarks/swin_step.py --multiscale [--ms-size 800,1333] [--ms-steps 20] [--ms-passes 3]
 
 The eager step is bound by this host's Python and launch speed, which drifts within a run; so the
 variants are timed in turn, ``--rounds`` times, and each is reported by its median over the rounds,
@@ -12,9 +13,17 @@ and its ratio to the zero-cost step by the median of the rounds' ratios (with th
 
 ``--graph`` also times the whole step (forward, backward, AdamW with ``capturable=True``) captured
 once in a CUDA graph and replayed: the GPU time of a step, without the host's.
+
+``--multiscale`` times detection-style training instead: the Swin-B backbone alone (features, no
+head) at B = 2, each step at a new random image size around ``--ms-size`` (multiples of 32, as
+detectors pad them), ``--ms-steps`` sizes, run ``--ms-passes`` times over the same sizes; wall time
+per step of each pass, eager, every variant in turn within a pass. The first pass includes what the
+first sight of each size costs (kernel compiles, cuDNN's choices, allocator growth).
 """
 import argparse
 import copy
+import random
+import time
 
 import torch
 import torch.nn as nn
@@ -103,6 +112,64 @@ def adapter_grads(model, x, y, autocast=True):
     return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
 
 
+def multiscale(args):
+    """Wall time per step of each pass over the same random detection-size images, per variant."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    try:  # timm takes other image sizes than its configured one only when told
+        model = timm.create_model("swin_base_patch4_window7_224", pretrained=False, num_classes=0,
+                                  strict_img_size=False, dynamic_mask=True).to(device)
+    except TypeError as e:
+        raise SystemExit(f"--multiscale needs a timm whose Swin takes strict_img_size and dynamic_mask: {e}")
+    add_mona(model, fused=False, dropout=0.0)
+    freeze_all_but_adapters(model, keep=())
+    reference = [(b.my_module_1, b.my_module_2) for b in blocks_of(model)]
+    backends = [b for b in args.backends.split(",") if unavailable(b, device) is None]
+    variants = [("reference", reference)]
+    for b in backends:
+        variants.append((f"fused[{b}]", [tuple(mk.convert(copy.deepcopy(m), backend=b)[0] for m in pair)
+                                         for pair in reference]))
+    variants.append(("zero-cost", [tuple(ZeroCostAdapter(m.gamma.shape[0]).to(device) for m in pair)
+                                   for pair in reference]))
+    H0, W0 = args.ms_size
+    rng = random.Random(0)
+    sizes = [(32 * max(1, round(H0 * rng.uniform(0.85, 1.15) / 32)), 32 * max(1, round(W0 * rng.uniform(0.85, 1.15) / 32)))
+             for _ in range(args.ms_steps)]
+    images = {hw: torch.randn(2, 3, *hw, device=device) for hw in set(sizes)}
+    opts = {}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    ms = {label: [] for label, _ in variants}
+    for _ in range(args.ms_passes):
+        for label, adapters in variants:
+            install(model, adapters)
+            if label not in opts:
+                opts[label] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            sync()
+            start = time.perf_counter()
+            for hw in sizes:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = model.forward_features(images[hw]).float().square().mean()
+                loss.backward()
+                opts[label].step()
+                opts[label].zero_grad(set_to_none=True)
+            sync()
+            ms[label].append((time.perf_counter() - start) / len(sizes) * 1e3)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\nSwin-B backbone, B=2, {len(sizes)} random sizes around {H0}x{W0} "
+          f"({min(sizes)}..{max(sizes)}), bf16 autocast, frozen backbone, {name}; wall ms a step, eager")
+    passes = " | ".join(f"pass {k + 1}" for k in range(args.ms_passes))
+    print(f"| adapter | {passes} | " + " | ".join(f"pass {k + 1} vs zero-cost" for k in range(args.ms_passes)) + " |")
+    print("|---|" + "---|" * (2 * args.ms_passes))
+    for label, _ in variants:
+        times = " | ".join(f"{t:.1f}" for t in ms[label])
+        ratios = " | ".join(f"{t / z:.2f}x" for t, z in zip(ms[label], ms["zero-cost"]))
+        print(f"| {label} | {times} | {ratios} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
@@ -116,7 +183,15 @@ def main():
                          "PyTorch's own CUDA-graph trees)")
     ap.add_argument("--graph", action="store_true", help="also time each variant's step replayed from a CUDA graph")
     ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
+    ap.add_argument("--multiscale", action="store_true",
+                    help="time detection-style steps at a new random image size each step instead")
+    ap.add_argument("--ms-size", type=lambda s: tuple(int(v) for v in s.split(",")), default=(800, 1333),
+                    metavar="H,W", help="the image size the random sizes are drawn around (within 15%%)")
+    ap.add_argument("--ms-steps", type=int, default=20, help="random sizes, a step each")
+    ap.add_argument("--ms-passes", type=int, default=3, help="passes over the same sizes")
     args = ap.parse_args()
+    if args.multiscale:
+        return multiscale(args)
     torch.manual_seed(0)
     model = timm.create_model("swin_base_patch4_window7_224", pretrained=False).cuda()
     add_mona(model, fused=False, dropout=0.0)
