@@ -8,19 +8,30 @@ Prints, for the eager reference and each fused backend: GPU kernels launched per
 forward+backward (torch.profiler), and the median wall time per forward and per forward+backward
 with a synchronise after each call. Then lists n_regs / n_spills of the Triton kernels compiled.
 """
+import statistics
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mona_kernels as mk
-from host_cost import wall_us
 from mona_kernels import reference
 from mona_kernels.backends import unavailable
 
 
 def wall_ms(fn, reps=200):
-    return wall_us(fn, reps) / 1e3
+    """Median wall time of ``fn`` in ms, synchronised before and after each call."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def kernels_per_call(fn):
