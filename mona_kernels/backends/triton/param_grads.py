@@ -23,7 +23,7 @@ from .ln_down import ln_scale_rows
 
 BLOCK_M = 128
 WARPS = 4
-TAP_TILE = 32  # pixels a tap program adds per step: a (32, 8, 64) fp32 accumulator
+TAP_TILE = 32  # pixels a tap program adds per step (2-byte activations): a (32, 8, 64) fp32 accumulator
 TAP_BLOCK_D = 64
 # Programs of each kind per SM (adapter.partial_rows): each writes one partial row that B4 sums.
 CHANNEL_PROGRAMS_PER_SM = 1
@@ -156,7 +156,9 @@ _param_grads = Kernel(param_grads_kernel)
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's block sizes and launch options for these dtypes and bottleneck width."""
     rows, options = rows_and_stages(BLOCK_M, x_dtype, cdt)
-    return dict(BLOCK_M=rows, BLOCK_N=channel_block(d), BLOCK_D=block_d(d), TAP_TILE=TAP_TILE,
+    # 4- and 8-byte activations take half and a quarter of the pixels, as the other tiles do
+    tap_tile = max(4, TAP_TILE * 2 // max(2, cdt.itemsize))
+    return dict(BLOCK_M=rows, BLOCK_N=channel_block(d), BLOCK_D=block_d(d), TAP_TILE=tap_tile,
                 TAP_BLOCK_D=tap_block(d), PRECISION=precision(cdt), num_warps=WARPS, **options)
 
 
@@ -173,4 +175,4 @@ def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2
     n_channel = splits * n_cblk
     _param_grads[(n_channel + tap_splits * 7 * n_dblk,)](
         g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, partial, channel_offset, tap_offset,
-        H, W, M, C, d, tokens, n_cblk, n_channel, cdiv(M, TAP_TILE), tap_splits, n_dblk, **options)
+        H, W, M, C, d, tokens, n_cblk, n_channel, cdiv(M, options["TAP_TILE"]), tap_splits, n_dblk, **options)
