@@ -12,9 +12,10 @@
 #   sweep     each Triton plan kernel's GPU time over its launch options against its byte budget
 #             (benchmarks/tools/plan_sweep.py; PROFILE_SHAPES picks its shapes too)
 #   swin      the Swin-B training step with its gradient-parity check (benchmarks/swin_step.py; SWIN_ARGS
-#             passes it arguments, e.g. --graph)
+#             passes it arguments, e.g. --graph; compiling Swin-Bs takes minutes: raise SWIN_S for --compile)
+#   multiscale  the Swin-B backbone at a new detection size each step (benchmarks/swin_step.py --multiscale)
 #   bench     python -m mona_kernels.benchmark with the arguments after --
-# Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) BENCH_S (240);
+# Limits in seconds: TESTS_S (300) MEMCHECK_S (180) LAUNCH_S (120) SWIN_S (150) MULTISCALE_S (240) BENCH_S (240);
 # MEMCHECK_BACKENDS (cuda) names the backends the memcheck stage runs.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -74,6 +75,7 @@ stage() {
 stage profile "${PROFILE_S:-180}" profile.log profile_adapter python3 benchmarks/tools/profile_adapter.py ${PROFILE_SHAPES:-}
 stage sweep "${SWEEP_S:-240}" sweep.log plan_sweep python3 benchmarks/tools/plan_sweep.py ${PROFILE_SHAPES:-}
 stage swin "${SWIN_S:-150}" swin.log swin_step python3 benchmarks/swin_step.py ${SWIN_ARGS:-}
+stage multiscale "${MULTISCALE_S:-240}" multiscale.log swin_multiscale python3 benchmarks/swin_step.py --multiscale
 stage bench "${BENCH_S:-240}" bench.log benchmark python3 -m mona_kernels.benchmark --out "$OUT" "$@"
 cat "$SUMMARY"
 for f in tests.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/$f" | tail -8; }; done
@@ -83,5 +85,6 @@ for f in tests.log; do [ -f "$OUT/$f" ] && { echo "== $f"; grep -E "passed|faile
 [ -f "$OUT/profile.log" ] && { echo "== profile"; grep -v -i warn "$OUT/profile.log" | cut -c1-160; }
 [ -f "$OUT/sweep.log" ] && { echo "== sweep"; grep "^|" "$OUT/sweep.log"; }
 [ -f "$OUT/swin.log" ] && { echo "== swin"; grep -vi warn "$OUT/swin.log" | tail -14; }
+[ -f "$OUT/multiscale.log" ] && { echo "== multiscale"; grep -vi warn "$OUT/multiscale.log" | tail -8; }
 [ -f "$OUT/bench.log" ] && { echo "== bench"; grep "^| adapter\|^| multi\|^| ln" "$OUT/bench.log" | grep -v "fused\[torch\]" | cut -c1-200; }
 exit 0
