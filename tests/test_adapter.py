@@ -174,6 +174,9 @@ def test_double_backward_is_right_or_raises_never_wrong(backend):
         return
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|no autograd formula"):
         torch.autograd.grad(dx.sum(), x)
+    # also where x reaches the loss by another path too: the adapter's part is never just left out
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad((dx * x).sum(), x)
 
 
 class _AuthorsStyleBlock(nn.Module):

@@ -169,6 +169,20 @@ def _backward(backward, ctx, g, *_):
     return dx, list(grads), None, None, None, None, None, None
 
 
+class _NotTwice(torch.autograd.Function):
+    """Passes the gradients through, joined to the graph of ``g``: differentiating them again raises,
+    as the registered operator does, instead of leaving their part out of a second derivative."""
+
+    @staticmethod
+    def forward(ctx, g, *values):
+        return tuple(v.view_as(v) for v in values)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("the fused adapter's backward has no autograd formula, so it cannot be differentiated "
+                           "again; use backend='torch' for a double backward")
+
+
 class _EagerAdapter(torch.autograd.Function):
     """The registered operator's autograd, for eager calls: the same forward and backward, saving the
     same tensors, without the operator's dispatch, schema checks and argument flattening, which cost
@@ -185,6 +199,8 @@ class _EagerAdapter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dx, grads = _run_backward(ctx.plan.backward, ctx, g)
+        if torch.is_grad_enabled() and g.requires_grad:  # create_graph=True: tie them to g, and raise there
+            dx, *grads = _NotTwice.apply(g, dx, *grads)
         return (None, dx, None, None, None, None, None, None, *grads)
 
 
