@@ -2,9 +2,9 @@
 time, against the kernel's byte budget (docs/design.md) at the copy bandwidth measured here. Each
 variant's output and gradients are first checked against the default's.
 
-    python benchmarks/tools/plan_sweep.py [B,H,W,C ...]      (default 32,56,56,128 2,200,336,128)
+    python benchmarks/tools/plan_sweep.py [--fp32] [B,H,W,C ...]      (default 32,56,56,128 2,200,336,128)
 
-bf16, d = 64, no dropout. Without a GPU (TRITON_INTERPRET=1) it checks every variant at one small
+bf16 (fp32 with --fp32: twice the bytes of the budget), d = 64, no dropout. Without a GPU (TRITON_INTERPRET=1) it checks every variant at one small
 shape and times nothing.
 """
 import sys
@@ -24,23 +24,18 @@ BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambd
 # Per kernel: its stage module and the variants tried, each a set of the module's constants changed
 # together from their defaults (put back after each variant).
 VARIANTS = [
-    (ln_down, "ln_down_kernel", [dict(WARPS=2), dict(BLOCK_M=32, WARPS=2), dict(BLOCK_M=128)]),
-    (conv_up, "conv_up_kernel", [dict(WARPS=1), dict(TILE=32), dict(TILE=32, WARPS=4), dict(TILE=64, WARPS=4),
-                                 dict(TILE=64)]),
-    (tail_bwd, "tail_bwd_kernel", [dict(PROGRAMS_PER_SM=4), dict(WARPS=2, PROGRAMS_PER_SM=4),
-                                   dict(TILE=16, WARPS=2, PROGRAMS_PER_SM=8), dict(TILE=64), dict(TILE=64, WARPS=8)]),
-    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=2), dict(TILE=16, WARPS=2),
-                                         dict(TILE=128, WARPS=8)]),
-    (param_grads, "param_grads_kernel", [dict(TAP_TILE=32), dict(TAP_PROGRAMS_PER_SM=4),
-                                         dict(TAP_TILE=32, TAP_PROGRAMS_PER_SM=4), dict(TAP_PROGRAMS_PER_SM=1),
-                                         dict(CHANNEL_PROGRAMS_PER_SM=2), dict(WARPS=2), dict(BLOCK_M=128)]),
+    (ln_down, "ln_down_kernel", [dict(BLOCK_M=64), dict(WARPS=8)]),
+    (conv_up, "conv_up_kernel", [dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64), dict(WARPS=8)]),
+    (tail_bwd, "tail_bwd_kernel", [dict(TILE=32), dict(PROGRAMS_PER_SM=1), dict(PROGRAMS_PER_SM=4), dict(WARPS=8)]),
+    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=8)]),
+    (param_grads, "param_grads_kernel", [dict(TAP_TILE=16), dict(TAP_PROGRAMS_PER_SM=2), dict(TAP_PROGRAMS_PER_SM=8),
+                                         dict(BLOCK_M=64), dict(CHANNEL_PROGRAMS_PER_SM=2), dict(WARPS=8)]),
 ]
 
 
-def _problem(shape, device):
+def _problem(shape, device, dtype):
     B, H, W, C = shape
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     m = mk.Mona(C, bottleneck=D, dropout=0.0, backend="triton").to(device, dtype)
     with torch.no_grad():
         for p in m.parameters():
@@ -59,8 +54,9 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def main(shapes):
+def main(shapes, fp32=False):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if fp32 or device.type != "cuda" else torch.bfloat16
     timed = device.type == "cuda"
     bandwidth = measure_bandwidth(device) if timed else None
     if not timed:
@@ -68,14 +64,14 @@ def main(shapes):
     print("| shape | kernel | variant | kernel µs | × byte budget | whole step µs | max rel. diff to default |")
     print("|---|---|---|---|---|---|---|")
     for shape in shapes:
-        step = _problem(shape, device)
+        step = _problem(shape, device, dtype)
         want = step()
         M, C = shape[0] * shape[1] * shape[2], shape[3]
         name = "x".join(map(str, shape))
         if timed:
             default_times = kernel_table(step)[0]
         for module, kernel, variants in VARIANTS:
-            budget_us = M * BUDGET[kernel](C) / bandwidth * 1e6 if timed else None
+            budget_us = M * BUDGET[kernel](C) * dtype.itemsize / 2 / bandwidth * 1e6 if timed else None
             if timed:
                 us = default_times[kernel]
                 print(f"| {name} | {kernel} | default | {us:.1f} | {us / budget_us:.1f}× | "
@@ -103,4 +99,6 @@ def main(shapes):
 
 
 if __name__ == "__main__":
-    main([tuple(int(v) for v in s.split(",")) for s in sys.argv[1:]] or [(32, 56, 56, 128), (2, 200, 336, 128)])
+    args = [a for a in sys.argv[1:] if a != "--fp32"]
+    main([tuple(int(v) for v in s.split(",")) for s in args] or [(32, 56, 56, 128), (2, 200, 336, 128)],
+         fp32="--fp32" in sys.argv[1:])
