@@ -53,14 +53,19 @@ def install(model, adapters):
         blk.my_module_1, blk.my_module_2 = a1, a2
 
 
-def step_fn(model, x, y, opt):
+def train_step(loss_fn, opt, device_type="cuda"):
+    """One training step: ``loss_fn()`` under bf16 autocast, backward, optimiser step."""
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def step_fn(model, x, y, opt):
+    return train_step(lambda: nn.functional.cross_entropy(model(x), y), opt)
 
 
 def graphed_step(model, x, y, params):
@@ -151,11 +156,8 @@ def multiscale(args):
             sync()
             start = time.perf_counter()
             for hw in sizes:
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss = model.forward_features(images[hw]).float().square().mean()
-                loss.backward()
-                opts[label].step()
-                opts[label].zero_grad(set_to_none=True)
+                train_step(lambda: model.forward_features(images[hw]).float().square().mean(), opts[label],
+                           device.type)()
             sync()
             ms[label].append((time.perf_counter() - start) / len(sizes) * 1e3)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .utils import acc_dtype, cast, call_op, check_tensor, on_input_device
+from .utils import acc_dtype, cast, call_op, check_tensor, on_input_device, traced
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
@@ -80,7 +80,7 @@ class MergeKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w3, b3, w5, b5, w7, b7, dtype, backend):
         ctx.dtypes = (w3.dtype, b3.dtype, w5.dtype, b5.dtype, w7.dtype, b7.dtype)
-        return merge(w3, b3, w5, b5, w7, b7, dtype, backend == "triton" and not torch.compiler.is_compiling())
+        return merge(w3, b3, w5, b5, w7, b7, dtype, backend == "triton" and not traced())
 
     @staticmethod
     def backward(ctx, dK, dbias):

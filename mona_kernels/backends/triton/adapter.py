@@ -23,7 +23,7 @@ from torch import sym_max, sym_min
 from torch.library import triton_op
 
 from .. import Params
-from ...ops.utils import acc_dtype, call_op, num_workers
+from ...ops.utils import acc_dtype, call_op, cast, cdiv, num_workers
 from . import param_grads as b3, tail_bwd as b1
 from .conv_ln_bwd import conv_ln_bwd
 from .conv_up import conv_up
@@ -56,13 +56,13 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
     """Partial rows of each region: channel splits, projector programs, tap splits. Enough programs to
     fill the GPU once; more only add rows for B4 to sum."""
     sms = num_workers(device, per_sm=1)
-    n_cblk = -(-C // b3.channel_block(d))
+    n_cblk = cdiv(C, b3.channel_block(d))
     # sym_min and sym_max: under torch.compile M is symbolic, and Python's min and max would guard the
     # graph on the branch taken, recompiling when a new size takes the other one.
-    channel = sym_max(1, sym_min(-(-sms * b3.CHANNEL_PROGRAMS_PER_SM // n_cblk), -(-M // b3.BLOCK_M)))
-    tail = sym_max(1, sym_min(sms * b1.PROGRAMS_PER_SM, -(-M // b1.TILE)))
-    n_dblk = -(-d // b3.tap_block(d))
-    tap = sym_max(1, sym_min(-(-sms * b3.TAP_PROGRAMS_PER_SM // (7 * n_dblk)), -(-M // b3.TAP_TILE)))
+    channel = sym_max(1, sym_min(cdiv(sms * b3.CHANNEL_PROGRAMS_PER_SM, n_cblk), cdiv(M, b3.BLOCK_M)))
+    tail = sym_max(1, sym_min(sms * b1.PROGRAMS_PER_SM, cdiv(M, b1.TILE)))
+    n_dblk = cdiv(d, b3.tap_block(d))
+    tap = sym_max(1, sym_min(cdiv(sms * b3.TAP_PROGRAMS_PER_SM, 7 * n_dblk), cdiv(M, b3.TAP_TILE)))
     return channel, tail, tap
 
 
@@ -109,4 +109,4 @@ def backward(g: torch.Tensor, x: torch.Tensor, saved: list[torch.Tensor], params
     dx, grads = call_op(adapter_bwd, gradients, g, x, h1, mean, rstd, K, params, seed, H, W, p, _grad_dtype(params))
     # one call makes the sixteen views (a view and a cast each cost a dispatch in eager calls)
     views = torch._C._nn.unflatten_dense_tensors(grads, params)
-    return dx, [t if t.dtype == q.dtype else t.to(q.dtype) for t, q in zip(views, params)]
+    return dx, [cast(t, q.dtype) for t, q in zip(views, params)]

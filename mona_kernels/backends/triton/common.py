@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.utils import next_pow2, traced
+from ...ops.utils import cdiv, next_pow2, traced
 from .launcher import Launcher
 
 
@@ -150,6 +150,6 @@ def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Ten
     """The dropout multiplier (0 or 1/(1-p)) the plan applies to each element of the (M, d)
     activations ``like`` for ``seed`` (one int64 on like's device): what F2 and B1 draw."""
     out = torch.empty_like(like)
-    _dropout_scale_kernel[(triton.cdiv(like.numel(), 1024),)](seed, out, like.numel(), *dropout_args(p),
+    _dropout_scale_kernel[(cdiv(like.numel(), 1024),)](seed, out, like.numel(), *dropout_args(p),
                                                               BLOCK=1024)
     return out

@@ -1,9 +1,9 @@
 """F2, the forward's second pass: merged 7x7 depthwise conv, projector, GELU, dropout, up projection
 and residual.
 
-Reads h1 (M, d) with its 3-pixel halo (from L2) and x (M, C); writes out = x + a' W2^T + b2 (M, C),
-a' = dropout(gelu(h3)), h3 = h2 + h2 Wp^T + bp, h2 = conv7(h1, K) + bias_K with K merged from the three
-convs inside the kernel. h2, h3 and a' stay in registers, rounded to the compute dtype where the
+Reads h1 (M, d) with its 3-pixel halo (from L2), the merged conv kernel K (50, d) that F1 wrote and
+x (M, C); writes out = x + a' W2^T + b2 (M, C), a' = dropout(gelu(h3)), h3 = h2 + h2 Wp^T + bp,
+h2 = conv7(h1, K) + bias_K. h2, h3 and a' stay in registers, rounded to the compute dtype where the
 reference's modules round them.
 Budget per token (2-byte x): reads 2d + 2C, writes 2C bytes; 98d FLOP of conv on CUDA cores,
 2d^2 + 2Cd on tensor cores.

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.utils import acc_dtype, next_pow2, num_workers, tl_acc
+from ...ops.utils import acc_dtype, cdiv, next_pow2, num_workers, tl_acc
 from .common import conv7_tile, merge_taps, tile_coords
 from .launcher import Launcher
 from .param_grads import tap_program
@@ -86,7 +86,7 @@ def dwconv7_fwd(h, K, bias, flip: bool = False, pixels: int | None = None, num_w
     if pixels is None:
         large = n_pix >= LARGE_MAP_PIXELS
         pixels, num_warps = (LARGE_TILE_PIXELS, LARGE_TILE_WARPS) if large else (TILE_PIXELS, TILE_WARPS)
-    grid = (triton.cdiv(n_pix, pixels), triton.cdiv(D, block_d))
+    grid = (cdiv(n_pix, pixels), cdiv(D, block_d))
     _dwconv7_launch[grid](h, K, bias if bias is not None else K, out, H, W, D, n_pix,
                           HAS_BIAS=bias is not None, FLIP=flip, TILE=pixels, BLOCK_D=block_d,
                           ACC=tl_acc(K.dtype), num_warps=num_warps)
@@ -98,8 +98,8 @@ def dwconv7_wgrad(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGR
     B, H, W, D = h.shape
     block_d = min(next_pow2(D), MAX_BLOCK_D)
     n_pix = B * H * W
-    n_tiles = triton.cdiv(n_pix, pixels)
-    blocks = triton.cdiv(D, block_d)
+    n_tiles = cdiv(n_pix, pixels)
+    blocks = cdiv(D, block_d)
     # enough programs to fill the GPU, each over many tiles: fewer partial rows to sum afterwards
     programs = max(1, min(n_tiles, num_workers(h.device) // (KSIZE * blocks)))
     acc = acc_dtype(h.dtype)
@@ -115,6 +115,6 @@ def merge_kernels(w3, b3, w5, b5, w7, b7):
     d = w7.shape[0]
     K = torch.empty(TAPS + 1, d, device=w7.device, dtype=torch.float32)
     block_d = min(next_pow2(d), 128)
-    _merge_launch[(triton.cdiv(d, block_d), KSIZE)](w3.contiguous(), b3, w5.contiguous(), b5, w7.contiguous(), b7,
+    _merge_launch[(cdiv(d, block_d), KSIZE)](w3.contiguous(), b3, w5.contiguous(), b5, w7.contiguous(), b7,
                                                      K, d, BLOCK_D=block_d)
     return K[:TAPS], K[TAPS]

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.utils import acc_dtype, next_pow2, num_workers, tl_acc
+from ...ops.utils import acc_dtype, cdiv, next_pow2, num_workers, tl_acc
 from .launcher import Launcher
 
 # Elements one program holds per row block: enough rows to keep every lane busy at small C.
@@ -113,7 +113,7 @@ def ln_scale_fwd(x, w, b, gamma, gammax, eps):
     mean = torch.empty(M, device=x.device, dtype=acc)
     rstd = torch.empty(M, device=x.device, dtype=acc)
     rows, block_c, warps = _row_block(C)
-    _ln_scale_fwd_launch[(triton.cdiv(M, rows),)](
+    _ln_scale_fwd_launch[(cdiv(M, rows),)](
         x, w, b, gamma, gammax, y, mean, rstd, M, C, eps,
         ROWS=rows, BLOCK_C=block_c, ACC=tl_acc(x.dtype), num_warps=warps)
     return y, mean, rstd
@@ -123,7 +123,7 @@ def ln_scale_bwd(dy, x, w, b, gamma, gammax, mean, rstd):
     """``(dx, (4, C) parameter-gradient rows (dgamma, dgammax, dw_ln, db_ln))``."""
     M, C = x.shape
     rows, block_c, warps = _row_block(C, BWD_ROW_BLOCK_ELEMS)
-    n_prog = max(1, min(num_workers(x.device, BWD_PROGRAMS_PER_SM), triton.cdiv(M, rows)))
+    n_prog = max(1, min(num_workers(x.device, BWD_PROGRAMS_PER_SM), cdiv(M, rows)))
     dx = torch.empty_like(x)
     partial = torch.empty(4, n_prog, C, device=x.device, dtype=mean.dtype)
     _ln_scale_bwd_launch[(n_prog,)](
