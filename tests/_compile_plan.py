@@ -18,7 +18,7 @@ FLOATS = {"eps", "p", "scale", "scale_lo"}
 # Pointers that hold tokens (x's dtype), bottleneck activations (the compute dtype) or fp32/fp64 sums (and
 # the merged conv kernel).
 TOKENS = {"x_ptr", "g_ptr", "out_ptr", "dx_ptr"}
-ACTIVATIONS = {"h1_ptr", "dh2_ptr", "a_ptr", "dh1_ptr"}
+ACTIVATIONS = {"h1_ptr", "h2_ptr", "dh2_ptr", "a_ptr", "dh1_ptr"}
 SUMS = {"mean_ptr", "rstd_ptr", "partial_ptr", "channel_ptr", "tap_ptr", "k_ptr"}
 
 

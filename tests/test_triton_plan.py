@@ -72,12 +72,13 @@ def test_ln_down_writes_h1_the_token_statistics_and_the_merged_conv(chain):
     assert_close(rstd, (x.var(1, unbiased=False) + 1e-5).rsqrt(), F64, "rstd")
 
 
-def test_conv_up_writes_the_adapter_output(chain):
+def test_conv_up_writes_the_adapter_output_and_h2(chain):
     from mona_kernels.backends.triton.conv_up import conv_up
     (B, H, W, C, d), c = chain
     q = c["params"]
-    out = conv_up(c["h1"].detach(), c["x"].detach(), _merged(q), *q[12:], None, 0.0, H, W)
+    out, h2 = conv_up(c["h1"].detach(), c["x"].detach(), _merged(q), *q[12:], None, 0.0, H, W)
     assert_close(out, c["out"], F64, "out")
+    assert_close(h2, c["h2"], F64, "h2")
 
 
 def test_tail_bwd_writes_dh2_and_a_and_the_projector_partials(chain):
@@ -85,7 +86,7 @@ def test_tail_bwd_writes_dh2_and_a_and_the_projector_partials(chain):
     (B, H, W, C, d), c = chain
     q = c["params"]
     partial = torch.zeros(5 + 3 * (d * d + d), dtype=F64)  # rows from element 5: the offset is honoured
-    dh2, a = tail_bwd(c["g"], c["h1"].detach(), _merged(q), *q[12:15], None, 0.0, H, W, partial, 5, 3)
+    dh2, a = tail_bwd(c["g"], c["h2"].detach(), *q[12:15], None, 0.0, partial, 5, 3)
     assert torch.all(partial[:5] == 0)
     partial = partial[5:].view(3, d * d + d)
     assert_close(dh2, c["h2"].grad, F64, "dh2")
@@ -184,8 +185,8 @@ def test_eager_calls_and_the_registered_operator_give_the_same_bits():
             assert torch.equal(a, b)
 
 
-KERNELS = {"ln_down": ["M", "C"], "conv_up": ["H", "W", "M", "C"],
-           "tail_bwd": ["H", "W", "M", "C", "n_tiles", "partial_off"], "conv_ln_bwd": ["H", "W", "M", "C"],
+KERNELS = {"ln_down": ["M", "C"], "conv_up": ["H", "W", "C"],
+           "tail_bwd": ["M", "C", "n_tiles", "partial_off"], "conv_ln_bwd": ["H", "W", "C"],
            "param_grads": ["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off", "tap_off"],
            "reduce_grads": ["C", "rows_channel", "rows_tail", "rows_tap", "max_rows"]}
 

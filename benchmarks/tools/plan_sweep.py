@@ -18,16 +18,18 @@ from profile_adapter import kernel_table  # this folder's: GPU time per kernel o
 
 D = 64
 # Bytes a token each kernel must move with 2-byte tensors (docs/design.md, "Byte and FLOP budget").
-BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambda C: 4 * C + 2 * D,
+BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambda C: 4 * C + 4 * D,
           "tail_bwd_kernel": lambda C: 2 * C + 6 * D, "conv_ln_bwd_kernel": lambda C: 6 * C + 4 * D + 8,
           "param_grads_kernel": lambda C: 4 * C + 8 * D + 8}
 # Per kernel: its stage module and the variants tried, each a set of the module's constants changed
 # together from their defaults (put back after each variant).
 VARIANTS = [
     (ln_down, "ln_down_kernel", [dict(BLOCK_M=64), dict(WARPS=8)]),
-    (conv_up, "conv_up_kernel", [dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64), dict(WARPS=8)]),
+    (conv_up, "conv_up_kernel", [dict(ROWS=8), dict(ROWS=32), dict(COLS=16), dict(COLS=16, WARPS=2),
+                                 dict(COLS=64, WARPS=8), dict(WARPS=8)]),
     (tail_bwd, "tail_bwd_kernel", [dict(TILE=32), dict(PROGRAMS_PER_SM=1), dict(PROGRAMS_PER_SM=4), dict(WARPS=8)]),
-    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=8)]),
+    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(ROWS=8), dict(ROWS=32), dict(COLS=16), dict(COLS=16, WARPS=2),
+                                         dict(COLS=64, WARPS=8), dict(WARPS=8)]),
     (param_grads, "param_grads_kernel", [dict(TAP_TILE=16), dict(TAP_PROGRAMS_PER_SM=2), dict(TAP_PROGRAMS_PER_SM=8),
                                          dict(BLOCK_M=64), dict(CHANNEL_PROGRAMS_PER_SM=2), dict(WARPS=8)]),
 ]

@@ -2,15 +2,15 @@
 with ``torch.library.triton_op`` so that ``torch.compile`` sees and launches the kernels itself.
 
     forward   F1 ln_down      x -> h1, mean, rstd
-              F2 conv_up      h1, x -> out
-    backward  B1 tail_bwd     g, h1 -> dh2, a'           + partial rows of dWp, dbp
+              F2 conv_up      h1, x -> out, h2
+    backward  B1 tail_bwd     g, h2 -> dh2, a'           + partial rows of dWp, dbp
               B2 conv_ln_bwd  dh2, x, g, mean, rstd -> dh1, dx
               B3 param_grads  g, a', dh1, x, dh2, h1     -> partial rows of every other gradient
               B4 reduce_grads partial rows -> the sixteen parameter gradients
 
-F1 also merges the three convs' weights into one (50, d) kernel K that F2, B1 and B2 read.
-Saved for the backward: x, h1 (compute dtype), mean and rstd (two floats a token), K and the dropout
-seed; y, h2, h3, a' and the mask are recomputed. No kernel depends on the sizes B, H, W except
+F1 also merges the three convs' weights into one (50, d) kernel K that F2 and B2 read.
+Saved for the backward: x, h1 and h2 (compute dtype), mean and rstd (two floats a token), K and the
+dropout seed; y, h3, a' and the mask are recomputed, none of them through the conv. No kernel depends on the sizes B, H, W except
 through runtime arguments, so a new image size compiles nothing.
 """
 from __future__ import annotations
@@ -40,13 +40,13 @@ MAX_D = 64
 
 def forward(x: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int,
                 eps: float, p: float, compute_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, h1, mean, rstd, K)`` for contiguous tokens x (M, C), M = B * H * W."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, h1, h2, mean, rstd, K)`` for contiguous tokens x (M, C), M = B * H * W."""
     q = Params(*params)
     h1, mean, rstd, K = ln_down(x, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, q.b1, q.w3, q.b3, q.w5, q.b5, q.w7,
                                 q.b7, eps, compute_dtype, acc_dtype(compute_dtype))
-    out = conv_up(h1, x, K, q.Wp, q.bp, q.W2, q.b2, seed if seed is not None else x, p, H, W)
-    return out, h1, mean, rstd, K
+    out, h2 = conv_up(h1, x, K, q.Wp, q.bp, q.W2, q.b2, seed if seed is not None else x, p, H, W)
+    return out, h1, h2, mean, rstd, K
 
 
 adapter_fwd = triton_op("mona_kernels::triton_adapter_fwd", mutates_args={})(forward)
@@ -66,9 +66,9 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
     return channel, tail, tap
 
 
-def gradients(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-              K: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int, W: int, p: float,
-              grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def gradients(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, mean: torch.Tensor,
+              rstd: torch.Tensor, K: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Tensor], H: int,
+              W: int, p: float, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, grads)``: the input gradient and the sixteen parameter gradients flat, in ``grad_dtype``."""
     q = Params(*params)
     M, C = x.shape
@@ -80,8 +80,7 @@ def gradients(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, mean: torch.Te
     # one buffer of three regions, [channel rows | projector rows | tap rows], as B4 reads it
     tail_offset = rows_channel * len_channel
     tap_offset = tail_offset + rows_tail * (d * d + d)
-    dh2, a = tail_bwd(g, h1, K, q.Wp, q.bp, q.W2, seed if seed is not None else x, p, H, W, partial, tail_offset,
-                      rows_tail)
+    dh2, a = tail_bwd(g, h2, q.Wp, q.bp, q.W2, seed if seed is not None else x, p, partial, tail_offset, rows_tail)
     dh1, dx = conv_ln_bwd(dh2, x, mean, rstd, g, K, q.W1, q.w_ln, q.gamma, q.gammax, H, W)
     param_grads(g, a, dh1, x, mean, rstd, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, h1, dh2, H, W, partial,
                 0, rows_channel, tap_offset, rows_tap)
@@ -102,11 +101,11 @@ def _grad_dtype(params) -> torch.dtype:
 def backward(g: torch.Tensor, x: torch.Tensor, saved: list[torch.Tensor], params: list[torch.Tensor],
              seed: Optional[torch.Tensor], H: int, W: int, eps: float, p: float
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(dx, parameter gradients)`` from the forward's saved (h1, mean, rstd, K), each gradient in
+    """``(dx, parameter gradients)`` from the forward's saved (h1, h2, mean, rstd, K), each gradient in
     its parameter's dtype and shape (eps is not needed: mean and rstd are saved)."""
-    h1, mean, rstd, K = saved
+    h1, h2, mean, rstd, K = saved
     # the operator while traced (the compiled backward launches the kernels), the function in eager calls
-    dx, grads = call_op(adapter_bwd, gradients, g, x, h1, mean, rstd, K, params, seed, H, W, p, _grad_dtype(params))
+    dx, grads = call_op(adapter_bwd, gradients, g, x, h1, h2, mean, rstd, K, params, seed, H, W, p, _grad_dtype(params))
     # one call makes the sixteen views (a view and a cast each cost a dispatch in eager calls)
     views = torch._C._nn.unflatten_dense_tensors(grads, params)
     return dx, [cast(t, q.dtype) for t, q in zip(views, params)]

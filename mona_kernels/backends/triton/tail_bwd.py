@@ -1,10 +1,9 @@
 """B1, the backward's first pass: from the upstream gradient to the conv's output gradient.
 
-Recomputes h2, h3 and a' from h1 as F2 does; da' = g W2; dh3 = da' * m * gelu'(h3);
+Reads h2, which F2 saved, and recomputes h3 and a' from it as F2 does; da' = g W2; dh3 = da' * m * gelu'(h3);
 dh2 = dh3 + dh3 Wp. Writes dh2 and a' (M, d) in the compute dtype (a' for dW2 in B3), and per
 program one partial row of dWp = dh3^T h2 and dbp = sum dh3, summed in registers over its tiles.
-Budget per token (2-byte g): reads 2C + 2d, writes 4d bytes; 98d FLOP of conv on CUDA cores,
-4d^2 + 2Cd on tensor cores.
+Budget per token (2-byte g): reads 2C + 2d, writes 4d bytes; 4d^2 + 2Cd FLOP on tensor cores.
 """
 from __future__ import annotations
 
@@ -13,9 +12,8 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import (Kernel, block_d, dropout_args, gelu, gelu_grad, keep, precision, rows_and_stages,
-                     tile_coords)
-from .conv_up import conv_project
+from .common import Kernel, block_d, dropout_args, gelu, gelu_grad, keep, precision, rows_and_stages
+from .conv_up import project
 
 TILE = 64
 BLOCK_N = 64
@@ -23,15 +21,15 @@ WARPS = 4
 PROGRAMS_PER_SM = 2  # each program writes a (d*d + d) partial row that B4 sums
 
 
-@triton.jit(do_not_specialize=["H", "W", "M", "C", "n_tiles", "partial_off"])
-def tail_bwd_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
-                    dh2_ptr, a_ptr, partial_ptr, partial_off, seed_ptr, p, scale, scale_lo, H, W, M, C, D, n_tiles,
+@triton.jit(do_not_specialize=["M", "C", "n_tiles", "partial_off"])
+def tail_bwd_kernel(h2_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
+                    dh2_ptr, a_ptr, partial_ptr, partial_off, seed_ptr, p, scale, scale_lo, M, C, D, n_tiles,
                     HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """h1 (M, D) and g (M, C) -> dh2 and a' (M, D) in h1's dtype; partial row ``program_id`` of
+    """h2 (M, D) and g (M, C) -> dh2 and a' (M, D) in h2's dtype; partial row ``program_id`` of
     (programs, D*D + D) in ACC, from element ``partial_off`` of ``partial``: dWp as [o, i] then dbp."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    CDT: tl.constexpr = h1_ptr.dtype.element_ty
+    CDT: tl.constexpr = h2_ptr.dtype.element_ty
     pid = tl.program_id(0)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
@@ -40,11 +38,12 @@ def tail_bwd_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
     dwp = tl.zeros([BLOCK_D, BLOCK_D], dtype=ACC)
     dbp = tl.zeros([BLOCK_D], dtype=ACC)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
-        pix, i, j, inside = tile_coords(tile, H, W, M, TILE)
+        pix = tl.cast(tile, tl.int64) * TILE + tl.arange(0, TILE)
+        inside = pix < M
         offs = pix[:, None] * D + ch[None, :]
         mask = inside[:, None] & cmask[None, :]
-        h2, h3 = conv_project(h1_ptr, k_ptr, wp_ptr, bp_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D,
-                              PRECISION, ACC)
+        h2 = tl.load(h2_ptr + offs, mask=mask, other=0.0)
+        h3 = project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION, ACC)
         h = h3.to(ACC)
         a = gelu(h)
         if HAS_DROPOUT:
@@ -81,17 +80,16 @@ def meta(g_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
                 **options)
 
 
-def tail_bwd(g, h1, K, Wp, bp, W2, seed, p: float, H: int, W: int, partial, offset: int,
-             programs: int):
+def tail_bwd(g, h2, Wp, bp, W2, seed, p: float, partial, offset: int, programs: int):
     """``(dh2, a')`` (M, d); writes ``programs`` rows of d*d + d partial sums of dWp and dbp into the
     flat ``partial`` from element ``offset`` (offsets into one buffer, not views: the compiled graph
     sees each kernel write the buffer that B4 reads)."""
-    M, d = h1.shape
+    M, d = h2.shape
     C = g.shape[1]
-    dh2 = torch.empty_like(h1)
-    a = torch.empty_like(h1)
-    options = meta(g.dtype, h1.dtype, d)
+    dh2 = torch.empty_like(h2)
+    a = torch.empty_like(h2)
+    options = meta(g.dtype, h2.dtype, d)
     _tail_bwd[(programs,)](
-        h1, K, Wp, bp, W2, g, dh2, a, partial, offset, seed, *dropout_args(p), H, W, M, C, d,
-        cdiv(M, options["TILE"]), HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
+        h2, Wp, bp, W2, g, dh2, a, partial, offset, seed, *dropout_args(p), M, C, d,
+        cdiv(M, options["TILE"]), HAS_DROPOUT=p > 0, FP64=h2.dtype == torch.float64, **options)
     return dh2, a
