@@ -30,8 +30,9 @@ VARIANTS = [
     (tail_bwd, "tail_bwd_kernel", [dict(TILE=32), dict(PROGRAMS_PER_SM=1), dict(PROGRAMS_PER_SM=4), dict(WARPS=8)]),
     (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(ROWS=8), dict(ROWS=32), dict(COLS=16), dict(COLS=16, WARPS=2),
                                          dict(COLS=64, WARPS=8), dict(WARPS=8)]),
-    (param_grads, "param_grads_kernel", [dict(TAP_TILE=16), dict(TAP_PROGRAMS_PER_SM=2), dict(TAP_PROGRAMS_PER_SM=8),
-                                         dict(BLOCK_M=64), dict(CHANNEL_PROGRAMS_PER_SM=2), dict(WARPS=8)]),
+    (param_grads, "param_grads_kernel", [dict(TAP_COLS=16), dict(TAP_ROWS=32), dict(TAP_PROGRAMS_PER_SM=2),
+                                         dict(TAP_PROGRAMS_PER_SM=8), dict(BLOCK_M=64), dict(CHANNEL_PROGRAMS_PER_SM=2),
+                                         dict(WARPS=8)]),
 ]
 
 

@@ -17,15 +17,6 @@ from .launcher import Launcher
 
 
 @triton.jit
-def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
-    """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
-    row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
-    pix = tl.cast(tile, tl.int64) * TILE + tl.arange(0, TILE)
-    r = pix % (H * W)
-    return pix, r // W, r % W, pix < n_pix
-
-
-@triton.jit
 def merge_taps(u, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, ch, cmask, ACC: tl.constexpr):
     """Row u of the merged kernel ``delta + (pad(w3) + pad(w5) + w7) / 3`` from the three (d, 1, k, k)
     weights: taps u * 7 .. u * 7 + 6 of the taps-major (50, D) ``k_ptr`` in ACC, and with row 0 its
@@ -92,9 +83,7 @@ def conv7_row(src_ptr, k_ptr, img, r, H, W, j, D, ch, cmask, s0, s1, s2, s3, s4,
     if (r >= 0) & (r < H):
         row = src_ptr + (img + r.to(tl.int64) * W) * D
         for v in tl.static_range(7):
-            jj = j + (v - 3)
-            ok = (jj >= 0) & (jj < W)
-            x = tl.load(row + jj[:, None] * D + ch[None, :], mask=ok[:, None] & cmask[None, :], other=0.0).to(ACC)
+            x = shifted(row, j, v, W, D, ch, cmask, ACC)
             # output row r - 3 + k takes this row as its tap row u = 6 - k
             done += x * _tap(k_ptr, 6, v, D, ch, cmask, FLIP, ACC)
             s0 += x * _tap(k_ptr, 5, v, D, ch, cmask, FLIP, ACC)
@@ -104,6 +93,14 @@ def conv7_row(src_ptr, k_ptr, img, r, H, W, j, D, ch, cmask, s0, s1, s2, s3, s4,
             s4 += x * _tap(k_ptr, 1, v, D, ch, cmask, FLIP, ACC)
             s5 += x * _tap(k_ptr, 0, v, D, ch, cmask, FLIP, ACC)
     return done, s0, s1, s2, s3, s4, s5
+
+
+@triton.jit
+def shifted(row, j, v: tl.constexpr, W, D, ch, cmask, ACC: tl.constexpr):
+    """Columns j + v - 3 of the image row at ``row`` (a (W, D) block), zero outside the image, in ACC."""
+    jj = j + (v - 3)
+    ok = (jj >= 0) & (jj < W)
+    return tl.load(row + jj[:, None] * D + ch[None, :], mask=ok[:, None] & cmask[None, :], other=0.0).to(ACC)
 
 
 @triton.jit

@@ -15,6 +15,7 @@ from ...ops.utils import acc_dtype, cdiv, next_pow2, num_workers, tl_acc
 from .common import conv7_row, merge_taps, strip_coords, strip_grid
 from . import conv_up
 from .launcher import Launcher
+from . import param_grads
 from .param_grads import tap_program
 
 KSIZE = 7
@@ -22,9 +23,7 @@ TAPS = KSIZE * KSIZE
 
 # The conv's strip (rows, columns) and warps: the adapter's own (conv_up).
 ROWS, COLS, WARPS = conv_up.ROWS, conv_up.COLS, conv_up.WARPS
-# The weight gradient's pixel tile and warps: in a sweep on an H200 the
-# fastest at 14x14 maps and at COCO stage 1, within 6% of the best at 56x56.
-WGRAD_TILE_PIXELS = 8
+# The weight gradient's strips and warps: the adapter's tap programs' (param_grads).
 WGRAD_WARPS = 4
 MAX_BLOCK_D = 64
 # Rows of a wgrad partial per program: one per tap, then the bias gradient.
@@ -56,15 +55,15 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D,
         tl.store(out_ptr + offs, (out + bias[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["H", "W", "n_pix", "n_tiles"])
-def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_pix, n_tiles, n_splits, n_dblk,
-                          TILE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+@triton.jit(do_not_specialize=["H", "W", "n_strips"])
+def _dwconv7_wgrad_kernel(h_ptr, dout_ptr, partial_ptr, H, W, D, n_strips, n_splits, n_dblk,
+                          ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """The merged kernel's weight and bias gradient as the Triton plan's tap programs compute it:
-    program (p, u, c) sums dout * h shifted by the seven taps of tap row u over pixel tiles
+    program (p, u, c) sums dout * h shifted by the seven taps of tap row u over column strips
     p, p + P, ... into partial[p, u * 7 + v, c-block]; row 0's programs also write partial[p, 49],
     the sum of dout. The host sums the partials over p in fixed order."""
-    tap_program(tl.program_id(0), h_ptr, dout_ptr, partial_ptr, H, W, n_pix, D, n_tiles, n_splits, n_dblk, ACC,
-                 TILE, BLOCK_D)
+    tap_program(tl.program_id(0), h_ptr, dout_ptr, partial_ptr, H, W, D, n_strips, n_splits, n_dblk, ACC, ROWS,
+                COLS, BLOCK_D)
 
 
 @triton.jit
@@ -94,20 +93,20 @@ def dwconv7_fwd(h, K, bias, flip: bool = False):
     return out
 
 
-def dwconv7_wgrad(h, dout, pixels: int = WGRAD_TILE_PIXELS, num_warps: int = WGRAD_WARPS):
+def dwconv7_wgrad(h, dout):
     """``(50, d)``: the merged kernel's 49 tap rows and the bias gradient, in the accumulation dtype."""
     B, H, W, D = h.shape
     block_d = min(next_pow2(D), MAX_BLOCK_D)
-    n_pix = B * H * W
-    n_tiles = cdiv(n_pix, pixels)
+    cols = param_grads.tap_cols(h.dtype)
+    n_strips = strip_grid(B, H, W, param_grads.TAP_ROWS, cols)
     blocks = cdiv(D, block_d)
-    # enough programs to fill the GPU, each over many tiles: fewer partial rows to sum afterwards
-    programs = max(1, min(n_tiles, num_workers(h.device) // (KSIZE * blocks)))
+    # enough programs to fill the GPU, each over many strips: fewer partial rows to sum afterwards
+    programs = max(1, min(n_strips, num_workers(h.device) // (KSIZE * blocks)))
     acc = acc_dtype(h.dtype)
     partial = torch.empty(programs, PARTIAL_ROWS.value, D, device=h.device, dtype=acc)
     _dwconv7_wgrad_launch[(programs * KSIZE * blocks,)](
-        h, dout, partial, H, W, D, n_pix, n_tiles, programs, blocks, TILE=pixels, BLOCK_D=block_d,
-        ACC=tl_acc(acc), num_warps=num_warps)
+        h, dout, partial, H, W, D, n_strips, programs, blocks, ROWS=param_grads.TAP_ROWS, COLS=cols,
+        BLOCK_D=block_d, ACC=tl_acc(acc), num_warps=WGRAD_WARPS)
     return partial.sum(dim=0)
 
 
