@@ -25,14 +25,11 @@ BUDGET = {"ln_down_kernel": lambda C: 2 * C + 2 * D + 8, "conv_up_kernel": lambd
 # together from their defaults (put back after each variant).
 VARIANTS = [
     (ln_down, "ln_down_kernel", [dict(BLOCK_M=64), dict(WARPS=8)]),
-    (conv_up, "conv_up_kernel", [dict(ROWS=8), dict(ROWS=32), dict(COLS=16), dict(COLS=16, WARPS=2),
-                                 dict(COLS=64, WARPS=8), dict(WARPS=8)]),
+    (conv_up, "conv_up_kernel", [dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64), dict(WARPS=8)]),
     (tail_bwd, "tail_bwd_kernel", [dict(TILE=32), dict(PROGRAMS_PER_SM=1), dict(PROGRAMS_PER_SM=4), dict(WARPS=8)]),
-    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(ROWS=8), dict(ROWS=32), dict(COLS=16), dict(COLS=16, WARPS=2),
-                                         dict(COLS=64, WARPS=8), dict(WARPS=8)]),
-    (param_grads, "param_grads_kernel", [dict(TAP_COLS=16), dict(TAP_ROWS=32), dict(TAP_PROGRAMS_PER_SM=2),
-                                         dict(TAP_PROGRAMS_PER_SM=8), dict(BLOCK_M=64), dict(CHANNEL_PROGRAMS_PER_SM=2),
-                                         dict(WARPS=8)]),
+    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=8)]),
+    (param_grads, "param_grads_kernel", [dict(TAP_TILE=16), dict(TAP_PROGRAMS_PER_SM=2), dict(TAP_PROGRAMS_PER_SM=8),
+                                         dict(BLOCK_M=64), dict(CHANNEL_PROGRAMS_PER_SM=2), dict(WARPS=8)]),
 ]
 
 

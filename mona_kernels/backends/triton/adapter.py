@@ -62,8 +62,7 @@ def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int
     channel = sym_max(1, sym_min(cdiv(sms * b3.CHANNEL_PROGRAMS_PER_SM, n_cblk), cdiv(M, b3.BLOCK_M)))
     tail = sym_max(1, sym_min(sms * b1.PROGRAMS_PER_SM, cdiv(M, b1.TILE)))
     n_dblk = cdiv(d, b3.tap_block(d))
-    # no more splits than strips: a strip holds at most TAP_ROWS x TAP_COLS tokens
-    tap = sym_max(1, sym_min(cdiv(sms * b3.TAP_PROGRAMS_PER_SM, 7 * n_dblk), cdiv(M, b3.TAP_ROWS * b3.TAP_COLS)))
+    tap = sym_max(1, sym_min(cdiv(sms * b3.TAP_PROGRAMS_PER_SM, 7 * n_dblk), cdiv(M, b3.TAP_TILE)))
     return channel, tail, tap
 
 

@@ -17,6 +17,16 @@ from .launcher import Launcher
 
 
 @triton.jit
+def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
+    """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
+    row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
+    pix = tl.cast(tile, tl.int64) * TILE + tl.arange(0, TILE)
+    # row and column in 32 bits: every tap's bounds check compares them
+    r = (pix % (H * W)).to(tl.int32)
+    return pix, r // W, r % W, pix < n_pix
+
+
+@triton.jit
 def merge_taps(u, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, ch, cmask, ACC: tl.constexpr):
     """Row u of the merged kernel ``delta + (pad(w3) + pad(w5) + w7) / 3`` from the three (d, 1, k, k)
     weights: taps u * 7 .. u * 7 + 6 of the taps-major (50, D) ``k_ptr`` in ACC, and with row 0 its
@@ -43,71 +53,26 @@ def merge_taps(u, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, ch, 
 
 
 @triton.jit
-def strip_coords(pid, H, W, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Program ``pid`` owns a strip of COLS columns and up to ROWS rows of one image:
-    ``(first token of its image, first row, rows, columns)``, the columns as a vector (some past W)."""
-    n_cols = tl.cdiv(W, COLS)
-    n_rows = tl.cdiv(H, ROWS)
-    b = pid // (n_cols * n_rows)
-    i0 = (pid // n_cols) % n_rows * ROWS
-    j = (pid % n_cols) * COLS + tl.arange(0, COLS)
-    return b.to(tl.int64) * H * W, i0, tl.minimum(ROWS, H - i0), j
-
-
-def strip_grid(B: int, H: int, W: int, rows: int, cols: int) -> int:
-    """Programs of a kernel that walks its image in strips of ``rows`` x ``cols`` pixels."""
-    return B * cdiv(H, rows) * cdiv(W, cols)
-
-
-@triton.jit
-def conv7_row(src_ptr, k_ptr, img, r, H, W, j, D, ch, cmask, s0, s1, s2, s3, s4, s5, FLIP: tl.constexpr,
-              ACC: tl.constexpr):
-    """One input row of a column strip through the merged 7x7 conv, sliding down the image.
-
-    ``s0 .. s5`` are the strip's partial sums of output rows r - 3 .. r + 2 before input row r (of
-    the image starting at token ``img``) arrives; returns ``(done, s0 .. s5)``: output row r - 3,
-    now complete, and the partial sums of rows r - 2 .. r + 3. Each input element is loaded once per
-    column tap and serves the seven output rows it reaches, where a tile of pixels loaded it 49
-    times; K is the taps-major (49 or 50, D) merged kernel, rotated by 180 degrees with FLIP (the
-    input gradient)."""
-    done = s0
-    s0 = s1
-    s1 = s2
-    s2 = s3
-    s3 = s4
-    s4 = s5
-    s5 = tl.zeros_like(s5)
-    # A row outside the image adds nothing. Behind this branch K's loads also stay in the loop: hoisted
-    # out of it, its 49 taps would hold 392 registers a thread, and ptxas then compiles the kernel
-    # to 32 registers and a 5-7 KB stack.
-    if (r >= 0) & (r < H):
-        row = src_ptr + (img + r.to(tl.int64) * W) * D
+def conv7_tile(src_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+               FLIP: tl.constexpr, ACC: tl.constexpr):
+    """sum_{u,v} K[u * 7 + v] * src[i+u-3, j+v-3] for one (TILE, BLOCK_D) tile in ACC, zero outside
+    the image, K the merged kernel, taps-major (49 or 50, D) at ``k_ptr``; FLIP takes K rotated by 180
+    degrees (the input gradient)."""
+    center = src_ptr + pix[:, None] * D + ch[None, :]
+    acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
+    # Tap rows in a real loop, columns unrolled: unrolling all 49 lets the scheduler hoist every load
+    # and spill (255 registers and 178 spilled words at 64 px x 64 channels).
+    for u in range(7):
+        ii = i + (u - 3)
+        row_ok = inside & (ii >= 0) & (ii < H)
         for v in tl.static_range(7):
-            x = shifted(row, j, v, W, D, ch, cmask, ACC)
-            # output row r - 3 + k takes this row as its tap row u = 6 - k
-            done += x * _tap(k_ptr, 6, v, D, ch, cmask, FLIP, ACC)
-            s0 += x * _tap(k_ptr, 5, v, D, ch, cmask, FLIP, ACC)
-            s1 += x * _tap(k_ptr, 4, v, D, ch, cmask, FLIP, ACC)
-            s2 += x * _tap(k_ptr, 3, v, D, ch, cmask, FLIP, ACC)
-            s3 += x * _tap(k_ptr, 2, v, D, ch, cmask, FLIP, ACC)
-            s4 += x * _tap(k_ptr, 1, v, D, ch, cmask, FLIP, ACC)
-            s5 += x * _tap(k_ptr, 0, v, D, ch, cmask, FLIP, ACC)
-    return done, s0, s1, s2, s3, s4, s5
-
-
-@triton.jit
-def shifted(row, j, v: tl.constexpr, W, D, ch, cmask, ACC: tl.constexpr):
-    """Columns j + v - 3 of the image row at ``row`` (a (W, D) block), zero outside the image, in ACC."""
-    jj = j + (v - 3)
-    ok = (jj >= 0) & (jj < W)
-    return tl.load(row + jj[:, None] * D + ch[None, :], mask=ok[:, None] & cmask[None, :], other=0.0).to(ACC)
-
-
-@triton.jit
-def _tap(k_ptr, u: tl.constexpr, v: tl.constexpr, D, ch, cmask, FLIP: tl.constexpr, ACC: tl.constexpr):
-    """Tap (u, v) of the merged kernel as a (1, BLOCK_D) row, or of the kernel rotated by 180 degrees."""
-    tap: tl.constexpr = (48 - (u * 7 + v)) if FLIP else (u * 7 + v)
-    return tl.load(k_ptr + tap * D + ch, mask=cmask, other=0.0).to(ACC)[None, :]
+            jj = j + (v - 3)
+            ok = row_ok & (jj >= 0) & (jj < W)
+            hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
+            tap = (48 - (u * 7 + v)) if FLIP else (u * 7 + v)
+            k = tl.load(k_ptr + tap * D + ch, mask=cmask, other=0.0).to(ACC)
+            acc += hv.to(ACC) * k[None, :]
+    return acc
 
 
 @triton.jit

@@ -13,12 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import Kernel, block_d, conv7_row, precision, rows_and_stages, strip_coords, strip_grid
+from ...ops.utils import cdiv
+from .common import Kernel, block_d, conv7_tile, precision, rows_and_stages, tile_coords
 
-# A program walks a strip of COLS columns down ROWS rows of its image (conv7_row), and runs the
-# LayerNorm-scaling backward on each row of dh1 as it completes, BLOCK_N channels of C a step.
-ROWS = 16
-COLS = 32
+TILE = 64
 BLOCK_N = 64
 WARPS = 4
 
@@ -34,18 +32,23 @@ def _dy_xn(dh1, w1_ptr, x_ptr, mean, rstd, pix, inside, n, nmask, ch, cmask, C, 
     return dy, x, (x - mean[:, None]) * rstd[:, None]
 
 
-@triton.jit
-def _ln_backward_row(dh1, pix, inside, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr, w_ln_ptr, gamma_ptr, gammax_ptr,
-                     dh1_ptr, dx_ptr, C, D, ch, cmask, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                     ACC: tl.constexpr):
-    """Everything after the conv for one row of pixels ``pix``: stores dh1 (its conv sum in ACC) and
-    dx of those pixels."""
-    dh1 = dh1.to(dh1_ptr.dtype.element_ty)
+@triton.jit(do_not_specialize=["H", "W", "M", "C"])
+def conv_ln_bwd_kernel(dh2_ptr, k_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
+                       w_ln_ptr, gamma_ptr, gammax_ptr, dh1_ptr, dx_ptr, H, W, M, C, D,
+                       TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dh2 (M, D) in the compute dtype, x and g (M, C), mean and rstd (M,) in ACC -> dh1 (M, D) and
+    dx (M, C) in x's dtype."""
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    CDT: tl.constexpr = dh2_ptr.dtype.element_ty
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    dh1 = conv7_tile(dh2_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, True, ACC).to(CDT)
     tl.store(dh1_ptr + pix[:, None] * D + ch[None, :], dh1, mask=inside[:, None] & cmask[None, :])
     mean = tl.load(mean_ptr + pix, mask=inside, other=0.0)
     rstd = tl.load(rstd_ptr + pix, mask=inside, other=0.0)
-    s1 = tl.zeros([dh1.shape[0]], dtype=ACC)
-    s2 = tl.zeros([dh1.shape[0]], dtype=ACC)
+    s1 = tl.zeros([TILE], dtype=ACC)
+    s2 = tl.zeros([TILE], dtype=ACC)
     for n0 in range(0, C, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < C
@@ -71,38 +74,14 @@ def _ln_backward_row(dh1, pix, inside, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["H", "W", "C"])
-def conv_ln_bwd_kernel(dh2_ptr, k_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
-                       w_ln_ptr, gamma_ptr, gammax_ptr, dh1_ptr, dx_ptr, H, W, C, D,
-                       ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """dh2 (M, D) in the compute dtype, x and g (M, C), mean and rstd (M,) in ACC -> dh1 (M, D) and
-    dx (M, C) in x's dtype."""
-    ACC: tl.constexpr = mean_ptr.dtype.element_ty
-    img, i0, rows, j = strip_coords(tl.program_id(0), H, W, ROWS, COLS)
-    inside = j < W
-    ch = tl.arange(0, BLOCK_D)
-    cmask = ch < D
-    z = tl.zeros([COLS, BLOCK_D], dtype=ACC)
-    s0, s1, s2, s3, s4, s5 = z, z, z, z, z, z
-    for t in range(6):  # the rows above the strip's first output row
-        _, s0, s1, s2, s3, s4, s5 = conv7_row(dh2_ptr, k_ptr, img, i0 - 3 + t, H, W, j, D, ch, cmask, s0, s1, s2,
-                                              s3, s4, s5, True, ACC)
-    for t in range(rows):
-        dh1, s0, s1, s2, s3, s4, s5 = conv7_row(dh2_ptr, k_ptr, img, i0 + 3 + t, H, W, j, D, ch, cmask, s0, s1,
-                                                s2, s3, s4, s5, True, ACC)
-        _ln_backward_row(dh1, img + (i0 + t) * W + j, inside, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr, w_ln_ptr,
-                         gamma_ptr, gammax_ptr, dh1_ptr, dx_ptr, C, D, ch, cmask, BLOCK_N, PRECISION, ACC)
-
-
 _conv_ln_bwd = Kernel(conv_ln_bwd_kernel)
 
 
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
-    """The kernel's strip and launch options for these dtypes and bottleneck width."""
-    cols, options = rows_and_stages(COLS, x_dtype, cdt)
-    return dict(ROWS=ROWS, COLS=cols, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt),
-                num_warps=WARPS, **options)
+    """The kernel's tile and launch options for these dtypes and bottleneck width."""
+    tile, options = rows_and_stages(TILE, x_dtype, cdt)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
 
 
 def conv_ln_bwd(dh2, x, mean, rstd, g, K, W1, w_ln, gamma, gammax, H: int, W: int):
@@ -112,6 +91,6 @@ def conv_ln_bwd(dh2, x, mean, rstd, g, K, W1, w_ln, gamma, gammax, H: int, W: in
     dh1 = torch.empty_like(dh2)
     dx = torch.empty_like(x)
     options = meta(x.dtype, dh2.dtype, d)
-    _conv_ln_bwd[(strip_grid(M // (H * W), H, W, ROWS, options["COLS"]),)](
-        dh2, K, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, C, d, **options)
+    _conv_ln_bwd[(cdiv(M, options["TILE"]),)](
+        dh2, K, W1, x, mean, rstd, g, w_ln, gamma, gammax, dh1, dx, H, W, M, C, d, **options)
     return dh1, dx

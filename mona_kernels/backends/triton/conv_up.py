@@ -4,8 +4,8 @@ and residual.
 Reads h1 (M, d) with its 3-pixel halo (from L2), the merged conv kernel K (50, d) that F1 wrote and
 x (M, C); writes out = x + a' W2^T + b2 (M, C), a' = dropout(gelu(h3)), h3 = h2 + h2 Wp^T + bp,
 h2 = conv7(h1, K) + bias_K, and h2 (M, d) itself for the backward: saving it costs 2d bytes a token
-each way and spares B1 a conv pass. h3 and a' stay in registers, rounded to the compute dtype where
-the reference's modules round them.
+each way and spares B1 a conv pass (B1 154 -> 71 us on an H100 at 32x56x56x128). h3 and a' stay in
+registers, rounded to the compute dtype where the reference's modules round them.
 Budget per token (2-byte x): reads 2d + 2C, writes 2C + 2d bytes; 98d FLOP of conv on CUDA cores,
 2d^2 + 2Cd on tensor cores.
 """
@@ -15,14 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (Kernel, block_d, conv7_row, dropout_args, gelu, keep, precision, rows_and_stages, strip_coords,
-                     strip_grid)
+from ...ops.utils import cdiv
+from .common import Kernel, block_d, conv7_tile, dropout_args, gelu, keep, precision, rows_and_stages, tile_coords
 
-# A program walks a strip of COLS columns down ROWS rows of its image (conv7_row), and runs the rest
-# of the adapter on each output row as it completes; BLOCK_N output channels a step of the up
-# projection.
-ROWS = 16
-COLS = 32
+# Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
+# and warps.
+TILE = 32
 BLOCK_N = 64
 WARPS = 4
 
@@ -37,16 +35,22 @@ def project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION: tl.constexpr, ACC: tl.c
     return h3.to(h2.dtype)
 
 
-@triton.jit
-def _output_row(h2, pix, inside, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale,
-                scale_lo, C, D, ch, cmask, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """Everything after the conv for one row of pixels ``pix``: h2 (its conv sum in ACC) gets its bias
-    and is stored; out = x + dropout(gelu(h2 + h2 Wp^T + bp)) W2^T + b2."""
-    CDT: tl.constexpr = h2_ptr.dtype.element_ty
+@triton.jit(do_not_specialize=["H", "W", "M", "C"])
+def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale, scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr,
+                   FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's, and
+    h2 (M, D) in h1's."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    CDT: tl.constexpr = h1_ptr.dtype.element_ty
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
+    ch = tl.arange(0, BLOCK_D)
+    cmask = ch < D
+    h2 = conv7_tile(h1_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, False, ACC)
     h2 = (h2 + tl.load(k_ptr + 49 * D + ch, mask=cmask, other=0.0).to(ACC)[None, :]).to(CDT)
     tl.store(h2_ptr + pix[:, None] * D + ch[None, :], h2, mask=inside[:, None] & cmask[None, :])
-    a = gelu(project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION, ACC).to(ACC))
+    h3 = project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION, ACC)
+    a = gelu(h3.to(ACC))
     if HAS_DROPOUT:
         a = tl.where(keep(seed_ptr, pix[:, None] * D + ch[None, :], p), a * scale + a * scale_lo, 0.0)
     a = a.to(CDT)
@@ -63,42 +67,14 @@ def _output_row(h2, pix, inside, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, o
         tl.store(out_ptr + xo, (x + up.to(ACC)).to(out_ptr.dtype.element_ty), mask=xmask)
 
 
-@triton.jit(do_not_specialize=["H", "W", "C"])
-def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale,
-                   scale_lo, H, W, C, D, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, ROWS: tl.constexpr,
-                   COLS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's, and
-    h2 (M, D) in h1's."""
-    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    img, i0, rows, j = strip_coords(tl.program_id(0), H, W, ROWS, COLS)
-    inside = j < W
-    ch = tl.arange(0, BLOCK_D)
-    cmask = ch < D
-    z = tl.zeros([COLS, BLOCK_D], dtype=ACC)
-    s0, s1, s2, s3, s4, s5 = z, z, z, z, z, z
-    for t in range(6):  # the rows above the strip's first output row
-        _, s0, s1, s2, s3, s4, s5 = conv7_row(h1_ptr, k_ptr, img, i0 - 3 + t, H, W, j, D, ch, cmask, s0, s1, s2,
-                                              s3, s4, s5, False, ACC)
-    for t in range(rows):
-        h2, s0, s1, s2, s3, s4, s5 = conv7_row(h1_ptr, k_ptr, img, i0 + 3 + t, H, W, j, D, ch, cmask, s0, s1, s2,
-                                               s3, s4, s5, False, ACC)
-        _output_row(h2, img + (i0 + t) * W + j, inside, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr,
-                    h2_ptr, seed_ptr, p, scale, scale_lo, C, D, ch, cmask, HAS_DROPOUT, BLOCK_N, PRECISION, ACC)
-
-
 _conv_up = Kernel(conv_up_kernel)
 
 
-def strip_cols(*dtypes: torch.dtype) -> int:
-    """Columns of a strip for tensors of these dtypes (fewer for 4- and 8-byte ones)."""
-    return rows_and_stages(COLS, *dtypes)[0]
-
-
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
-    """The kernel's strip and launch options for these dtypes and bottleneck width."""
-    cols, options = rows_and_stages(COLS, x_dtype, cdt)
-    return dict(ROWS=ROWS, COLS=cols, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt),
-                num_warps=WARPS, **options)
+    """The kernel's tile and launch options for these dtypes and bottleneck width."""
+    tile, options = rows_and_stages(TILE, x_dtype, cdt)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
 
 
 def conv_up(h1, x, K, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
@@ -109,7 +85,7 @@ def conv_up(h1, x, K, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h1.dtype))
     h2 = torch.empty_like(h1)
     options = meta(x.dtype, h1.dtype, d)
-    _conv_up[(strip_grid(M // (H * W), H, W, ROWS, options["COLS"]),)](
-        h1, K, Wp, bp, W2, b2, x, out, h2, seed, *dropout_args(p), H, W, C, d,
+    _conv_up[(cdiv(M, options["TILE"]),)](
+        h1, K, Wp, bp, W2, b2, x, out, h2, seed, *dropout_args(p), H, W, M, C, d,
         HAS_DROPOUT=p > 0, FP64=h1.dtype == torch.float64, **options)
     return out, h2

@@ -5,10 +5,8 @@ One launch, two kinds of program:
   db1 = sum dh1, and the LayerNorm-scaling parameters' sums (dgamma = sum dy (xn w_ln + b_ln),
   dgammax = sum dy x, dw_ln = sum dy gamma xn, db_ln = sum dy gamma), with y, xn and dy = dh1 W1
   recomputed from x, mean and rstd; the (d, C) and (C, d) sums stay in registers across the split;
-- tap programs, one per (split, tap row, block of d): the merged kernel's gradient
-  dK[u, v] = sum dh2 * h1 shifted by (u - 3, v - 3), and its bias gradient sum dh2, over column
-  strips of the image (split s takes strips s, s + splits, ...), a row of dh2 and the seven column
-  shifts of the h1 row u - 3 below it at a time.
+- tap programs, one per (token split, tap row, block of d): the merged kernel's gradient
+  dK[u, v] = sum dh2 * h1 shifted by (u - 3, v - 3), and its bias gradient sum dh2.
 Each writes one partial row; B4 sums the rows in a fixed order (deterministic, no atomics).
 Budget per token (2-byte tensors): reads 2C (g) + 2C (x) + 4d (a', dh1) + 8 + 4d (dh2, h1) bytes;
 4Cd + 2Cd FLOP on tensor cores and 98d on CUDA cores.
@@ -20,13 +18,12 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import Kernel, block_d, precision, rows_and_stages, shifted, strip_coords, strip_grid
+from .common import Kernel, block_d, precision, rows_and_stages, tile_coords
 from .ln_down import ln_scale_rows
 
 BLOCK_M = 128
 WARPS = 4
-TAP_ROWS = 16  # a tap program's strips: TAP_ROWS rows of TAP_COLS columns (2-byte activations)
-TAP_COLS = 32
+TAP_TILE = 32  # pixels a tap program adds per step (2-byte activations): a (32, 8, 64) fp32 accumulator
 TAP_BLOCK_D = 64
 # Programs of each kind per SM (adapter.partial_rows): each writes one partial row that B4 sums.
 CHANNEL_PROGRAMS_PER_SM = 1
@@ -103,53 +100,40 @@ def _channel_program(prog, g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_l
 
 
 @triton.jit
-def tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, D, n_strips, n_splits, n_dblk, ACC: tl.constexpr,
-                ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_D: tl.constexpr):
+def tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_splits, n_dblk, ACC: tl.constexpr,
+                 TILE: tl.constexpr, BLOCK_D: tl.constexpr):
     split = prog // (7 * n_dblk)
     u = (prog // n_dblk) % 7
     ch = (prog % n_dblk) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
-    z = tl.zeros([COLS, BLOCK_D], dtype=ACC)
-    # the seven column taps of tap row u, and the bias gradient
-    a0, a1, a2, a3, a4, a5, a6, bias = z, z, z, z, z, z, z, z
-    for strip in range(split, n_strips, n_splits):
-        img, i0, rows, j = strip_coords(strip, H, W, ROWS, COLS)
-        inside = j < W
-        for t in range(rows):
-            o = i0 + t
-            dh2 = tl.load(dh2_ptr + ((img + o * W + j) * D)[:, None] + ch[None, :],
-                          mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
-            bias += dh2
-            r = o + u - 3
-            if (r >= 0) & (r < H):
-                row = h1_ptr + (img + r.to(tl.int64) * W) * D
-                a0 += dh2 * shifted(row, j, 0, W, D, ch, cmask, ACC)
-                a1 += dh2 * shifted(row, j, 1, W, D, ch, cmask, ACC)
-                a2 += dh2 * shifted(row, j, 2, W, D, ch, cmask, ACC)
-                a3 += dh2 * shifted(row, j, 3, W, D, ch, cmask, ACC)
-                a4 += dh2 * shifted(row, j, 4, W, D, ch, cmask, ACC)
-                a5 += dh2 * shifted(row, j, 5, W, D, ch, cmask, ACC)
-                a6 += dh2 * shifted(row, j, 6, W, D, ch, cmask, ACC)
+    v = tl.arange(0, 8)  # the seven column taps, padded to a power of two
+    acc = tl.zeros([TILE, 8, BLOCK_D], dtype=ACC)
+    bias = tl.zeros([TILE, BLOCK_D], dtype=ACC)
+    for tile in range(split, n_tiles, n_splits):
+        pix, i, j, inside = tile_coords(tile, H, W, M, TILE)
+        offs = pix[:, None] * D + ch[None, :]
+        dh2 = tl.load(dh2_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
+        ii = i + (u - 3)
+        jj = j[:, None] + (v[None, :] - 3)
+        ok = (inside & (ii >= 0) & (ii < H))[:, None] & (jj >= 0) & (jj < W) & (v[None, :] < 7)
+        shift = ((u - 3) * W + (v - 3)) * D
+        h = tl.load(h1_ptr + offs[:, None, :] + shift[None, :, None], mask=ok[:, :, None] & cmask[None, None, :],
+                    other=0.0)
+        acc += dh2[:, None, :] * h.to(ACC)
+        bias += dh2
     # The row: the 49 taps' dK (tap-major, D each), then the bias gradient.
-    row = partial_ptr + split.to(tl.int64) * (50 * D) + u * 7 * D + ch
-    tl.store(row, tl.sum(a0, axis=0), mask=cmask)
-    tl.store(row + D, tl.sum(a1, axis=0), mask=cmask)
-    tl.store(row + 2 * D, tl.sum(a2, axis=0), mask=cmask)
-    tl.store(row + 3 * D, tl.sum(a3, axis=0), mask=cmask)
-    tl.store(row + 4 * D, tl.sum(a4, axis=0), mask=cmask)
-    tl.store(row + 5 * D, tl.sum(a5, axis=0), mask=cmask)
-    tl.store(row + 6 * D, tl.sum(a6, axis=0), mask=cmask)
+    row = partial_ptr + split.to(tl.int64) * (50 * D)
+    tl.store(row + (u * 7 + v)[:, None] * D + ch[None, :], tl.sum(acc, axis=0), mask=(v < 7)[:, None] & cmask[None, :])
     if u == 0:
-        tl.store(row + 49 * D, tl.sum(bias, axis=0), mask=cmask)
+        tl.store(row + 49 * D + ch, tl.sum(bias, axis=0), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["H", "W", "M", "C", "tokens", "n_strips", "n_channel", "n_splits", "channel_off",
+@triton.jit(do_not_specialize=["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off",
                              "tap_off"])
 def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
                        gammax_ptr, w1_ptr, h1_ptr, dh2_ptr, partial_ptr, channel_off, tap_off, H, W, M, C, D, tokens,
-                       n_cblk, n_channel, n_strips, n_splits, n_dblk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, TAP_ROWS: tl.constexpr, TAP_COLS: tl.constexpr,
-                       TAP_BLOCK_D: tl.constexpr,
+                       n_cblk, n_channel, n_tiles, n_splits, n_dblk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, TAP_TILE: tl.constexpr, TAP_BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Programs below ``n_channel`` are channel programs (rows from element ``channel_off`` of
     ``partial``), the rest tap programs (rows from ``tap_off``); partial sums in ACC, the activations
@@ -162,8 +146,8 @@ def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_pt
                          BLOCK_N, BLOCK_D,
                          PRECISION)
     else:
-        tap_program(prog - n_channel, h1_ptr, dh2_ptr, partial_ptr + tap_off, H, W, D, n_strips, n_splits, n_dblk,
-                    ACC, TAP_ROWS, TAP_COLS, TAP_BLOCK_D)
+        tap_program(prog - n_channel, h1_ptr, dh2_ptr, partial_ptr + tap_off, H, W, M, D, n_tiles, n_splits, n_dblk,
+                     ACC, TAP_TILE, TAP_BLOCK_D)
 
 
 _param_grads = Kernel(param_grads_kernel)
@@ -172,15 +156,10 @@ _param_grads = Kernel(param_grads_kernel)
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's block sizes and launch options for these dtypes and bottleneck width."""
     rows, options = rows_and_stages(BLOCK_M, x_dtype, cdt)
-    return dict(BLOCK_M=rows, BLOCK_N=channel_block(d), BLOCK_D=block_d(d), TAP_ROWS=TAP_ROWS,
-                TAP_COLS=tap_cols(cdt), TAP_BLOCK_D=tap_block(d), PRECISION=precision(cdt), num_warps=WARPS,
-                **options)
-
-
-def tap_cols(cdt: torch.dtype) -> int:
-    """Columns of a tap program's strips: 4- and 8-byte activations take half and a quarter, as the
-    other tiles do."""
-    return max(4, TAP_COLS * 2 // max(2, cdt.itemsize))
+    # 4- and 8-byte activations take half and a quarter of the pixels, as the other tiles do
+    tap_tile = max(4, TAP_TILE * 2 // max(2, cdt.itemsize))
+    return dict(BLOCK_M=rows, BLOCK_N=channel_block(d), BLOCK_D=block_d(d), TAP_TILE=tap_tile,
+                TAP_BLOCK_D=tap_block(d), PRECISION=precision(cdt), num_warps=WARPS, **options)
 
 
 def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, H: int, W: int, partial,
@@ -196,5 +175,4 @@ def param_grads(g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2
     n_channel = splits * n_cblk
     _param_grads[(n_channel + tap_splits * 7 * n_dblk,)](
         g, a, dh1, x, mean, rstd, w_ln, b_ln, gamma, gammax, W1, h1, dh2, partial, channel_offset, tap_offset,
-        H, W, M, C, d, tokens, n_cblk, n_channel, strip_grid(M // (H * W), H, W, TAP_ROWS, options["TAP_COLS"]),
-        tap_splits, n_dblk, **options)
+        H, W, M, C, d, tokens, n_cblk, n_channel, cdiv(M, options["TAP_TILE"]), tap_splits, n_dblk, **options)
