@@ -21,8 +21,7 @@ def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
     """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
     row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
     pix = tl.cast(tile, tl.int64) * TILE + tl.arange(0, TILE)
-    # row and column in 32 bits: every tap's bounds check compares them
-    r = (pix % (H * W)).to(tl.int32)
+    r = pix % (H * W)
     return pix, r // W, r % W, pix < n_pix
 
 
