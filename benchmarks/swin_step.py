@@ -78,7 +78,8 @@ def graphed_step(model, x, y, params):
         loss.backward()
         opt.step()
 
-    side = side_stream(torch.cuda.current_device())  # one per device: a new one per variant keeps another cuBLAS workspace
+    # one side stream per device: a new one per variant would keep another cuBLAS workspace
+    side = side_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
@@ -138,8 +139,9 @@ def multiscale(args):
                                    for pair in reference]))
     H0, W0 = args.ms_size
     rng = random.Random(0)
-    sizes = [(32 * max(1, round(H0 * rng.uniform(0.85, 1.15) / 32)), 32 * max(1, round(W0 * rng.uniform(0.85, 1.15) / 32)))
-             for _ in range(args.ms_steps)]
+    def near(n):  # within 15% of n, a multiple of 32
+        return 32 * max(1, round(n * rng.uniform(0.85, 1.15) / 32))
+    sizes = [(near(H0), near(W0)) for _ in range(args.ms_steps)]
     images = {hw: torch.randn(2, 3, *hw, device=device) for hw in set(sizes)}
     opts = {}
 

@@ -4,8 +4,8 @@ variant's output and gradients are first checked against the default's.
 
     python benchmarks/tools/plan_sweep.py [--fp32] [B,H,W,C ...]      (default 32,56,56,128 2,200,336,128)
 
-bf16 (fp32 with --fp32: twice the bytes of the budget), d = 64, no dropout. Without a GPU (TRITON_INTERPRET=1) it checks every variant at one small
-shape and times nothing.
+bf16 (fp32 with --fp32: twice the bytes of the budget), d = 64, no dropout. Without a GPU
+(TRITON_INTERPRET=1) it checks every variant at one small shape and times nothing.
 """
 import sys
 

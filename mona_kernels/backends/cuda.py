@@ -139,7 +139,8 @@ def dwconv7_wgrad(h, dout, variant=-1):
 
 def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) the CUDA plan applies to each element of (M, d) ``like``
-    for ``seed`` (one int64 on like's device), from the GELU backward: gelu'(10) is 1 to float64 precision, so dh3 is the mask."""
+    for ``seed`` (one int64 on like's device), from the GELU backward: gelu'(10) is 1 to float64
+    precision, so dh3 is the mask."""
     load()
     h = torch.full_like(like, 10.0)
     dh3, _ = torch.ops.mona_kernels.cuda_gelu_dropout_bwd(torch.ones_like(like), h, seed, p)

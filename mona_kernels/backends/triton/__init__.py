@@ -8,5 +8,5 @@ from .ln_scale import ln_scale_bwd, ln_scale_fwd
 
 ADAPTER = make_differentiable(adapter_fwd, backward, forward)
 
-__all__ = ["ADAPTER", "MAX_D", "adapter_bwd", "adapter_fwd", "backward", "dropout_scale", "dwconv7_fwd", "dwconv7_wgrad",
-           "ln_scale_bwd", "ln_scale_fwd"]
+__all__ = ["ADAPTER", "MAX_D", "adapter_bwd", "adapter_fwd", "backward", "dropout_scale", "dwconv7_fwd",
+           "dwconv7_wgrad", "ln_scale_bwd", "ln_scale_fwd"]

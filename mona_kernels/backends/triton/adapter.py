@@ -10,8 +10,8 @@ with ``torch.library.triton_op`` so that ``torch.compile`` sees and launches the
 
 F1 also merges the three convs' weights into one (50, d) kernel K that F2 and B2 read.
 Saved for the backward: x, h1 and h2 (compute dtype), mean and rstd (two floats a token), K and the
-dropout seed; y, h3, a' and the mask are recomputed, none of them through the conv. No kernel depends on the sizes B, H, W except
-through runtime arguments, so a new image size compiles nothing.
+dropout seed; y, h3, a' and the mask are recomputed, none of them through the conv. No kernel depends
+on the sizes B, H, W except through runtime arguments, so a new image size compiles nothing.
 """
 from __future__ import annotations
 

@@ -36,9 +36,9 @@ def project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION: tl.constexpr, ACC: tl.c
 
 
 @triton.jit(do_not_specialize=["H", "W", "M", "C"])
-def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale, scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr,
-                   FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale,
+                   scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's, and
     h2 (M, D) in h1's."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32

@@ -2,7 +2,7 @@
 
 Reads x (M, C); writes h1 = y W1^T + b1 (M, d) in the compute dtype and the per-token mean and rstd
 (M,) in the accumulation dtype. y = LN(x) * gamma + x * gammax never reaches memory. Seven more
-programs merge the three convs into the one (50, d) kernel that F2, B1 and B2 read.
+programs merge the three convs into the one (50, d) kernel that F2 and B2 read.
 Budget per token (2-byte x): reads 2C, writes 2d + 8 bytes; 2Cd FLOP on tensor cores.
 """
 from __future__ import annotations

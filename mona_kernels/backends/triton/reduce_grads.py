@@ -74,5 +74,5 @@ def grads_size(C: int, d: int) -> int:
 
 def reduce_grads(partial, grads, C: int, d: int, rows_channel: int, rows_tail: int, rows_tap: int):
     _reduce_grads[(cdiv(grads.numel(), BLOCK),)](
-        partial, grads, C, d, rows_channel, rows_tail, rows_tap, torch.sym_max(rows_channel, torch.sym_max(rows_tail, rows_tap)),
-        BLOCK=BLOCK, ROWS=ROWS, num_warps=WARPS)
+        partial, grads, C, d, rows_channel, rows_tail, rows_tap,
+        torch.sym_max(rows_channel, torch.sym_max(rows_tail, rows_tap)), BLOCK=BLOCK, ROWS=ROWS, num_warps=WARPS)
