@@ -50,19 +50,22 @@ def main(arch, widths):
                      (torch.float64, torch.float64)]:
         for d in widths:
             fp64 = cdt == torch.float64
-            kernels = [(ln_down.ln_down_kernel, ln_down.meta(xdt, cdt, d), {}),
-                       (conv_up.conv_up_kernel, conv_up.meta(xdt, cdt, d), {"HAS_DROPOUT": True, "FP64": fp64}),
-                       (tail_bwd.tail_bwd_kernel, tail_bwd.meta(xdt, cdt, d), {"HAS_DROPOUT": True, "FP64": fp64}),
-                       (conv_ln_bwd.conv_ln_bwd_kernel, conv_ln_bwd.meta(xdt, cdt, d), {}),
-                       (param_grads.param_grads_kernel, param_grads.meta(xdt, cdt, d), {}),
+            # ln_down takes fewer tokens a program over WIDE_C channels: both compiles
+            wide = ln_down.WIDE_C
+            kernels = [(ln_down.ln_down_kernel, ln_down.meta(xdt, cdt, d, wide), {}, f" C={wide}"),
+                       (ln_down.ln_down_kernel, ln_down.meta(xdt, cdt, d, 2 * wide), {}, f" C={2 * wide}"),
+                       (conv_up.conv_up_kernel, conv_up.meta(xdt, cdt, d), {"HAS_DROPOUT": True, "FP64": fp64}, ""),
+                       (tail_bwd.tail_bwd_kernel, tail_bwd.meta(xdt, cdt, d), {"HAS_DROPOUT": True, "FP64": fp64}, ""),
+                       (conv_ln_bwd.conv_ln_bwd_kernel, conv_ln_bwd.meta(xdt, cdt, d), {}, ""),
+                       (param_grads.param_grads_kernel, param_grads.meta(xdt, cdt, d), {}, ""),
                        (reduce_grads.reduce_grads_kernel, {"BLOCK": reduce_grads.BLOCK, "ROWS": reduce_grads.ROWS,
-                                                           "num_warps": reduce_grads.WARPS}, {})]
-            for fn, meta, flags in kernels:
+                                                           "num_warps": reduce_grads.WARPS}, {}, "")]
+            for fn, meta, flags, label in kernels:
                 options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
                 constexprs = {**meta, **flags}
                 src = ASTSource(fn=fn, signature=signature(fn, xdt, cdt, constexprs), constexprs=constexprs)
                 compiled = triton.compile(src, target=target, options=options)
-                result[f"{fn.__name__} x={xdt} compute={cdt} d={d}"] = compiled.metadata.shared
+                result[f"{fn.__name__}{label} x={xdt} compute={cdt} d={d}"] = compiled.metadata.shared
     print(json.dumps(result))
 
 

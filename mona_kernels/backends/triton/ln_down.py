@@ -18,6 +18,11 @@ from .common import Kernel, block_d, merge_taps, precision, rows_and_stages
 BLOCK_M = 128
 BLOCK_C = 64
 WARPS = 4
+# Over WIDE_C channels a program takes WIDE_BLOCK_M tokens: at C = 768 a token is six times the work of
+# one at C = 128, and 128-token programs left an H100 with 32 programs at 4x32x32 (88 us, 38x the bytes).
+WIDE_C = 256
+WIDE_BLOCK_M = 32
+WIDE_WARPS = 4
 
 
 @triton.jit
@@ -94,11 +99,13 @@ def ln_down_kernel(x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_
 _ln_down = Kernel(ln_down_kernel)
 
 
-def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
-    """The kernel's block sizes and launch options for these dtypes and bottleneck width."""
-    rows, options = rows_and_stages(BLOCK_M, x_dtype, cdt)
-    return dict(BLOCK_M=rows, BLOCK_C=BLOCK_C, BLOCK_D=block_d(d), PRECISION=precision(cdt), num_warps=WARPS,
-                **options)
+def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int, C: int) -> dict:
+    """The kernel's block sizes and launch options for these dtypes, channels and bottleneck width (C
+    picks between two compiles, at most WIDE_C channels or more)."""
+    wide = C > WIDE_C
+    rows, options = rows_and_stages(WIDE_BLOCK_M if wide else BLOCK_M, x_dtype, cdt)
+    return dict(BLOCK_M=rows, BLOCK_C=BLOCK_C, BLOCK_D=block_d(d), PRECISION=precision(cdt),
+                num_warps=WIDE_WARPS if wide else WARPS, **options)
 
 
 def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, eps: float, cdt: torch.dtype,
@@ -111,7 +118,7 @@ def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, eps: f
     mean = x.new_empty((M,), dtype=acc)
     rstd = x.new_empty((M,), dtype=acc)
     K = x.new_empty((50, d), dtype=acc)
-    options = meta(x.dtype, cdt, d)
+    options = meta(x.dtype, cdt, d, C)
     n_rows = cdiv(M, options["BLOCK_M"])
     _ln_down[(n_rows + 7,)](x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, h1, mean, rstd, K, M, C, d,
                             eps, n_rows, **options)
