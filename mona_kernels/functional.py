@@ -6,7 +6,7 @@ import torch
 from . import backends
 from .ops.ln_scale import check_ln_params, ln_scale
 from .ops.multiscale_dwconv import check_dwconv_params, multiscale_dwconv
-from .ops.utils import check_tensor, on_input_device
+from .ops.utils import check_pixels, check_tensor, on_input_device
 
 __all__ = ["ln_scale", "multiscale_dwconv", "mona", "MAX_BOTTLENECK"]
 
@@ -55,6 +55,7 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     B, N, C = x.shape
     if N != H * W:
         raise ValueError(f"x has N={N} tokens but hw_shapes=({H}, {W}) gives H*W={H * W}")
+    check_pixels("x", B * N)
     check_ln_params(C, x, norm_weight=norm_weight, norm_bias=norm_bias, gamma=gamma, gammax=gammax)
     check_tensor("project1_weight", project1_weight, ndim=2, like=x)
     d = project1_weight.shape[0]

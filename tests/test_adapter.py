@@ -270,6 +270,18 @@ def test_integer_input_is_a_type_error():
         fused(torch.ones(1, 6, 24, dtype=torch.int64), (2, 3))
 
 
+def test_more_pixels_than_the_kernels_index_is_refused():
+    """Checked before any kernel runs: meta tensors carry the sizes and no data."""
+    fused = mk.Mona(16, bottleneck=8).to("meta")
+    with pytest.raises(ValueError, match=r"x has B\*H\*W = 2147483648 pixels"):
+        fused(torch.empty(2, 2**30, 16, device="meta"), (2**15, 2**15))
+    conv = RefMona(16, bottleneck=8).adapter_conv.to("meta")
+    weights = [conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.conv3.weight,
+               conv.conv3.bias]
+    with pytest.raises(ValueError, match=r"h has B\*H\*W = 2147483648 pixels"):
+        mk.multiscale_dwconv(torch.empty(2, 2**15, 2**15, 8, device="meta"), *weights)
+
+
 def test_bottleneck_over_maximum_is_refused():
     fused = mk.Mona(8, bottleneck=mk.MAX_BOTTLENECK + 1)
     with pytest.raises(ValueError, match="bottleneck"):

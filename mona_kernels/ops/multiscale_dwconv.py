@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .utils import acc_dtype, cast, call_op, check_tensor, on_input_device, traced
+from .utils import acc_dtype, cast, call_op, check_pixels, check_tensor, on_input_device, traced
 
 KSIZE = 7
 TAPS = KSIZE * KSIZE
@@ -134,6 +134,7 @@ def multiscale_dwconv(h, w3, b3, w5, b5, w7, b7, backend: str | None = None):
         raise ValueError(f"h must be channels-last (B, H, W, d) with d={d} channels, as the conv weights have; "
                          f"got shape {tuple(h.shape)}{hint}")
     check_dwconv_params(d, h, w3=w3, b3=b3, w5=w5, b5=b5, w7=w7, b7=b7)
+    check_pixels("h", h.shape[0] * h.shape[1] * h.shape[2])
     name = backends.resolve(h.device, backend)
     if name == "torch":  # autograd through PyTorch's own ops: no kernels of its own to join
         return backends.pytorch.multiscale_dwconv(h, w3, b3, w5, b5, w7, b7)

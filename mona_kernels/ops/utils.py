@@ -39,6 +39,16 @@ def check_tensor(name: str, t, ndim: int | None = None, size: tuple | None = Non
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
+# Pixels (B * H * W) the fused kernels take: they find a pixel's row and column in 32-bit integers.
+MAX_PIXELS = 2**31 - 4096
+
+
+def check_pixels(name: str, n: int):
+    """Raise a clear ``ValueError`` naming ``name`` when its ``n`` pixels are more than the kernels index."""
+    if n > MAX_PIXELS:
+        raise ValueError(f"{name} has B*H*W = {n} pixels; the fused kernels take at most {MAX_PIXELS}")
+
+
 def tl_acc(dtype: torch.dtype):
     """:func:`acc_dtype` as a Triton dtype, for the kernels' ``ACC`` constexpr."""
     import triton.language as tl
