@@ -13,7 +13,7 @@ from mona_kernels.backends.triton import conv_ln_bwd, conv_up, ln_down, param_gr
 
 TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 INTS = {"M", "C", "D", "H", "W", "n_tiles", "tokens", "n_cblk", "n_channel", "n_splits", "n_dblk", "rows_channel",
-        "rows_tail", "rows_tap", "max_rows", "partial_off", "channel_off", "tap_off", "n_rows"}
+        "rows_tail", "rows_tap", "partial_off", "channel_off", "tap_off", "n_rows"}
 FLOATS = {"eps", "p", "scale", "scale_lo"}
 # Pointers that hold tokens (x's dtype), bottleneck activations (the compute dtype) or fp32/fp64 sums (and
 # the merged conv kernel).

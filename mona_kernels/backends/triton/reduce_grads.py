@@ -8,7 +8,6 @@ db3 = db5 = db7 = dbias_K / 3.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -16,12 +15,12 @@ from ...ops.utils import cdiv
 from .common import Kernel
 
 BLOCK = 128  # gradient elements a program
-ROWS = 16    # partial rows a step
+ROWS = 32    # partial rows a step
 WARPS = 4
 
 
-@triton.jit(do_not_specialize=["C", "rows_channel", "rows_tail", "rows_tap", "max_rows"])
-def reduce_grads_kernel(partial_ptr, grads_ptr, C, D, rows_channel, rows_tail, rows_tap, max_rows,
+@triton.jit(do_not_specialize=["C", "rows_channel", "rows_tail", "rows_tap"])
+def reduce_grads_kernel(partial_ptr, grads_ptr, C, D, rows_channel, rows_tail, rows_tap,
                         BLOCK: tl.constexpr, ROWS: tl.constexpr):
     ACC: tl.constexpr = partial_ptr.dtype.element_ty
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -54,7 +53,8 @@ def reduce_grads_kernel(partial_ptr, grads_ptr, C, D, rows_channel, rows_tail, r
     row_len = tl.where(region == 0, len_channel, tl.where(region == 1, len_tail, 50 * D)).to(tl.int64)
     n_rows = tl.where(region == 0, rows_channel, tl.where(region == 1, rows_tail, rows_tap))
     acc = tl.zeros([ROWS, BLOCK], dtype=ACC)
-    for r0 in range(0, max_rows, ROWS):
+    # up to this block's own rows: a block inside B3's channel or tap rows skips B1's longer list
+    for r0 in range(0, tl.max(tl.where(inside, n_rows, 0), axis=0), ROWS):
         r = r0 + tl.arange(0, ROWS)
         mask = (r[:, None] < n_rows[None, :]) & inside[None, :]
         acc += tl.load(partial_ptr + base[None, :] + r.to(tl.int64)[:, None] * row_len[None, :] + col[None, :],
@@ -74,5 +74,4 @@ def grads_size(C: int, d: int) -> int:
 
 def reduce_grads(partial, grads, C: int, d: int, rows_channel: int, rows_tail: int, rows_tap: int):
     _reduce_grads[(cdiv(grads.numel(), BLOCK),)](
-        partial, grads, C, d, rows_channel, rows_tail, rows_tap,
-        torch.sym_max(rows_channel, torch.sym_max(rows_tail, rows_tap)), BLOCK=BLOCK, ROWS=ROWS, num_warps=WARPS)
+        partial, grads, C, d, rows_channel, rows_tail, rows_tap, BLOCK=BLOCK, ROWS=ROWS, num_warps=WARPS)
