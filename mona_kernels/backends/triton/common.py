@@ -55,7 +55,7 @@ def merge_taps(u, w3_ptr, b3_ptr, w5_ptr, b5_ptr, w7_ptr, b7_ptr, k_ptr, D, ch, 
 
 @triton.jit
 def conv7_tile(src_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-               FLIP: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr = 1):
+               FLIP: tl.constexpr, ACC: tl.constexpr):
     """sum_{u,v} K[u * 7 + v] * src[i+u-3, j+v-3] for one (TILE, BLOCK_D) tile in ACC, zero outside
     the image, K the merged kernel, taps-major (49 or 50, D) at ``k_ptr``; FLIP takes K rotated by 180
     degrees (the input gradient)."""
@@ -63,7 +63,7 @@ def conv7_tile(src_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE: tl.c
     acc = tl.zeros([TILE, BLOCK_D], dtype=ACC)
     # Tap rows in a real loop, columns unrolled: unrolling all 49 lets the scheduler hoist every load
     # and spill (255 registers and 178 spilled words at 64 px x 64 channels).
-    for u in tl.range(7, num_stages=STAGES):
+    for u in range(7):
         ii = i + (u - 3)
         row_ok = inside & (ii >= 0) & (ii < H)
         for v in tl.static_range(7):

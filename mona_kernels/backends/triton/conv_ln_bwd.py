@@ -19,7 +19,6 @@ from .common import Kernel, block_d, conv7_tile, precision, rows_and_stages, til
 TILE = 64
 BLOCK_N = 64
 WARPS = 4
-CONV_STAGES = 1  # software-pipeline depth of the conv's tap-row loop (1: none)
 
 
 @triton.jit
@@ -36,8 +35,7 @@ def _dy_xn(dh1, w1_ptr, x_ptr, mean, rstd, pix, inside, n, nmask, ch, cmask, C, 
 @triton.jit(do_not_specialize=["H", "W", "M", "C"])
 def conv_ln_bwd_kernel(dh2_ptr, k_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
                        w_ln_ptr, gamma_ptr, gammax_ptr, dh1_ptr, dx_ptr, H, W, M, C, D,
-                       TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                       CONV_STAGES: tl.constexpr):
+                       TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dh2 (M, D) in the compute dtype, x and g (M, C), mean and rstd (M,) in ACC -> dh1 (M, D) and
     dx (M, C) in x's dtype."""
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
@@ -45,8 +43,7 @@ def conv_ln_bwd_kernel(dh2_ptr, k_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
     pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
-    dh1 = conv7_tile(dh2_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, True, ACC,
-                     CONV_STAGES).to(CDT)
+    dh1 = conv7_tile(dh2_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, True, ACC).to(CDT)
     tl.store(dh1_ptr + pix[:, None] * D + ch[None, :], dh1, mask=inside[:, None] & cmask[None, :])
     mean = tl.load(mean_ptr + pix, mask=inside, other=0.0)
     rstd = tl.load(rstd_ptr + pix, mask=inside, other=0.0)
@@ -83,8 +80,8 @@ _conv_ln_bwd = Kernel(conv_ln_bwd_kernel)
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's tile and launch options for these dtypes and bottleneck width."""
     tile, options = rows_and_stages(TILE, x_dtype, cdt)
-    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), CONV_STAGES=CONV_STAGES,
-                num_warps=WARPS, **options)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
 
 
 def conv_ln_bwd(dh2, x, mean, rstd, g, K, W1, w_ln, gamma, gammax, H: int, W: int):

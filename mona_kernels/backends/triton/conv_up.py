@@ -23,7 +23,6 @@ from .common import Kernel, block_d, conv7_tile, dropout_args, gelu, keep, preci
 TILE = 32
 BLOCK_N = 64
 WARPS = 4
-CONV_STAGES = 1  # software-pipeline depth of the conv's tap-row loop (1: none)
 
 
 @triton.jit
@@ -39,8 +38,7 @@ def project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION: tl.constexpr, ACC: tl.c
 @triton.jit(do_not_specialize=["H", "W", "M", "C"])
 def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale,
                    scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                   CONV_STAGES: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's, and
     h2 (M, D) in h1's."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -48,7 +46,7 @@ def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr
     pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
-    h2 = conv7_tile(h1_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, False, ACC, CONV_STAGES)
+    h2 = conv7_tile(h1_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, False, ACC)
     h2 = (h2 + tl.load(k_ptr + 49 * D + ch, mask=cmask, other=0.0).to(ACC)[None, :]).to(CDT)
     tl.store(h2_ptr + pix[:, None] * D + ch[None, :], h2, mask=inside[:, None] & cmask[None, :])
     h3 = project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION, ACC)
@@ -75,8 +73,8 @@ _conv_up = Kernel(conv_up_kernel)
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's tile and launch options for these dtypes and bottleneck width."""
     tile, options = rows_and_stages(TILE, x_dtype, cdt)
-    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), CONV_STAGES=CONV_STAGES,
-                num_warps=WARPS, **options)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
+                **options)
 
 
 def conv_up(h1, x, K, Wp, bp, W2, b2, seed, p: float, H: int, W: int):
