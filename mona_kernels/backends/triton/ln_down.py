@@ -101,8 +101,8 @@ _ln_down = Kernel(ln_down_kernel)
 
 
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int, C: int) -> dict:
-    """The kernel's block sizes and launch options for these dtypes, channels and bottleneck width (C
-    picks between two compiles, at most WIDE_C channels or more)."""
+    """The kernel's block sizes and launch options for these dtypes, channels and bottleneck width. C
+    picks one of two compiles: up to WIDE_C channels, or more."""
     wide = C > WIDE_C
     rows, options = rows_and_stages(WIDE_BLOCK_M if wide else BLOCK_M, x_dtype, cdt)
     return dict(BLOCK_M=rows, BLOCK_C=BLOCK_C, BLOCK_D=block_d(d), PRECISION=precision(cdt),
