@@ -20,8 +20,8 @@ from .launcher import Launcher
 def tile_coords(tile, H, W, n_pix, TILE: tl.constexpr):
     """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
     row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width."""
-    # Divided in 32 bits (the callers keep M under 2**31 - TILE): a 64-bit division is a call of about
-    # 70 instructions on sm_90, a 32-bit one a few inline.
+    # Divided in 32 bits (ops.utils.check_pixels keeps B * H * W under MAX_PIXELS, 2**31 - 4096): a
+    # 64-bit division is a call of about 70 instructions on sm_90, a 32-bit one a few inline.
     pix = tile * TILE + tl.arange(0, TILE)
     r = pix % (H * W)
     return pix.to(tl.int64), r // W, r % W, pix < n_pix
