@@ -9,7 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mona_kernels.backends.triton import conv_ln_bwd, conv_up, ln_down, param_grads, reduce_grads, tail_bwd
+from mona_kernels.backends.triton import common, conv_ln_bwd, conv_up, ln_down, param_grads, reduce_grads, tail_bwd
 
 TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 INTS = {"M", "C", "D", "H", "W", "n_tiles", "tokens", "n_cblk", "n_channel", "n_splits", "n_dblk", "rows_channel",
@@ -50,13 +50,15 @@ def main(arch, widths):
                      (torch.float64, torch.float64)]:
         for d in widths:
             fp64 = cdt == torch.float64
-            # ln_down takes fewer tokens a program over WIDE_C channels: both compiles
-            wide = ln_down.WIDE_C
+            # ln_down and conv_ln_bwd take fewer tokens a program over WIDE_C channels: both compiles
+            wide = common.WIDE_C
             kernels = [(ln_down.ln_down_kernel, ln_down.meta(xdt, cdt, d, wide), {}, f" C={wide}"),
                        (ln_down.ln_down_kernel, ln_down.meta(xdt, cdt, d, 2 * wide), {}, f" C={2 * wide}"),
                        (conv_up.conv_up_kernel, conv_up.meta(xdt, cdt, d), {"HAS_DROPOUT": True, "FP64": fp64}, ""),
                        (tail_bwd.tail_bwd_kernel, tail_bwd.meta(xdt, cdt, d), {"HAS_DROPOUT": True, "FP64": fp64}, ""),
-                       (conv_ln_bwd.conv_ln_bwd_kernel, conv_ln_bwd.meta(xdt, cdt, d), {}, ""),
+                       (conv_ln_bwd.conv_ln_bwd_kernel, conv_ln_bwd.meta(xdt, cdt, d, wide), {}, f" C={wide}"),
+                       (conv_ln_bwd.conv_ln_bwd_kernel, conv_ln_bwd.meta(xdt, cdt, d, 2 * wide), {},
+                        f" C={2 * wide}"),
                        (param_grads.param_grads_kernel, param_grads.meta(xdt, cdt, d), {}, ""),
                        (reduce_grads.reduce_grads_kernel, {"BLOCK": reduce_grads.BLOCK, "ROWS": reduce_grads.ROWS,
                                                            "num_warps": reduce_grads.WARPS}, {}, "")]

@@ -114,6 +114,12 @@ def rows_and_stages(rows: int, *dtypes: torch.dtype) -> tuple[int, dict]:
     return (max(16, rows // 2), {"num_stages": 2}) if size == 4 else (max(16, rows // 4), {"num_stages": 1})
 
 
+# Channels over which F1 and B2 take fewer tokens a program (ln_down.WIDE_BLOCK_M,
+# conv_ln_bwd.WIDE_TILE): their work a token grows with C, and wide-C maps are small, so full-size
+# tiles leave SMs idle. The only compile key that depends on a size, and it has two values.
+WIDE_C = 256
+
+
 def block_d(d: int) -> int:
     """Register width of the bottleneck: a power of two, at least tl.dot's 16."""
     return max(16, next_pow2(d))

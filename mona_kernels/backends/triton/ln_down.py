@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import Kernel, block_d, merge_taps, precision, rows_and_stages
+from .common import WIDE_C, Kernel, block_d, merge_taps, precision, rows_and_stages
 
 # Tokens a program and channels a step: a (128, 64) tile of x and a (128, d) fp32 accumulator.
 BLOCK_M = 128
@@ -21,7 +21,6 @@ WARPS = 4
 # Over WIDE_C channels a program takes WIDE_BLOCK_M tokens: at C = 768 a token is six times the work of
 # one at C = 128, and at 4x32x32x768 on an H100 F1 took 88 us with 128-token programs (32 programs),
 # 42 with 32 tokens and 28.5 with 16.
-WIDE_C = 256
 WIDE_BLOCK_M = 16
 WIDE_WARPS = 4
 
