@@ -6,7 +6,7 @@ import torch
 from . import backends
 from .ops.ln_scale import check_ln_params, ln_scale
 from .ops.multiscale_dwconv import check_dwconv_params, multiscale_dwconv
-from .ops.utils import check_pixels, check_tensor, on_input_device
+from .ops.utils import SUPPORTED_DTYPES, check_pixels, check_tensor, on_input_device
 
 __all__ = ["ln_scale", "multiscale_dwconv", "mona", "MAX_BOTTLENECK"]
 
@@ -56,25 +56,48 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
     if N != H * W:
         raise ValueError(f"x has N={N} tokens but hw_shapes=({H}, {W}) gives H*W={H * W}")
     check_pixels("x", B * N)
-    check_ln_params(C, x, norm_weight=norm_weight, norm_bias=norm_bias, gamma=gamma, gammax=gammax)
-    check_tensor("project1_weight", project1_weight, ndim=2, like=x)
-    d = project1_weight.shape[0]
-    if project1_weight.shape[1] != C:
-        raise ValueError(f"project1_weight must be (d, {C}) for x with {C} channels, got {tuple(project1_weight.shape)}")
-    if d > MAX_BOTTLENECK:
-        raise ValueError(f"bottleneck width d={d} is over the supported maximum {MAX_BOTTLENECK}")
-    check_tensor("project1_bias", project1_bias, size=(d,), like=x)
-    check_dwconv_params(d, x, w3=conv1_weight, b3=conv1_bias, w5=conv2_weight, b5=conv2_bias,
-                        w7=conv3_weight, b7=conv3_bias)
-    check_tensor("projector_weight", projector_weight, size=(d, d, 1, 1), like=x)
-    check_tensor("projector_bias", projector_bias, size=(d,), like=x)
-    check_tensor("project2_weight", project2_weight, size=(C, d), like=x)
-    check_tensor("project2_bias", project2_bias, size=(C,), like=x)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-
-    name = backends.resolve(x.device, backend)
     params = backends.Params(norm_weight, norm_bias, gamma, gammax, project1_weight, project1_bias, conv1_weight,
                              conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias, projector_weight,
                              projector_bias, project2_weight, project2_bias)
+    if not _well_formed(x, params):
+        _check_params(x, params)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    name = backends.resolve(x.device, backend)
     return backends.adapter(name, x, params, H, W, float(eps), float(dropout), _compute_dtype(x))
+
+
+def _shapes(C: int, d: int) -> tuple:
+    """The sixteen parameters' shapes, in the order of :class:`backends.Params`."""
+    return ((C,), (C,), (C,), (C,), (d, C), (d,), (d, 1, 3, 3), (d,), (d, 1, 5, 5), (d,), (d, 1, 7, 7), (d,),
+            (d, d, 1, 1), (d,), (C, d), (C,))
+
+
+def _well_formed(x: torch.Tensor, params: backends.Params) -> bool:
+    """The common case at a fraction of the checks' host time (an eager step calls this once per
+    adapter): every parameter a tensor of a supported dtype, on x's device, of its shape."""
+    try:
+        d = params.W1.shape[0]
+        device = x.device
+        return (d <= MAX_BOTTLENECK and tuple(q.shape for q in params) == _shapes(x.shape[2], d)
+                and all(q.device == device and q.dtype in SUPPORTED_DTYPES for q in params))
+    except (AttributeError, IndexError):
+        return False
+
+
+def _check_params(x: torch.Tensor, q: backends.Params):
+    """Raises the error that names the first parameter that is not as :func:`mona` expects."""
+    C = x.shape[2]
+    check_ln_params(C, x, norm_weight=q.w_ln, norm_bias=q.b_ln, gamma=q.gamma, gammax=q.gammax)
+    check_tensor("project1_weight", q.W1, ndim=2, like=x)
+    d = q.W1.shape[0]
+    if q.W1.shape[1] != C:
+        raise ValueError(f"project1_weight must be (d, {C}) for x with {C} channels, got {tuple(q.W1.shape)}")
+    if d > MAX_BOTTLENECK:
+        raise ValueError(f"bottleneck width d={d} is over the supported maximum {MAX_BOTTLENECK}")
+    check_tensor("project1_bias", q.b1, size=(d,), like=x)
+    check_dwconv_params(d, x, w3=q.w3, b3=q.b3, w5=q.w5, b5=q.b5, w7=q.w7, b7=q.b7)
+    check_tensor("projector_weight", q.Wp, size=(d, d, 1, 1), like=x)
+    check_tensor("projector_bias", q.bp, size=(d,), like=x)
+    check_tensor("project2_weight", q.W2, size=(C, d), like=x)
+    check_tensor("project2_bias", q.b2, size=(C,), like=x)

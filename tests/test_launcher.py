@@ -47,7 +47,7 @@ class FakeJit:
 def fake_gpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(launcher, "_current_raw_stream", lambda: 77)
+    monkeypatch.setattr(launcher, "_current_raw_stream", lambda device: 77)
     monkeypatch.setattr(launcher, "_launch_hooks", lambda: (None, None))
     monkeypatch.setattr(Launcher, "_disabled", False)
 
@@ -62,6 +62,17 @@ def test_second_call_goes_straight_to_the_compiled_kernel(fake_gpu):
     _, tag, grid, stream, args = fn.log[1]
     assert tag == 1 and grid == (5, 2, 1) and stream == 77
     assert args[:2] == (x, y) and args[2:] == (2000, 64, 32)  # constexprs in signature order
+
+
+def test_a_runtime_argument_by_keyword_is_keyed_too(fake_gpu):
+    fn = FakeJit()
+    launch = Launcher(fn)
+    x, y = torch.randn(64), torch.randn(64)
+    launch[(1,)](x, y, 10, c=64, BLOCK=32)
+    launch[(1,)](x, y, 20, c=64, BLOCK=32)
+    launch[(1,)](x, y, 20, c=48, BLOCK=32)  # c is specialised
+    assert [e[0] for e in fn.log] == ["triton", "fast", "triton"]
+    assert fn.log[1][4] == (x, y, 20, 64, 32)
 
 
 @pytest.mark.parametrize("change", ["misaligned", "dtype", "specialised_int", "wide_int", "constexpr", "option"])

@@ -52,17 +52,26 @@ def forward(x: torch.Tensor, params: list[torch.Tensor], seed: Optional[torch.Te
 adapter_fwd = triton_op("mona_kernels::triton_adapter_fwd", mutates_args={})(forward)
 
 
+def _min(a, b):
+    # torch.sym_min under torch.compile, where M is symbolic and Python's min would guard the graph on
+    # the branch taken (recompiling when a new size takes the other); min in eager calls, where
+    # sym_min costs a microsecond of host time each
+    return min(a, b) if a.__class__ is int and b.__class__ is int else sym_min(a, b)
+
+
+def _max(a, b):
+    return max(a, b) if a.__class__ is int and b.__class__ is int else sym_max(a, b)
+
+
 def partial_rows(device: torch.device, M: int, C: int, d: int) -> tuple[int, int, int]:
     """Partial rows of each region: channel splits, projector programs, tap splits. Enough programs to
     fill the GPU once; more only add rows for B4 to sum."""
     sms = num_workers(device, per_sm=1)
     n_cblk = cdiv(C, b3.channel_block(d))
-    # sym_min and sym_max: under torch.compile M is symbolic, and Python's min and max would guard the
-    # graph on the branch taken, recompiling when a new size takes the other one.
-    channel = sym_max(1, sym_min(cdiv(sms * b3.CHANNEL_PROGRAMS_PER_SM, n_cblk), cdiv(M, b3.BLOCK_M)))
-    tail = sym_max(1, sym_min(sms * b1.PROGRAMS_PER_SM, cdiv(M, b1.TILE)))
+    channel = _max(1, _min(cdiv(sms * b3.CHANNEL_PROGRAMS_PER_SM, n_cblk), cdiv(M, b3.BLOCK_M)))
+    tail = _max(1, _min(sms * b1.PROGRAMS_PER_SM, cdiv(M, b1.TILE)))
     n_dblk = cdiv(d, b3.tap_block(d))
-    tap = sym_max(1, sym_min(cdiv(sms * b3.TAP_PROGRAMS_PER_SM, 7 * n_dblk), cdiv(M, b3.TAP_TILE)))
+    tap = _max(1, _min(cdiv(sms * b3.TAP_PROGRAMS_PER_SM, 7 * n_dblk), cdiv(M, b3.TAP_TILE)))
     return channel, tail, tap
 
 

@@ -10,15 +10,21 @@ import torch
 from ...ops.utils import interpreting
 
 
-def _current_raw_stream():
-    """The current CUDA stream's handle, as Triton's own launcher obtains it."""
-    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+def _current_raw_stream(device: int):
+    """The current CUDA stream's handle on ``device``, as Triton's own launcher obtains it."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+_knobs = None
 
 
 def _launch_hooks():
     """Triton's launch enter/exit hooks (profilers set them), passed on to every launch."""
-    from triton import knobs
-    return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    global _knobs
+    if _knobs is None:
+        from triton import knobs
+        _knobs = knobs
+    return _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
 
 
 class _NotCacheable(Exception):
@@ -50,6 +56,14 @@ class Launcher:
         params = getattr(fn, "params", None) or []  # the interpreter's functions have none
         self.params = [(p.name, p.is_constexpr, p.do_not_specialize) for p in params]
         self.names = {p.name for p in params}
+        # The plan's kernels take their runtime arguments by position, all before the constexprs,
+        # which come by keyword: such a call is keyed by _key_positional, any other by _key.
+        runtime = [nospec for _, constexpr, nospec in self.params if not constexpr]
+        leading = all(not c for _, c, _ in self.params[:len(runtime)])
+        self.nospec = tuple(runtime) if leading else None
+        self.constexprs = tuple(name for name, constexpr, _ in self.params if constexpr)
+        # Whether Triton interprets this function: triton.jit decided that when it was applied.
+        self.interpreted = not self.params or interpreting()
         self.cache = {}
 
     def __getitem__(self, grid):
@@ -75,15 +89,44 @@ class Launcher:
                 key.append(float)
             else:
                 raise _NotCacheable
-        key.append(torch.cuda.current_device())  # Triton compiles and launches for the current device
         key.extend(sorted((k, v) for k, v in kwargs.items() if k not in self.names))
         return tuple(key), full
 
+    def _key_positional(self, args, kwargs):
+        """_key for a call with every runtime argument by position and only constexprs and options
+        by keyword (every launch of the plan), in 70% of its host time: the keywords are keyed in the
+        order given, so a call site that orders them differently only adds a cache entry."""
+        key = [tuple(kwargs.items())]
+        append = key.append
+        for a, nospec in zip(args, self.nospec):
+            cls = a.__class__
+            if cls is int:
+                append((-2**31 <= a < 2**31, a >= 2**63) if nospec else ("int", a))
+            elif cls is float:
+                append(float)
+            elif a is None or cls is bool:
+                append(a)
+            elif isinstance(a, torch.Tensor):
+                append(a.dtype)
+                append(a.data_ptr() % 16 == 0)
+            else:
+                raise _NotCacheable
+        try:
+            full = (*args, *[kwargs[name] for name in self.constexprs])
+        except KeyError:  # a constexpr left to its default: Triton binds it
+            raise _NotCacheable from None
+        return tuple(key), full
+
     def _launch(self, grid, *args, **kwargs):
-        if Launcher._disabled or interpreting() or not self.params:
+        if Launcher._disabled or self.interpreted:
             return self.fn[grid](*args, **kwargs)
         try:
-            key, full = self._key(args, kwargs)
+            device = torch.cuda.current_device()  # Triton compiles and launches for the current device
+            if self.nospec is not None and len(args) == len(self.nospec):
+                key, full = self._key_positional(args, kwargs)
+            else:
+                key, full = self._key(args, kwargs)
+            key = (key, device)
             kernel = self.cache.get(key)
         except (_NotCacheable, TypeError):  # TypeError: an unhashable argument
             Launcher.stats["uncacheable"] += 1
@@ -96,7 +139,7 @@ class Launcher:
             self.cache[key] = kernel
             return kernel
         g = tuple(grid) + (1, 1)
-        stream = _current_raw_stream()
+        stream = _current_raw_stream(device)
         try:  # exactly what Triton's own launch does once it has found the kernel
             enter, leave = _launch_hooks()
             meta = kernel.launch_metadata(g, stream, *full) if enter is not None else None
