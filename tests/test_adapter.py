@@ -550,3 +550,20 @@ def test_dropout_under_graph_capture_draws_a_new_mask_every_replay(backend, monk
             assert torch.equal(a, b)
         outs.append(replayed[0])
     assert not torch.equal(outs[0], outs[1])
+
+
+_PARAM_NAMES = ["norm_weight", "norm_bias", "gamma", "gammax", "project1_weight", "project1_bias", "w3", "b3", "w5",
+                "b5", "w7", "b7", "projector_weight", "projector_bias", "project2_weight", "project2_bias"]
+
+
+@pytest.mark.parametrize("fault", ["shape", "dtype"])
+@pytest.mark.parametrize("k", range(16), ids=_PARAM_NAMES)
+def test_a_bad_parameter_is_named(k, fault):
+    """mona() checks the sixteen parameters in one pass first; whatever fails it, the error must still
+    name the parameter."""
+    fused = mk.Mona(24, bottleneck=16, backend="torch")
+    params = list(fused._params())
+    q = params[k].detach()
+    params[k] = q[..., None] if fault == "shape" else q.to(torch.int64)
+    with pytest.raises((TypeError, ValueError), match=_PARAM_NAMES[k]):
+        mk.functional.mona(torch.randn(2, 12, 24), (3, 4), *params, backend="torch")
