@@ -19,11 +19,12 @@ from .common import WIDE_C, Kernel, block_d, conv7_tile, precision, rows_and_sta
 TILE = 64
 BLOCK_N = 64
 WARPS = 4
-# Over WIDE_C channels a program takes WIDE_TILE pixels: a pixel's two passes over C are the
-# bulk of the work there, and 64-pixel tiles leave most SMs idle at small maps. On an H100, 64 -> 16
-# pixels took 81 -> 58 us at 4x32x32x768 and 57 -> 47 us at 32x14x14x512, but 155 -> 239 us at
-# 32x56x56x128.
-WIDE_TILE = 16
+# Over WIDE_C channels a program takes WIDE_TILE pixels: a pixel's two passes over C are the bulk of
+# the work there, and 64-pixel tiles leave SMs idle at small maps, while each tile reads W1 again. On
+# an H100, B2 alone at 16 / 32 / 64 pixels: 84.8 / 52.4 / 58.7 us at 2x50x84x512, 46.5 / 51.6 / 58.1
+# at 32x14x14x512, 58.2 / 66.8 / 81.9 at 4x32x32x768 (one call); at 32x56x56x128 32 pixels took 200
+# us against 155 for 64.
+WIDE_TILE = 32
 
 
 @triton.jit
