@@ -189,16 +189,22 @@ class _EagerAdapter(torch.autograd.Function):
     240 of 570 us of host time a forward+backward (a 1x8x8x128 adapter, kernels not launched, on a
     CPU of the CI's kind); eager steps are bound by that host time."""
 
+    # Takes and returns (B, N, C): the (M, C) rows are made inside, where a reshape of x and a view of
+    # out add no autograd nodes (each node costs the engine microseconds of host time).
     @staticmethod
     def forward(ctx, plan, x, seed, H, W, eps, p, compute_dtype, *params):
-        out, *saved = plan.forward(x, list(params), seed, H, W, eps, p, compute_dtype)
-        _save(ctx, x, seed, params, saved, (H, W, eps, p))
+        B, N, C = x.shape
+        tokens = x.reshape(B * N, C).contiguous()
+        out, *saved = plan.forward(tokens, list(params), seed, H, W, eps, p, compute_dtype)
+        _save(ctx, tokens, seed, params, saved, (H, W, eps, p))
         ctx.plan = plan
-        return out
+        return out.view(B, N, C)
 
     @staticmethod
     def backward(ctx, g):
-        dx, grads = _run_backward(ctx.plan.backward, ctx, g)
+        B, N, C = g.shape
+        dx, grads = _run_backward(ctx.plan.backward, ctx, g.reshape(B * N, C))
+        dx = dx.view(B, N, C)
         if torch.is_grad_enabled() and g.requires_grad:  # create_graph=True: tie them to g, and raise there
             dx, *grads = _NotTwice.apply(g, dx, *grads)
         return (None, dx, None, None, None, None, None, None, *grads)
@@ -215,15 +221,12 @@ def fused_adapter(plan: Differentiable, x: Tensor, params: Params, H: int, W: in
     """The adapter's output for tokens x (B, N, C) through a fused backend's plan: its registered
     operator while traced (torch.compile sees the kernels), the same functions directly in eager
     calls."""
-    B, N, C = x.shape
     seed = draw_seed(x) if p > 0 else None
-    tokens = x.reshape(B * N, C).contiguous()
     params = [q.contiguous() for q in params]
-    if traced():
-        out = plan.op(tokens, params, seed, H, W, eps, p, compute_dtype)[0]
-    else:
-        out = _EagerAdapter.apply(plan, tokens, seed, H, W, eps, p, compute_dtype, *params)
-    return out.view(B, N, C)
+    if not traced():
+        return _EagerAdapter.apply(plan, x, seed, H, W, eps, p, compute_dtype, *params)
+    B, N, C = x.shape
+    return plan.op(x.reshape(B * N, C).contiguous(), params, seed, H, W, eps, p, compute_dtype)[0].view(B, N, C)
 
 
 def adapter(name: str, x: Tensor, params: Params, H: int, W: int, eps: float, p: float,
