@@ -116,7 +116,7 @@ def rows_and_stages(rows: int, *dtypes: torch.dtype) -> tuple[int, dict]:
 
 # Channels over which F1 and B2 take fewer tokens a program (ln_down.WIDE_BLOCK_M,
 # conv_ln_bwd.WIDE_TILE): their work a token grows with C, and wide-C maps are small, so full-size
-# tiles leave SMs idle. The only compile key that depends on a size, and it has two values.
+# tiles leave SMs idle. Besides d, the only size a compile depends on, with two values.
 WIDE_C = 256
 
 
