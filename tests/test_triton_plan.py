@@ -180,7 +180,8 @@ def test_eager_calls_and_the_registered_operator_give_the_same_bits():
     out = plan.adapter_fwd(x, list(params), seed, 7, 9, 1e-5, 0.1, F64)[0]
     want = (out, *torch.autograd.grad(out, [x, *params], g))
     for eager in (plan.ADAPTER, plan.ADAPTER._replace(forward=plan.adapter_fwd)):
-        out = _EagerAdapter.apply(eager, x, seed, 7, 9, 1e-5, 0.1, F64, *params)
+        # the Function takes tokens as (B, N, C)
+        out = _EagerAdapter.apply(eager, x.view(2, 63, 40), seed, 7, 9, 1e-5, 0.1, F64, *params).view(x.shape)
         got = (out, *torch.autograd.grad(out, [x, *params], g))
         for a, b in zip(got, want):
             assert torch.equal(a, b)
