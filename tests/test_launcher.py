@@ -64,15 +64,17 @@ def test_second_call_goes_straight_to_the_compiled_kernel(fake_gpu):
     assert args[:2] == (x, y) and args[2:] == (2000, 64, 32)  # constexprs in signature order
 
 
-def test_a_runtime_argument_by_keyword_is_keyed_too(fake_gpu):
+def test_arguments_by_keyword_or_constexprs_by_position_are_keyed_too(fake_gpu):
     fn = FakeJit()
     launch = Launcher(fn)
     x, y = torch.randn(64), torch.randn(64)
     launch[(1,)](x, y, 10, c=64, BLOCK=32)
     launch[(1,)](x, y, 20, c=64, BLOCK=32)
     launch[(1,)](x, y, 20, c=48, BLOCK=32)  # c is specialised
-    assert [e[0] for e in fn.log] == ["triton", "fast", "triton"]
-    assert fn.log[1][4] == (x, y, 20, 64, 32)
+    launch[(1,)](x, y, 30, 48, 32)  # the constexpr by position: the same kernel as by keyword
+    launch[(1,)](x, y, 40, 48, 64)  # another constexpr value
+    assert [e[0] for e in fn.log] == ["triton", "fast", "triton", "fast", "triton"]
+    assert fn.log[1][4] == (x, y, 20, 64, 32) and fn.log[3][4] == (x, y, 30, 48, 32)
 
 
 @pytest.mark.parametrize("change", ["misaligned", "dtype", "specialised_int", "wide_int", "constexpr", "option"])

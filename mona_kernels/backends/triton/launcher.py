@@ -31,6 +31,9 @@ class _NotCacheable(Exception):
     pass
 
 
+_PLAIN = (bool, int, float, str, type(None))  # constexpr values keyed as they are
+
+
 # Set MONA_KERNELS_FAST_LAUNCH=0 to send every launch through Triton's own dispatcher.
 _FAST_LAUNCH = os.environ.get("MONA_KERNELS_FAST_LAUNCH", "1") != "0"
 
@@ -55,12 +58,12 @@ class Launcher:
         self.fn = fn
         params = getattr(fn, "params", None) or []  # the interpreter's functions have none
         self.params = [(p.name, p.is_constexpr, p.do_not_specialize) for p in params]
-        self.names = {p.name for p in params}
-        # The plan's kernels take their runtime arguments by position, all before the constexprs,
-        # which come by keyword: such a call is keyed by _key_positional, any other by _key.
-        runtime = [nospec for _, constexpr, nospec in self.params if not constexpr]
+        # Every kernel launched here has its runtime parameters first and its constexprs after them;
+        # a call is keyed in that order (others take Triton's path).
+        runtime = [(name, nospec) for name, constexpr, nospec in self.params if not constexpr]
         leading = all(not c for _, c, _ in self.params[:len(runtime)])
-        self.nospec = tuple(runtime) if leading else None
+        self.runtime = tuple(name for name, _ in runtime)
+        self.nospec = tuple(nospec for _, nospec in runtime) if leading else None
         self.constexprs = tuple(name for name, constexpr, _ in self.params if constexpr)
         # Whether Triton interprets this function: triton.jit decided that when it was applied.
         self.interpreted = not self.params or interpreting()
@@ -70,33 +73,20 @@ class Launcher:
         return functools.partial(self._launch, grid)
 
     def _key(self, args, kwargs):
-        full = list(args)
-        for name, _, _ in self.params[len(args):]:
-            if name not in kwargs:
-                raise _NotCacheable
-            full.append(kwargs[name])
-        key = []
-        for (_, constexpr, nospec), a in zip(self.params, full):
-            if constexpr:  # Triton dtypes need not be hashable: key them by name
-                key.append(a if isinstance(a, (bool, int, float, str, type(None))) else (type(a).__name__, str(a)))
-            elif isinstance(a, torch.Tensor):
-                key.append((a.dtype, a.data_ptr() % 16 == 0))
-            elif isinstance(a, bool) or a is None:
-                key.append(a)
-            elif isinstance(a, int):
-                key.append((-2**31 <= a < 2**31, a >= 2**63) if nospec else ("int", a))
-            elif isinstance(a, float):
-                key.append(float)
-            else:
-                raise _NotCacheable
-        key.extend(sorted((k, v) for k, v in kwargs.items() if k not in self.names))
-        return tuple(key), full
-
-    def _key_positional(self, args, kwargs):
-        """_key for a call with every runtime argument by position and only constexprs and options
-        by keyword (every launch of the plan), in 70% of its host time: the keywords are keyed in the
-        order given, so a call site that orders them differently only adds a cache entry."""
-        key = [tuple(kwargs.items())]
+        """``(key, arguments in signature order)``; raises _NotCacheable for what it cannot key. The
+        keywords are keyed in the order given: a call site that orders them differently only adds a
+        cache entry."""
+        if self.nospec is None:  # a constexpr among the runtime parameters
+            raise _NotCacheable
+        n = len(self.nospec)
+        if len(args) != n:  # put runtime arguments given by keyword, or constexprs by position, in place
+            kwargs = {**dict(zip(self.constexprs, args[n:])), **kwargs}
+            try:
+                args = (*args[:n], *[kwargs.pop(name) for name in self.runtime[len(args):]])
+            except KeyError:
+                raise _NotCacheable from None
+        # Triton dtypes need not be hashable: key them by name
+        key = [tuple((k, v if v.__class__ in _PLAIN else (type(v).__name__, str(v))) for k, v in kwargs.items())]
         append = key.append
         for a, nospec in zip(args, self.nospec):
             cls = a.__class__
@@ -122,10 +112,7 @@ class Launcher:
             return self.fn[grid](*args, **kwargs)
         try:
             device = torch.cuda.current_device()  # Triton compiles and launches for the current device
-            if self.nospec is not None and len(args) == len(self.nospec):
-                key, full = self._key_positional(args, kwargs)
-            else:
-                key, full = self._key(args, kwargs)
+            key, full = self._key(args, kwargs)
             key = (key, device)
             kernel = self.cache.get(key)
         except (_NotCacheable, TypeError):  # TypeError: an unhashable argument
