@@ -95,7 +95,8 @@ def main(shapes, fp32=False, autocast=False):
                     try:
                         diff = max(_rel(a, b) for a, b in zip(step(), want))
                     except Exception as err:  # e.g. more shared memory than the GPU has: report, go on
-                        print(f"| {name} | {kernel} | {label} | FAILED | – | – | {type(err).__name__} |", flush=True)
+                        print(f"| {name} | {kernel} | {label} | FAILED | – | – | {type(err).__name__} |",
+                              flush=True)
                         continue
                     if diff > 2e-2:  # a wrong variant is reported, not timed
                         print(f"| {name} | {kernel} | {label} | WRONG | – | – | {diff:.2e} |", flush=True)
