@@ -4,6 +4,7 @@ single learned scale that keeps the gradient path). Checks the fused adapter gra
 reference first.
 
     python benchmarks/swin_step.py [--batch 32] [--steps 20] [--rounds 5] [--graph] [--backends triton,cuda]
+                                   [--no-check]
                                    [--compile [VARIANT ...]] [--compile-modes default reduce-overhead]
     python benchmarks/swin_step.py --multiscale [--ms-size 800,1333] [--ms-steps 20] [--ms-passes 3]
 
@@ -162,6 +163,9 @@ def multiscale(args):
                            device.type)()
             sync()
             ms[label].append((time.perf_counter() - start) / len(sizes) * 1e3)
+        # a line a pass, so that a run cut short still says what it measured
+        print(f"pass {len(ms['zero-cost'])}: " + ", ".join(f"{label} {ms[label][-1]:.1f} ms" for label, _ in variants),
+              flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\nSwin-B backbone, B=2, {len(sizes)} random sizes around {H0}x{W0} "
           f"({min(sizes)}..{max(sizes)}), bf16 autocast, frozen backbone, {name}; wall ms a step, eager")
@@ -172,6 +176,44 @@ def multiscale(args):
         times = " | ".join(f"{t:.1f}" for t in ms[label])
         ratios = " | ".join(f"{t / z:.2f}x" for t, z in zip(ms[label], ms["zero-cost"]))
         print(f"| {label} | {times} | {ratios} |", flush=True)
+
+
+def check(model, x, y, reference, fused, backends, set_backend):
+    """Prints how far the fused adapters' gradients lie from the float64 reference's."""
+    # Parity of the implementation in float64, where rounding cannot hide a bug. Then how far each
+    # fp32 and bf16-autocast run lies from that float64 truth: 24 random-init blocks amplify rounding,
+    # so the fused and the reference adapters are compared by their distance to the truth.
+    # eval() turns off the backbone's stochastic depth, which would draw a new mask for every call;
+    # gradients still flow. The training steps below run in train mode.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model.eval()
+    m64 = copy.deepcopy(model).double()
+    truth = adapter_grads(m64, x.double(), y, autocast=False)
+    install(m64, [tuple(mk.convert(copy.deepcopy(m))[0].double() for m in pair) for pair in reference])
+    fused_fp64 = adapter_grads(m64, x.double(), y, autocast=False)
+    del m64
+    ref_fp32 = adapter_grads(model, x, y, autocast=False)
+    ref_bf16 = adapter_grads(model, x, y)
+    install(model, fused)
+    fused_grads = {}
+    for b in backends:
+        set_backend(b)
+        fused_grads[b] = adapter_grads(model, x, y, autocast=False), adapter_grads(model, x, y)
+    model.train()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    def errors(grads):
+        errs = sorted(((grads[n].double() - g).norm() / g.norm().clamp_min(1e-300)).item() for n, g in truth.items())
+        return f"median {errs[len(errs) // 2]:.3g}, worst {errs[-1]:.3g}"
+    print(f"adapter gradients over {len(truth)} tensors, relative to the float64 reference:")
+    print(f"  fused float64          {errors(fused_fp64)}")
+    print(f"  reference fp32         {errors(ref_fp32)}")
+    for b, (fp32, _) in fused_grads.items():
+        print(f"  fused[{b}] fp32 {' ' * (6 - len(b))}   {errors(fp32)}")
+    print(f"  reference bf16 amp     {errors(ref_bf16)}")
+    for b, (_, bf16) in fused_grads.items():
+        print(f"  fused[{b}] bf16 amp {' ' * (6 - len(b))}{errors(bf16)}")
 
 
 def main():
@@ -186,6 +228,7 @@ def main():
                     help="torch.compile modes for --compile (reduce-overhead graphs the compiled step with "
                          "PyTorch's own CUDA-graph trees)")
     ap.add_argument("--graph", action="store_true", help="also time each variant's step replayed from a CUDA graph")
+    ap.add_argument("--no-check", action="store_true", help="time only: skip the float64 gradient check (a minute)")
     ap.add_argument("--backends", default="triton,cuda", help="fused backends to check and time (comma-separated)")
     ap.add_argument("--multiscale", action="store_true",
                     help="time detection-style steps at a new random image size each step instead")
@@ -213,46 +256,14 @@ def main():
     fused = [tuple(mk.convert(copy.deepcopy(m))[0] for m in pair) for pair in reference]
     zero = [tuple(ZeroCostAdapter(m.gamma.shape[0]).cuda() for m in pair) for pair in reference]
 
-    # Parity of the implementation in float64, where rounding cannot hide a bug. Then how far each
-    # fp32 and bf16-autocast run lies from that float64 truth: 24 random-init blocks amplify rounding,
-    # so the fused and the reference adapters are compared by their distance to the truth.
-    # eval() turns off the backbone's stochastic depth, which would draw a new mask for every call;
-    # gradients still flow. The training steps below run in train mode.
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    model.eval()
-    m64 = copy.deepcopy(model).double()
-    truth = adapter_grads(m64, x.double(), y, autocast=False)
-    install(m64, [tuple(mk.convert(copy.deepcopy(m))[0].double() for m in pair) for pair in reference])
-    fused_fp64 = adapter_grads(m64, x.double(), y, autocast=False)
-    del m64
-    ref_fp32 = adapter_grads(model, x, y, autocast=False)
-    ref_bf16 = adapter_grads(model, x, y)
     backends = [b for b in args.backends.split(",") if unavailable(b, x.device) is None]
 
     def set_backend(name):
         for pair in fused:
             for m in pair:
                 m.backend = name
-    install(model, fused)
-    fused_grads = {}
-    for b in backends:
-        set_backend(b)
-        fused_grads[b] = adapter_grads(model, x, y, autocast=False), adapter_grads(model, x, y)
-    model.train()
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-
-    def errors(grads):
-        errs = sorted(((grads[n].double() - g).norm() / g.norm().clamp_min(1e-300)).item() for n, g in truth.items())
-        return f"median {errs[len(errs) // 2]:.3g}, worst {errs[-1]:.3g}"
-    print(f"adapter gradients over {len(truth)} tensors, relative to the float64 reference:")
-    print(f"  fused float64          {errors(fused_fp64)}")
-    print(f"  reference fp32         {errors(ref_fp32)}")
-    for b, (fp32, _) in fused_grads.items():
-        print(f"  fused[{b}] fp32 {' ' * (6 - len(b))}   {errors(fp32)}")
-    print(f"  reference bf16 amp     {errors(ref_bf16)}")
-    for b, (_, bf16) in fused_grads.items():
-        print(f"  fused[{b}] bf16 amp {' ' * (6 - len(b))}{errors(bf16)}")
+    if not args.no_check:
+        check(model, x, y, reference, fused, backends, set_backend)
 
     rows = []
     variants = [("reference", reference, None)] + [(f"fused[{b}]", fused, b) for b in backends]
