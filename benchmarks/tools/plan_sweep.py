@@ -15,6 +15,7 @@ import torch
 
 import mona_kernels as mk
 from mona_kernels.backends.triton import conv_ln_bwd, conv_up, ln_down, param_grads, tail_bwd
+from mona_kernels.backends.triton.common import rows_and_stages
 from mona_kernels.benchmark import measure_bandwidth
 from profile_adapter import kernel_table  # this folder's: GPU time per kernel of a step
 
@@ -26,14 +27,34 @@ BUDGET = {"ln_down_kernel": lambda C, xb, ab: xb * C + ab * D + 8,
           "tail_bwd_kernel": lambda C, xb, ab: xb * C + 3 * ab * D,
           "conv_ln_bwd_kernel": lambda C, xb, ab: 3 * xb * C + 2 * ab * D + 8,
           "param_grads_kernel": lambda C, xb, ab: 2 * xb * C + 4 * ab * D + 8}
+
+
+class ComputeDtypeTiles:
+    """A stage's ``rows_and_stages`` fed only the compute dtype (its last argument): the tiles and
+    pipeline stages 2-byte tokens get, for the 4-byte tokens of --autocast. Where x or g is no
+    ``tl.dot`` operand (F1, F2, B2; B1 casts g first), halving the tiles for it may cost more than
+    it saves: F1 with 4-byte tokens took 257 us with halved tiles against 169 with full ones
+    (32x56x56x128, an H100). Shared memory stays within sm_86's 99 KB: B1's tiles, the largest, take
+    80 KB compiled ahead of time."""
+
+    def __call__(self, rows, *dtypes):
+        return rows_and_stages(rows, dtypes[-1])
+
+    def __repr__(self):
+        return "tiles of the compute dtype"
+
+
 # Per kernel: its stage module and the variants tried, each a set of the module's constants changed
 # together from their defaults (put back after each variant).
 VARIANTS = [
     (ln_down, "ln_down_kernel", [dict(BLOCK_M=64), dict(WARPS=8)]),
-    (conv_up, "conv_up_kernel", [dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64), dict(WARPS=8)]),
+    (conv_up, "conv_up_kernel", [dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64), dict(WARPS=8),
+                                 dict(rows_and_stages=ComputeDtypeTiles())]),
     (tail_bwd, "tail_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(PROGRAMS_PER_SM=1), dict(PROGRAMS_PER_SM=4),
-                                   dict(WARPS=8)]),
-    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=8)]),
+                                   dict(WARPS=8), dict(rows_and_stages=ComputeDtypeTiles())]),
+    (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=8),
+                                         dict(rows_and_stages=ComputeDtypeTiles()),
+                                         dict(rows_and_stages=ComputeDtypeTiles(), WIDE_TILE=16)]),
     (param_grads, "param_grads_kernel", [dict(TAP_TILE=16), dict(TAP_PROGRAMS_PER_SM=2), dict(TAP_PROGRAMS_PER_SM=8),
                                          dict(BLOCK_M=64), dict(BLOCK_M=256), dict(CHANNEL_PROGRAMS_PER_SM=2),
                                          dict(WARPS=8)]),
@@ -88,7 +109,8 @@ def main(shapes, fp32=False, autocast=False):
                       f"{sum(default_times.values()):.1f} | 0 |", flush=True)
             for changes in variants:
                 defaults = {key: getattr(module, key) for key in changes}
-                label = ", ".join(f"{key}={value}" for key, value in changes.items())
+                label = ", ".join(f"{key}={value!r}" if not callable(value) else repr(value)
+                                  for key, value in changes.items())
                 try:
                     for key, value in changes.items():
                         setattr(module, key, value)
