@@ -448,7 +448,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.date.today().isoformat()
     with open(os.path.join(args.out, "benchmark.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["date", "gpu", "dtype"] + list(rows[0].keys()))
+        # every op's columns, in the order they first appear: ops time different things (the adapter
+        # alone has an eval-mode forward), so the first row's keys are not all of them
+        columns = list(dict.fromkeys(key for r in rows for key in r))
+        w = csv.DictWriter(f, fieldnames=["date", "gpu", "dtype"] + columns, restval="")
         w.writeheader()
         for r in rows:
             w.writerow(dict(date=stamp, gpu=gpu, dtype=str(dtype), **r))

@@ -37,6 +37,19 @@ def test_cpu_run_checks_times_and_writes_every_op(tmp_path, capsys):
     assert table.count("| fused[torch] |") == 3 * len(benchmark.CPU_SHAPES)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default run is the full GPU benchmark")
+def test_ops_in_any_order_write_every_column(tmp_path):
+    """The ops time different things (the adapter alone has an eval-mode forward): with another op
+    first, the CSV still gets the adapter's columns."""
+    rows = benchmark.main(["--out", str(tmp_path), "--ops", "ln_scale", "adapter"])
+    with open(tmp_path / "benchmark.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert [r["op"] for r in saved] == [r["op"] for r in rows] and saved[0]["op"] == "ln_scale"
+    adapter = [r for r in saved if r["op"] == "adapter"]
+    assert adapter and all(float(r["eval_fwd_ms"]) > 0 for r in adapter)
+    assert all(r["eval_fwd_ms"] == "" for r in saved if r["op"] == "ln_scale")
+
+
 def test_graph_columns_are_nan_without_a_gpu():
     """With --graphs on the CPU every op still runs its checks and timings; the graph columns say
     NaN instead of timing anything."""
