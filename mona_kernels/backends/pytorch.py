@@ -29,13 +29,22 @@ def _like_tokens(x: torch.Tensor, params):
     return [t.to(x.dtype) for t in params]
 
 
+def _scaled_layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, gammax: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """``LayerNorm(x) * gamma + x * gammax`` in two passes over the tokens instead of the reference's
+    four (LayerNorm, two products, a sum): gamma folded into LayerNorm's affine,
+    (xn * w + b) * gamma = xn * (w * gamma) + b * gamma, in the parameters' dtype, then one addcmul."""
+    w, b, gammax = _like_tokens(x, (w * gamma, b * gamma, gammax))
+    return torch.addcmul(F.layer_norm(x, x.shape[-1:], w, b, eps), x, gammax)
+
+
 def adapter(x: torch.Tensor, q: Params, H: int, W: int, eps: float, p: float) -> torch.Tensor:
     """The adapter's output for tokens x (B, N, C), N = H * W; dropout ``p`` draws from torch's
     generator as ``nn.Dropout`` does."""
     B, N, C = x.shape
     d = q.W1.shape[0]
+    y = _scaled_layer_norm(x, q.w_ln, q.b_ln, q.gamma, q.gammax, eps)
     q = Params(*_like_tokens(x, q))
-    y = F.layer_norm(x, (C,), q.w_ln, q.b_ln, eps) * q.gamma + x * q.gammax
     h1 = F.linear(y, q.W1, q.b1)
     K, bias = merged_kernel(q.w3, q.b3, q.w5, q.b5, q.w7, q.b7)
     # channels-last tokens viewed as NCHW: the conv reads them in place
@@ -56,8 +65,7 @@ def dropout_scale(seed: torch.Tensor, like: torch.Tensor, p: float) -> torch.Ten
 def ln_scale(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, gammax: torch.Tensor,
              eps: float) -> torch.Tensor:
     """``LayerNorm(x) * gamma + x * gammax`` over the last dimension, by PyTorch's own LayerNorm."""
-    w, b, gamma, gammax = _like_tokens(x, (w, b, gamma, gammax))
-    return F.layer_norm(x, x.shape[-1:], w, b, eps) * gamma + x * gammax
+    return _scaled_layer_norm(x, w, b, gamma, gammax, eps)
 
 
 def multiscale_dwconv(h: torch.Tensor, w3, b3, w5, b5, w7, b7) -> torch.Tensor:
