@@ -44,17 +44,38 @@ class ComputeDtypeTiles:
         return "tiles of the compute dtype"
 
 
+class Stages:
+    """A stage's ``rows_and_stages`` with its pipeline depth set: a loop over C in one or two wide
+    blocks gains nothing from more stages, whose buffers a (512, d) weight tile would multiply."""
+
+    def __init__(self, stages):
+        self.stages = stages
+
+    def __call__(self, rows, *dtypes):
+        rows, options = rows_and_stages(rows, *dtypes)
+        return rows, {**options, "num_stages": self.stages}
+
+    def __repr__(self):
+        return f"num_stages={self.stages}"
+
+
 # Per kernel: its stage module and the variants tried, each a set of the module's constants changed
 # together from their defaults (put back after each variant).
 VARIANTS = [
-    (ln_down, "ln_down_kernel", [dict(BLOCK_M=64), dict(WARPS=8)]),
+    # over 256 channels, the loops over C in fewer, wider blocks: fewer dependent steps a program
+    (ln_down, "ln_down_kernel", [dict(BLOCK_M=64), dict(WARPS=8), dict(WIDE_BLOCK_C=256),
+                                 dict(WIDE_BLOCK_C=512, WIDE_WARPS=8, rows_and_stages=Stages(1))]),
     (conv_up, "conv_up_kernel", [dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64), dict(WARPS=8),
-                                 dict(rows_and_stages=ComputeDtypeTiles())]),
+                                 dict(rows_and_stages=ComputeDtypeTiles()), dict(BLOCK_N=128),
+                                 dict(BLOCK_N=256, rows_and_stages=Stages(1))]),
     (tail_bwd, "tail_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(PROGRAMS_PER_SM=1), dict(PROGRAMS_PER_SM=4),
-                                   dict(WARPS=8), dict(rows_and_stages=ComputeDtypeTiles())]),
+                                   dict(WARPS=8), dict(rows_and_stages=ComputeDtypeTiles()), dict(BLOCK_N=128),
+                                   dict(BLOCK_N=256, rows_and_stages=Stages(1))]),
     (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=8),
                                          dict(rows_and_stages=ComputeDtypeTiles()),
-                                         dict(rows_and_stages=ComputeDtypeTiles(), WIDE_TILE=16)]),
+                                         dict(rows_and_stages=ComputeDtypeTiles(), WIDE_TILE=16),
+                                         dict(WIDE_BLOCK_N=256),
+                                         dict(WIDE_BLOCK_N=512, WARPS=8, rows_and_stages=Stages(1))]),
     (param_grads, "param_grads_kernel", [dict(TAP_TILE=16), dict(TAP_PROGRAMS_PER_SM=2), dict(TAP_PROGRAMS_PER_SM=8),
                                          dict(BLOCK_M=64), dict(BLOCK_M=256), dict(CHANNEL_PROGRAMS_PER_SM=2),
                                          dict(WARPS=8)]),

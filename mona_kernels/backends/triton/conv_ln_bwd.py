@@ -25,6 +25,7 @@ WARPS = 4
 # at 32x14x14x512, 58.2 / 66.8 / 81.9 at 4x32x32x768 (one call); at 32x56x56x128 32 pixels took 200
 # us against 155 for 64.
 WIDE_TILE = 32
+WIDE_BLOCK_N = 64
 
 
 @triton.jit
@@ -86,9 +87,10 @@ _conv_ln_bwd = Kernel(conv_ln_bwd_kernel)
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int, C: int) -> dict:
     """The kernel's tile and launch options for these dtypes, channels and bottleneck width. C picks
     one of two compiles, as in ln_down: up to WIDE_C channels, or more."""
-    tile, options = rows_and_stages(WIDE_TILE if C > WIDE_C else TILE, x_dtype, cdt)
-    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
-                **options)
+    wide = C > WIDE_C
+    tile, options = rows_and_stages(WIDE_TILE if wide else TILE, x_dtype, cdt)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=WIDE_BLOCK_N if wide else BLOCK_N, PRECISION=precision(cdt),
+                num_warps=WARPS, **options)
 
 
 def conv_ln_bwd(dh2, x, mean, rstd, g, K, W1, w_ln, gamma, gammax, H: int, W: int):

@@ -22,6 +22,7 @@ WARPS = 4
 # one at C = 128, and at 4x32x32x768 on an H100 F1 took 88 us with 128-token programs (32 programs),
 # 42 with 32 tokens and 28.5 with 16.
 WIDE_BLOCK_M = 16
+WIDE_BLOCK_C = 64
 WIDE_WARPS = 4
 
 
@@ -109,8 +110,8 @@ def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int, C: int) -> dict:
         # its tiles keep their rows; on an H100 at 32x56x56x128, 257 -> 169 us
         block *= 2
     rows, options = rows_and_stages(block, x_dtype, cdt)
-    return dict(BLOCK_M=rows, BLOCK_C=BLOCK_C, BLOCK_D=block_d(d), PRECISION=precision(cdt),
-                num_warps=WIDE_WARPS if wide else WARPS, **options)
+    return dict(BLOCK_M=rows, BLOCK_C=WIDE_BLOCK_C if wide else BLOCK_C, BLOCK_D=block_d(d),
+                PRECISION=precision(cdt), num_warps=WIDE_WARPS if wide else WARPS, **options)
 
 
 def ln_down(x, w_ln, b_ln, gamma, gammax, W1, b1, w3, b3, w5, b5, w7, b7, eps: float, cdt: torch.dtype,
