@@ -1,7 +1,9 @@
 """The PyTorch plan: the adapter as autograd through PyTorch's own ops, for the CPU and for GPUs
-where neither the Triton plan nor the CUDA extension runs. It differs from the reference in one
-place: the three depthwise convs and the identity run as one merged 7x7 conv (49 taps instead of
-9 + 25 + 49 and one weight gradient instead of three). torch.compile traces it like any model.
+where neither the Triton plan nor the CUDA extension runs. It differs from the reference in two
+places: the three depthwise convs and the identity run as one merged 7x7 conv (49 taps instead of
+9 + 25 + 49 and one weight gradient instead of three), and LayerNorm-scaling takes two passes over
+the tokens instead of four (gamma folded into LayerNorm's affine). torch.compile traces it like any
+model.
 The standalone ops' PyTorch forms, :func:`ln_scale` and :func:`multiscale_dwconv`, differentiate the
 same way."""
 from __future__ import annotations
