@@ -46,7 +46,7 @@ def adapter(x: torch.Tensor, q: Params, H: int, W: int, eps: float, p: float) ->
     B, N, C = x.shape
     d = q.W1.shape[0]
     y = _scaled_layer_norm(x, q.w_ln, q.b_ln, q.gamma, q.gammax, eps)
-    q = Params(*_like_tokens(x, q))
+    q = Params(*q[:4], *_like_tokens(x, q[4:]))  # the four LayerNorm-scaling ones are used above
     h1 = F.linear(y, q.W1, q.b1)
     K, bias = merged_kernel(q.w3, q.b3, q.w5, q.b5, q.w7, q.b7)
     # channels-last tokens viewed as NCHW: the conv reads them in place
