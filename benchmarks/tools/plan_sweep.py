@@ -29,34 +29,28 @@ BUDGET = {"ln_down_kernel": lambda C, xb, ab: xb * C + ab * D + 8,
           "param_grads_kernel": lambda C, xb, ab: 2 * xb * C + 4 * ab * D + 8}
 
 
-class ComputeDtypeTiles:
-    """A stage's ``rows_and_stages`` fed only the compute dtype (its last argument): the tiles and
-    pipeline stages 2-byte tokens get, for the 4-byte tokens of --autocast. Where x or g is no
-    ``tl.dot`` operand (F1, F2, B2; B1 casts g first), halving the tiles for it may cost more than
-    it saves: F1 with 4-byte tokens took 257 us with halved tiles against 169 with full ones
-    (32x56x56x128, an H100). Shared memory stays within sm_86's 99 KB: B1's tiles, the largest, take
-    80 KB compiled ahead of time."""
+class Tiles:
+    """A stage's ``rows_and_stages`` as a variant, put in the stage module's namespace in its place.
+
+    ``compute_dtype_only``: fed only the compute dtype (its last argument), so 4-byte tokens under
+    --autocast get the tiles and pipeline stages of 2-byte ones. Where x or g is no ``tl.dot`` operand
+    (F1, F2, B2; B1 casts g first), halving the tiles for it may cost more than it saves: F1 with
+    4-byte tokens took 257 us with halved tiles against 169 with full ones (32x56x56x128, an H100).
+    Shared memory stays within sm_86's 99 KB: B1's tiles, the largest, take 80 KB compiled ahead of
+    time.
+    ``stages``: the pipeline depth set, for a loop over C in one or two wide blocks, which gains
+    nothing from more stages, whose buffers a (512, d) weight tile would multiply."""
+
+    def __init__(self, compute_dtype_only=False, stages=None):
+        self.compute_dtype_only, self.stages = compute_dtype_only, stages
 
     def __call__(self, rows, *dtypes):
-        return rows_and_stages(rows, dtypes[-1])
+        rows, options = rows_and_stages(rows, *(dtypes[-1:] if self.compute_dtype_only else dtypes))
+        return rows, options if self.stages is None else {**options, "num_stages": self.stages}
 
     def __repr__(self):
-        return "tiles of the compute dtype"
-
-
-class Stages:
-    """A stage's ``rows_and_stages`` with its pipeline depth set: a loop over C in one or two wide
-    blocks gains nothing from more stages, whose buffers a (512, d) weight tile would multiply."""
-
-    def __init__(self, stages):
-        self.stages = stages
-
-    def __call__(self, rows, *dtypes):
-        rows, options = rows_and_stages(rows, *dtypes)
-        return rows, {**options, "num_stages": self.stages}
-
-    def __repr__(self):
-        return f"num_stages={self.stages}"
+        return ", ".join((["tiles of the compute dtype"] if self.compute_dtype_only else [])
+                         + ([] if self.stages is None else [f"num_stages={self.stages}"]))
 
 
 # Per kernel: its stage module and the variants tried, each a set of the module's constants changed
@@ -64,18 +58,19 @@ class Stages:
 VARIANTS = [
     # over 256 channels, the loops over C in fewer, wider blocks: fewer dependent steps a program
     (ln_down, "ln_down_kernel", [dict(BLOCK_M=64), dict(WARPS=8), dict(WIDE_BLOCK_C=256),
-                                 dict(WIDE_BLOCK_C=512, WIDE_WARPS=8, rows_and_stages=Stages(1))]),
+                                 dict(WIDE_BLOCK_C=512, WIDE_WARPS=8, rows_and_stages=Tiles(stages=1))]),
     (conv_up, "conv_up_kernel", [dict(TILE=16), dict(TILE=16, WARPS=2), dict(TILE=64), dict(WARPS=8),
-                                 dict(rows_and_stages=ComputeDtypeTiles()), dict(BLOCK_N=128),
-                                 dict(BLOCK_N=256, rows_and_stages=Stages(1))]),
+                                 dict(rows_and_stages=Tiles(compute_dtype_only=True)), dict(BLOCK_N=128),
+                                 dict(BLOCK_N=256, rows_and_stages=Tiles(stages=1))]),
     (tail_bwd, "tail_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(PROGRAMS_PER_SM=1), dict(PROGRAMS_PER_SM=4),
-                                   dict(WARPS=8), dict(rows_and_stages=ComputeDtypeTiles()), dict(BLOCK_N=128),
-                                   dict(BLOCK_N=256, rows_and_stages=Stages(1))]),
+                                   dict(WARPS=8), dict(rows_and_stages=Tiles(compute_dtype_only=True)),
+                                   dict(BLOCK_N=128),
+                                   dict(BLOCK_N=256, rows_and_stages=Tiles(stages=1))]),
     (conv_ln_bwd, "conv_ln_bwd_kernel", [dict(TILE=32), dict(TILE=128), dict(WARPS=8),
-                                         dict(rows_and_stages=ComputeDtypeTiles()),
-                                         dict(rows_and_stages=ComputeDtypeTiles(), WIDE_TILE=16),
+                                         dict(rows_and_stages=Tiles(compute_dtype_only=True)),
+                                         dict(rows_and_stages=Tiles(compute_dtype_only=True), WIDE_TILE=16),
                                          dict(WIDE_BLOCK_N=256),
-                                         dict(WIDE_BLOCK_N=512, WARPS=8, rows_and_stages=Stages(1))]),
+                                         dict(WIDE_BLOCK_N=512, WARPS=8, rows_and_stages=Tiles(stages=1))]),
     (param_grads, "param_grads_kernel", [dict(TAP_TILE=16), dict(TAP_PROGRAMS_PER_SM=2), dict(TAP_PROGRAMS_PER_SM=8),
                                          dict(BLOCK_M=64), dict(BLOCK_M=256), dict(CHANNEL_PROGRAMS_PER_SM=2),
                                          dict(WARPS=8)]),
