@@ -1,12 +1,23 @@
 """``nn.Module`` drop-ins; each only gathers its parameters and calls the fused op."""
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
 
-from . import reference
-from .functional import hw_pair, mona
+from . import backends, reference
+from .functional import MAX_BOTTLENECK, hw_pair, mona
+from .ops.utils import check_eps
+
+
+def _is_size(value, most=None) -> bool:
+    """Whether ``value`` is an integer (Python's or numpy's) from 1 to ``most``."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool) and n >= 1 and (most is None or n <= most)
 
 
 class Mona(reference.Mona):
@@ -19,6 +30,15 @@ class Mona(reference.Mona):
 
     def __init__(self, in_dim: int, factor: int = 4, *, bottleneck: int = 64, dropout: float = 0.1,
                  eps: float = 1e-5, backend: str | None = None):
+        for name, value, most in (("in_dim", in_dim, None), ("bottleneck", bottleneck, MAX_BOTTLENECK)):
+            if not _is_size(value, most):
+                raise ValueError(f"{name} must be a positive integer{f' up to {most}' if most else ''}, "
+                                 f"got {value!r}")
+        check_eps(eps)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if backend not in (None, *backends.BACKENDS):
+            raise ValueError(f"backend must be one of {backends.BACKENDS} or None, got {backend!r}")
         super().__init__(in_dim, factor, bottleneck=bottleneck, dropout=dropout, eps=eps)
         self.backend = backend
 

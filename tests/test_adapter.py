@@ -283,9 +283,49 @@ def test_more_pixels_than_the_kernels_index_is_refused():
 
 
 def test_bottleneck_over_maximum_is_refused():
-    fused = mk.Mona(8, bottleneck=mk.MAX_BOTTLENECK + 1)
-    with pytest.raises(ValueError, match="bottleneck"):
-        fused(torch.randn(1, 4, 8), (2, 2))
+    with pytest.raises(ValueError, match=rf"bottleneck must be a positive integer up to {mk.MAX_BOTTLENECK}"):
+        mk.Mona(8, bottleneck=mk.MAX_BOTTLENECK + 1)
+    wide = RefMona(8, bottleneck=mk.MAX_BOTTLENECK + 1)  # the functional form, given such weights
+    with pytest.raises(ValueError, match="bottleneck width"):
+        mk.mona(torch.randn(1, 4, 8), (2, 2), *_mona_args(wide))
+
+
+def _mona_args(m):
+    """A reference module's sixteen parameters in the order :func:`mona_kernels.mona` takes them."""
+    c = m.adapter_conv
+    return (m.norm.weight, m.norm.bias, m.gamma, m.gammax, m.project1.weight, m.project1.bias, c.conv1.weight,
+            c.conv1.bias, c.conv2.weight, c.conv2.bias, c.conv3.weight, c.conv3.bias, c.projector.weight,
+            c.projector.bias, m.project2.weight, m.project2.bias)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(in_dim=0), r"in_dim must be a positive integer, got 0"),
+    (dict(in_dim=8.0), r"in_dim must be a positive integer, got 8.0"),
+    (dict(bottleneck=0), r"bottleneck must be a positive integer up to 256, got 0"),
+    (dict(eps=-1e-5), r"eps must be a non-negative number, got -1e-05"),
+    (dict(eps=float("nan")), r"eps must be a non-negative number, got nan"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (dict(backend="trition"), r"backend must be one of .*'triton'.* got 'trition'"),
+])
+def test_a_bad_constructor_argument_is_named(kwargs, match):
+    """Refused when the module is built, before any weight exists, not at its first call."""
+    kwargs = {"in_dim": 8, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        mk.Mona(kwargs.pop("in_dim"), **kwargs)
+
+
+def test_integer_sizes_of_any_integer_type_are_taken():
+    np = pytest.importorskip("numpy")
+    m = mk.Mona(np.int64(8), bottleneck=np.int32(4), eps=np.float32(1e-5))
+    assert m.project1.weight.shape == (4, 8)
+
+
+def test_a_negative_eps_is_refused_by_the_functions():
+    ref = RefMona(8, bottleneck=4)
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        mk.mona(torch.randn(1, 4, 8), (2, 2), *_mona_args(ref), eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        mk.ln_scale(torch.randn(4, 8), ref.norm.weight, ref.norm.bias, ref.gamma, ref.gammax, eps=-1.0)
 
 
 # The Triton interpreter converts fp32 to bf16 by truncation, where GPUs round to nearest, so the

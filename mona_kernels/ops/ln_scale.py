@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .utils import acc_dtype, call_op, check_tensor, on_input_device
+from .utils import acc_dtype, call_op, check_eps, check_tensor, on_input_device
 
 
 def _ln_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
@@ -83,9 +83,10 @@ def ln_scale(x, weight, bias, gamma, gammax, eps: float = 1e-5, backend: str | N
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     C = x.shape[-1]
     check_ln_params(C, x, weight=weight, bias=bias, gamma=gamma, gammax=gammax)
+    eps = check_eps(eps)
     name = backends.resolve(x.device, backend)
     if name == "torch":  # autograd through PyTorch's own ops: no kernels of its own to join
-        return backends.pytorch.ln_scale(x, weight, bias, gamma, gammax, float(eps))
+        return backends.pytorch.ln_scale(x, weight, bias, gamma, gammax, eps)
     x2d = x.reshape(-1, C).contiguous()
-    y = LNScaleFunction.apply(x2d, weight, bias, gamma, gammax, float(eps), name)
+    y = LNScaleFunction.apply(x2d, weight, bias, gamma, gammax, eps, name)
     return y.view(x.shape)

@@ -39,6 +39,18 @@ def check_tensor(name: str, t, ndim: int | None = None, size: tuple | None = Non
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
+def check_eps(eps) -> float:
+    """``eps`` as a float, or a clear ``ValueError``: a negative one makes rsqrt(var + eps) NaN for
+    every token whose variance is under |eps|."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        value = None
+    if isinstance(eps, bool) or value is None or not value >= 0.0:  # not >=: NaN too
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return value
+
+
 # Pixels (B * H * W) the fused kernels take: they find a pixel's row and column in 32-bit integers.
 MAX_PIXELS = 2**31 - 4096
 
