@@ -6,7 +6,7 @@ import torch
 from . import backends
 from .ops.ln_scale import check_ln_params, ln_scale
 from .ops.multiscale_dwconv import check_dwconv_params, multiscale_dwconv
-from .ops.utils import SUPPORTED_DTYPES, check_eps, check_pixels, check_tensor, on_input_device
+from .ops.utils import SUPPORTED_DTYPES, check_dropout, check_eps, check_pixels, check_tensor, on_input_device
 
 __all__ = ["ln_scale", "multiscale_dwconv", "mona", "MAX_BOTTLENECK"]
 
@@ -61,10 +61,9 @@ def mona(x, hw_shapes, norm_weight, norm_bias, gamma, gammax, project1_weight, p
                              projector_bias, project2_weight, project2_bias)
     if not _well_formed(x, params):
         _check_params(x, params)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    dropout = check_dropout(dropout)
     name = backends.resolve(x.device, backend)
-    return backends.adapter(name, x, params, H, W, check_eps(eps), float(dropout), _compute_dtype(x))
+    return backends.adapter(name, x, params, H, W, check_eps(eps), dropout, _compute_dtype(x))
 
 
 def _shapes(C: int, d: int) -> tuple:

@@ -8,7 +8,7 @@ import torch
 
 from . import backends, reference
 from .functional import MAX_BOTTLENECK, hw_pair, mona
-from .ops.utils import check_eps
+from .ops.utils import check_dropout, check_eps
 
 
 def _is_size(value, most=None) -> bool:
@@ -35,8 +35,7 @@ class Mona(reference.Mona):
                 raise ValueError(f"{name} must be a positive integer{f' up to {most}' if most else ''}, "
                                  f"got {value!r}")
         check_eps(eps)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_dropout(dropout)
         if backend not in (None, *backends.BACKENDS):
             raise ValueError(f"backend must be one of {backends.BACKENDS} or None, got {backend!r}")
         super().__init__(in_dim, factor, bottleneck=bottleneck, dropout=dropout, eps=eps)

@@ -51,6 +51,18 @@ def check_eps(eps) -> float:
     return value
 
 
+def check_dropout(p) -> float:
+    """The dropout probability ``p`` as a float, or a clear ``ValueError``: the kernels scale kept
+    activations by 1 / (1 - p), so p must be under 1."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        value = None
+    if isinstance(p, bool) or value is None or not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+    return value
+
+
 # Pixels (B * H * W) the fused kernels take: they find a pixel's row and column in 32-bit integers.
 MAX_PIXELS = 2**31 - 4096
 
