@@ -36,8 +36,7 @@ class Mona(reference.Mona):
                                  f"got {value!r}")
         check_eps(eps)
         check_dropout(dropout)
-        if backend not in (None, *backends.BACKENDS):
-            raise ValueError(f"backend must be one of {backends.BACKENDS} or None, got {backend!r}")
+        backends.check_name(backend)
         super().__init__(in_dim, factor, bottleneck=bottleneck, dropout=dropout, eps=eps)
         self.backend = backend
 

@@ -109,11 +109,16 @@ def unavailable(backend: str, device: torch.device) -> Optional[str]:
     return f"unknown backend {backend!r}"
 
 
+def check_name(backend: Optional[str]) -> None:
+    """A clear ``ValueError`` for a backend name that is none of :data:`BACKENDS` (None is ``'auto'``)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve(device: torch.device, backend: Optional[str] = None) -> str:
     """The backend that runs a call on ``device``: ``'triton'``, ``'cuda'`` or ``'torch'``."""
     choice = backend if backend not in (None, "auto") else os.environ.get("MONA_KERNELS_BACKEND", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    check_name(choice)
     if choice != "auto":
         reason = unavailable(choice, device)
         if reason is not None:

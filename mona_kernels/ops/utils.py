@@ -39,14 +39,21 @@ def check_tensor(name: str, t, ndim: int | None = None, size: tuple | None = Non
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
+def _as_float(value):
+    """``value`` as a float where it is a number (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def check_eps(eps) -> float:
     """``eps`` as a float, or a clear ``ValueError``: a negative one makes rsqrt(var + eps) NaN for
     every token whose variance is under |eps|."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        value = None
-    if isinstance(eps, bool) or value is None or not value >= 0.0:  # not >=: NaN too
+    value = _as_float(eps)
+    if value is None or not value >= 0.0:  # not >=: NaN too
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     return value
 
@@ -54,11 +61,8 @@ def check_eps(eps) -> float:
 def check_dropout(p) -> float:
     """The dropout probability ``p`` as a float, or a clear ``ValueError``: the kernels scale kept
     activations by 1 / (1 - p), so p must be under 1."""
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        value = None
-    if isinstance(p, bool) or value is None or not 0.0 <= value < 1.0:
+    value = _as_float(p)
+    if value is None or not 0.0 <= value < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {p!r}")
     return value
 
