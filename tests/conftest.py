@@ -62,6 +62,14 @@ def randomize_(module: torch.nn.Module, scale: float = 0.5):
     return module
 
 
+def mona_params(m) -> tuple:
+    """A reference module's sixteen parameters in the order :func:`mona_kernels.mona` takes them."""
+    c = m.adapter_conv
+    return (m.norm.weight, m.norm.bias, m.gamma, m.gammax, m.project1.weight, m.project1.bias, c.conv1.weight,
+            c.conv1.bias, c.conv2.weight, c.conv2.bias, c.conv3.weight, c.conv3.bias, c.projector.weight,
+            c.projector.bias, m.project2.weight, m.project2.bias)
+
+
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from conftest import (CHAIN_SCALE, CPU_BACKENDS, DEVICE_BACKENDS, GPU_DTYPES, TOLERANCE, FixedScale, assert_close,
-                      check_adapter, f64_pair, gpu_pair, needs_cuda, randomize_, rel_err)
+                      check_adapter, f64_pair, gpu_pair, mona_params, needs_cuda, randomize_, rel_err)
 from mona_kernels.benchmark import capture_graph
 import mona_kernels as mk
 from mona_kernels.reference import Mona as RefMona, multiscale_dwconv_ref
@@ -287,15 +287,7 @@ def test_bottleneck_over_maximum_is_refused():
         mk.Mona(8, bottleneck=mk.MAX_BOTTLENECK + 1)
     wide = RefMona(8, bottleneck=mk.MAX_BOTTLENECK + 1)  # the functional form, given such weights
     with pytest.raises(ValueError, match="bottleneck width"):
-        mk.mona(torch.randn(1, 4, 8), (2, 2), *_mona_args(wide))
-
-
-def _mona_args(m):
-    """A reference module's sixteen parameters in the order :func:`mona_kernels.mona` takes them."""
-    c = m.adapter_conv
-    return (m.norm.weight, m.norm.bias, m.gamma, m.gammax, m.project1.weight, m.project1.bias, c.conv1.weight,
-            c.conv1.bias, c.conv2.weight, c.conv2.bias, c.conv3.weight, c.conv3.bias, c.projector.weight,
-            c.projector.bias, m.project2.weight, m.project2.bias)
+        mk.mona(torch.randn(1, 4, 8), (2, 2), *mona_params(wide))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -323,7 +315,7 @@ def test_integer_sizes_of_any_integer_type_are_taken():
 def test_a_negative_eps_is_refused_by_the_functions():
     ref = RefMona(8, bottleneck=4)
     with pytest.raises(ValueError, match="eps must be a non-negative number"):
-        mk.mona(torch.randn(1, 4, 8), (2, 2), *_mona_args(ref), eps=-1.0)
+        mk.mona(torch.randn(1, 4, 8), (2, 2), *mona_params(ref), eps=-1.0)
     with pytest.raises(ValueError, match="eps must be a non-negative number"):
         mk.ln_scale(torch.randn(4, 8), ref.norm.weight, ref.norm.bias, ref.gamma, ref.gammax, eps=-1.0)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CPU_BACKENDS, assert_close, randomize_
+from conftest import CPU_BACKENDS, assert_close, mona_params, randomize_
 from mona_kernels.ops.multiscale_dwconv import merge_kernels
 from mona_kernels.reference import Mona as RefMona, multiscale_dwconv_ref
 
@@ -41,10 +41,7 @@ def _chain(B, H, W, C, d):
         t.retain_grad()
     g = torch.randn_like(out)
     out.backward(g)
-    params = Params(ref.norm.weight, ref.norm.bias, ref.gamma, ref.gammax, ref.project1.weight, ref.project1.bias,
-                    conv.conv1.weight, conv.conv1.bias, conv.conv2.weight, conv.conv2.bias, conv.conv3.weight,
-                    conv.conv3.bias, conv.projector.weight, conv.projector.bias, ref.project2.weight,
-                    ref.project2.bias)
+    params = Params(*mona_params(ref))
     return dict(ref=ref, x=x, g=g, h1=h1, h2=h2, h3=h3, a=a, out=out, params=[q.detach() for q in params],
                 grads=[q.grad for q in params])
 
@@ -135,11 +132,7 @@ def _plan_inputs(B=1, H=3, W=4, C=12, d=16, seed=0):
     from mona_kernels.backends import Params
     torch.manual_seed(seed)
     ref = randomize_(RefMona(C, bottleneck=d).to(F64))
-    c = ref.adapter_conv
-    params = Params(*(q.detach().clone().requires_grad_() for q in (
-        ref.norm.weight, ref.norm.bias, ref.gamma, ref.gammax, ref.project1.weight, ref.project1.bias,
-        c.conv1.weight, c.conv1.bias, c.conv2.weight, c.conv2.bias, c.conv3.weight, c.conv3.bias,
-        c.projector.weight, c.projector.bias, ref.project2.weight, ref.project2.bias)))
+    params = Params(*(q.detach().clone().requires_grad_() for q in mona_params(ref)))
     return torch.randn(B * H * W, C, dtype=F64, requires_grad=True), params
 
 
