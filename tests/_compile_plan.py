@@ -65,7 +65,13 @@ def main(arch, widths):
             for fn, meta, flags, label in kernels:
                 options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
                 constexprs = {**meta, **flags}
-                src = ASTSource(fn=fn, signature=signature(fn, xdt, cdt, constexprs), constexprs=constexprs)
+                sig = signature(fn, xdt, cdt, constexprs)
+                # as a launch specialises them: tensors 16-byte aligned, C and d multiples of 16 where
+                # the kernel does not exempt them (every SPEC width is)
+                exempt = {p.name for p in fn.params if p.do_not_specialize}
+                attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items())
+                         if kind.startswith("*") or (name in ("C", "D") and name not in exempt)}
+                src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
                 compiled = triton.compile(src, target=target, options=options)
                 result[f"{fn.__name__}{label} x={xdt} compute={cdt} d={d}"] = compiled.metadata.shared
     print(json.dumps(result))

@@ -39,7 +39,7 @@ def _dy_xn(dh1, w1_ptr, x_ptr, mean, rstd, pix, inside, n, nmask, ch, cmask, C, 
     return dy, x, (x - mean[:, None]) * rstd[:, None]
 
 
-@triton.jit(do_not_specialize=["H", "W", "M", "C"])
+@triton.jit(do_not_specialize=["H", "W", "M"])
 def conv_ln_bwd_kernel(dh2_ptr, k_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
                        w_ln_ptr, gamma_ptr, gammax_ptr, dh1_ptr, dx_ptr, H, W, M, C, D,
                        TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):

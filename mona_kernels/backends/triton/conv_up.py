@@ -35,7 +35,7 @@ def project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION: tl.constexpr, ACC: tl.c
     return h3.to(h2.dtype)
 
 
-@triton.jit(do_not_specialize=["H", "W", "M", "C"])
+@triton.jit(do_not_specialize=["H", "W", "M"])
 def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale,
                    scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):

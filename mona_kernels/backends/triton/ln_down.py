@@ -80,7 +80,7 @@ def _row_program(pid, x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, 
     tl.store(h1_ptr + rows[:, None] * D + ch[None, :], h1.to(CDT), mask=rmask[:, None] & dmask[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "C", "n_rows"])
+@triton.jit(do_not_specialize=["M", "n_rows"])
 def ln_down_kernel(x_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr, gammax_ptr, w1_ptr, b1_ptr, w3_ptr, b3_ptr, w5_ptr, b5_ptr,
                    w7_ptr, b7_ptr, h1_ptr, mean_ptr, rstd_ptr, k_ptr, M, C, D, eps, n_rows, BLOCK_M: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):

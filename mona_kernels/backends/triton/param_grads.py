@@ -162,7 +162,7 @@ def tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_split
         tl.store(row + 49 * D + ch, tl.sum(bias, axis=0), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["H", "W", "M", "C", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off",
+@triton.jit(do_not_specialize=["H", "W", "M", "tokens", "n_tiles", "n_channel", "n_splits", "channel_off",
                              "tap_off"])
 def param_grads_kernel(g_ptr, a_ptr, dh1_ptr, x_ptr, mean_ptr, rstd_ptr, w_ln_ptr, b_ln_ptr, gamma_ptr,
                        gammax_ptr, w1_ptr, h1_ptr, dh2_ptr, partial_ptr, channel_off, tap_off, H, W, M, C, D, tokens,
@@ -190,6 +190,10 @@ _param_grads = Kernel(param_grads_kernel)
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's block sizes and launch options for these dtypes and bottleneck width."""
     rows, options = rows_and_stages(BLOCK_M, x_dtype, cdt)
+    # Two stages for 2-byte tiles too: Triton's default three give the channel programs' prefetched
+    # tiles 166 KB of shared memory on sm_90, one program an SM, which halves the tap programs'
+    # occupancy (taps alone 124 -> 180 us at 32x56x56x128 on an H100); two take 99 KB.
+    options.setdefault("num_stages", 2)
     # 4- and 8-byte activations take half and a quarter of the pixels, as the other tiles do
     tap_tile = max(4, TAP_TILE * 2 // max(2, cdt.itemsize))
     return dict(BLOCK_M=rows, BLOCK_N=channel_block(d), BLOCK_D=block_d(d), TAP_TILE=tap_tile,

@@ -21,7 +21,7 @@ WARPS = 4
 PROGRAMS_PER_SM = 2  # each program writes a (d*d + d) partial row that B4 sums
 
 
-@triton.jit(do_not_specialize=["M", "C", "n_tiles", "partial_off"])
+@triton.jit(do_not_specialize=["M", "n_tiles", "partial_off"])
 def tail_bwd_kernel(h2_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
                     dh2_ptr, a_ptr, partial_ptr, partial_off, seed_ptr, p, scale, scale_lo, M, C, D, n_tiles,
                     HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
