@@ -67,7 +67,7 @@ def main(arch, widths):
                 constexprs = {**meta, **flags}
                 sig = signature(fn, xdt, cdt, constexprs)
                 # as a launch specialises them: tensors 16-byte aligned, C and d multiples of 16 where
-                # the kernel does not exempt them (every SPEC width is)
+                # the kernel does not exempt them (every width the benchmark runs is)
                 exempt = {p.name for p in fn.params if p.do_not_specialize}
                 attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items())
                          if kind.startswith("*") or (name in ("C", "D") and name not in exempt)}
