@@ -3,8 +3,10 @@ parameter gradients.
 
 Reads one buffer holding three row-major regions of partial rows (B3's channel rows, B1's projector
 rows, B3's tap rows) and writes the gradients flat, in the parameters' order, in the gradient dtype.
-The merged kernel's gradient is split here: dw7 = dK / 3, dw5 = centre5(dK) / 3, dw3 = centre3(dK) / 3,
-db3 = db5 = db7 = dbias_K / 3.
+Programs walk the partial rows' own columns, so every step's loads are contiguous, and each column's
+sum is stored where its gradient lives. The merged kernel's gradient is split here: a tap column's sum
+goes to dw7 / 3 and, inside the 5x5 and 3x3 centres, to dw5 / 3 and dw3 / 3; the bias column's to
+db3 = db5 = db7.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import triton.language as tl
 from ...ops.utils import cdiv
 from .common import Kernel
 
-BLOCK = 128  # gradient elements a program
+BLOCK = 128  # partial-row columns a program
 ROWS = 16    # partial rows a step (32: 46 against 30 us at 32x56x56x128 on an H100)
 WARPS = 4
 
@@ -23,7 +25,7 @@ WARPS = 4
 def reduce_grads_kernel(partial_ptr, grads_ptr, C, D, rows_channel, rows_tail, rows_tap,
                         BLOCK: tl.constexpr, ROWS: tl.constexpr):
     ACC: tl.constexpr = partial_ptr.dtype.element_ty
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # a column of the three regions side by side
     # Offsets of the sixteen gradients in the flat output.
     o_w3 = 4 * C + D * C + D
     o_b3 = o_w3 + 9 * D
@@ -33,21 +35,13 @@ def reduce_grads_kernel(partial_ptr, grads_ptr, C, D, rows_channel, rows_tail, r
     o_b7 = o_w7 + 49 * D
     o_wp = o_b7 + D
     o_w2 = o_wp + D * D + D
-    total = o_w2 + C * D + C
-    inside = e < total
-    # Region 0: channel rows [w_ln, b_ln, gamma, gammax, W1, b1 | W2, b2]; 1: projector rows; 2: tap rows.
+    # Region 0: channel rows [w_ln, b_ln, gamma, gammax, W1, b1 | W2, b2]; 1: projector rows [Wp, bp];
+    # 2: tap rows, taps-major (49 taps of D, then the bias).
     len_channel = 4 * C + 2 * D * C + D + C
     len_tail = D * D + D
-    region = tl.where((e < o_w3) | (e >= o_w2), 0, tl.where(e >= o_wp, 1, 2))
-    k = e - tl.where(e >= o_b7, o_b7, tl.where(e >= o_w7, o_w7, tl.where(e >= o_b5, o_b5, tl.where(
-        e >= o_w5, o_w5, tl.where(e >= o_b3, o_b3, o_w3)))))
-    is_bias = (e >= o_b3) & (e < o_w5) | (e >= o_b5) & (e < o_w7) | (e >= o_b7)
-    size = tl.where(e >= o_w7, 49, tl.where(e >= o_w5, 25, 9))  # the conv's taps
-    width = tl.where(size == 49, 7, tl.where(size == 25, 5, 3))
-    t = k % size
-    centre = (7 - width) // 2  # where the conv's taps sit inside the 7x7 grid
-    tap_col = tl.where(is_bias, 49 * D + k, ((t // width + centre) * 7 + (t % width + centre)) * D + k // size)
-    col = tl.where(region == 0, tl.where(e < o_w3, e, e - o_w2 + o_w3), tl.where(region == 1, e - o_wp, tap_col))
+    region = tl.where(f < len_channel, 0, tl.where(f < len_channel + len_tail, 1, 2))
+    col = f - tl.where(region == 0, 0, tl.where(region == 1, len_channel, len_channel + len_tail))
+    inside = f < len_channel + len_tail + 50 * D
     base = tl.where(region == 0, 0, tl.where(region == 1, rows_channel * len_channel,
                                              rows_channel * len_channel + rows_tail * len_tail)).to(tl.int64)
     row_len = tl.where(region == 0, len_channel, tl.where(region == 1, len_tail, 50 * D)).to(tl.int64)
@@ -60,8 +54,22 @@ def reduce_grads_kernel(partial_ptr, grads_ptr, C, D, rows_channel, rows_tail, r
         acc += tl.load(partial_ptr + base[None, :] + r.to(tl.int64)[:, None] * row_len[None, :] + col[None, :],
                        mask=mask, other=0.0)
     s = tl.sum(acc, axis=0)
-    s = tl.where(region == 2, s / 3.0, s)
-    tl.store(grads_ptr + e, s.to(grads_ptr.dtype.element_ty), mask=inside)
+    # where each column's sum lives: one place for the channel and projector columns, up to three
+    # (dw7, dw5, dw3 or their biases) for a tap column
+    tap = region == 2
+    t = col // D
+    c = col - t * D
+    u = t // 7
+    v = t - u * 7
+    is_bias = t == 49
+    e = tl.where(region == 0, tl.where(col < o_w3, col, col - o_w3 + o_w2),
+                 tl.where(region == 1, o_wp + col, tl.where(is_bias, o_b7 + c, o_w7 + c * 49 + t)))
+    s = tl.where(tap, s / 3.0, s).to(grads_ptr.dtype.element_ty)
+    tl.store(grads_ptr + e, s, mask=inside)
+    in5 = tap & (is_bias | ((u >= 1) & (u <= 5) & (v >= 1) & (v <= 5)))
+    tl.store(grads_ptr + tl.where(is_bias, o_b5 + c, o_w5 + c * 25 + (u - 1) * 5 + (v - 1)), s, mask=inside & in5)
+    in3 = tap & (is_bias | ((u >= 2) & (u <= 4) & (v >= 2) & (v <= 4)))
+    tl.store(grads_ptr + tl.where(is_bias, o_b3 + c, o_w3 + c * 9 + (u - 2) * 3 + (v - 2)), s, mask=inside & in3)
 
 
 _reduce_grads = Kernel(reduce_grads_kernel)
@@ -73,5 +81,6 @@ def grads_size(C: int, d: int) -> int:
 
 
 def reduce_grads(partial, grads, C: int, d: int, rows_channel: int, rows_tail: int, rows_tap: int):
-    _reduce_grads[(cdiv(grads.numel(), BLOCK),)](
+    columns = 4 * C + 2 * d * C + d + C + d * d + d + 50 * d
+    _reduce_grads[(cdiv(columns, BLOCK),)](
         partial, grads, C, d, rows_channel, rows_tail, rows_tap, BLOCK=BLOCK, ROWS=ROWS, num_warps=WARPS)
