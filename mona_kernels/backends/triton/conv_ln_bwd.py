@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import WIDE_C, Kernel, block_d, conv7_tile, precision, rows_and_stages, tile_coords
+from .common import (WIDE_C, Kernel, block_d, conv7_tile, pixel_reciprocals, precision, rows_and_stages,
+                     tile_coords)
 
 TILE = 64
 BLOCK_N = 64
@@ -47,7 +48,8 @@ def conv_ln_bwd_kernel(dh2_ptr, k_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, g_ptr,
     dx (M, C) in x's dtype."""
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     CDT: tl.constexpr = dh2_ptr.dtype.element_ty
-    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
+    m_hw, m_w = pixel_reciprocals(H, W)
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, m_hw, m_w, TILE)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
     dh1 = conv7_tile(dh2_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, True, ACC).to(CDT)

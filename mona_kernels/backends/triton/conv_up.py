@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import Kernel, block_d, conv7_tile, dropout_args, gelu, keep, precision, rows_and_stages, tile_coords
+from .common import (Kernel, block_d, conv7_tile, dropout_args, gelu, keep, pixel_reciprocals, precision,
+                     rows_and_stages, tile_coords)
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
 # and warps.
@@ -43,7 +44,8 @@ def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr
     h2 (M, D) in h1's."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     CDT: tl.constexpr = h1_ptr.dtype.element_ty
-    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, TILE)
+    m_hw, m_w = pixel_reciprocals(H, W)
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, M, m_hw, m_w, TILE)
     ch = tl.arange(0, BLOCK_D)
     cmask = ch < D
     h2 = conv7_tile(h1_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE, BLOCK_D, False, ACC)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import acc_dtype, cdiv, next_pow2, num_workers, tl_acc
-from .common import conv7_tile, merge_taps, tile_coords
+from .common import conv7_tile, merge_taps, pixel_reciprocals, tile_coords
 from .launcher import Launcher
 from .param_grads import tap_program
 
@@ -41,7 +41,8 @@ def _dwconv7_kernel(h_ptr, k_ptr, bias_ptr, out_ptr, H, W, D, n_pix,
                     ACC: tl.constexpr):
     """out[b,i,j,:] = sum_{u,v} K[u*7+v,:] * h[b, i+u-3, j+v-3, :] (+ bias), zero outside the image;
     FLIP convolves with K[48 - t] instead (the input gradient)."""
-    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, n_pix, TILE)
+    m_hw, m_w = pixel_reciprocals(H, W)
+    pix, i, j, inside = tile_coords(tl.program_id(0), H, W, n_pix, m_hw, m_w, TILE)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = ch < D
     offs = pix[:, None] * D + ch[None, :]

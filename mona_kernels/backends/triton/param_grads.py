@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import Kernel, block_d, precision, rows_and_stages, tile_coords
+from .common import Kernel, block_d, pixel_reciprocals, precision, rows_and_stages, tile_coords
 
 BLOCK_M = 128
 WARPS = 4
@@ -133,8 +133,9 @@ def tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_split
     acc5 = tl.zeros([TILE, BLOCK_D], dtype=ACC)
     acc6 = tl.zeros([TILE, BLOCK_D], dtype=ACC)
     bias = tl.zeros([TILE, BLOCK_D], dtype=ACC)
+    m_hw, m_w = pixel_reciprocals(H, W)  # once: the loop divides every tile's pixels by H * W and W
     for tile in range(split, n_tiles, n_splits):
-        pix, i, j, inside = tile_coords(tile, H, W, M, TILE)
+        pix, i, j, inside = tile_coords(tile, H, W, M, m_hw, m_w, TILE)
         offs = pix[:, None] * D + ch[None, :]
         dh2 = tl.load(dh2_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
         ii = i + (u - 3)
