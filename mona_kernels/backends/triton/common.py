@@ -42,6 +42,12 @@ def pixel_reciprocals(H, W):
 
 
 @triton.jit
+def within(k, n):
+    """``0 <= k < n`` for int32 k and n >= 0, as one unsigned comparison (a negative k wraps above n)."""
+    return k.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+
+
+@triton.jit
 def tile_coords(tile, H, W, n_pix, m_hw, m_w, TILE: tl.constexpr):
     """Tile ``tile`` is TILE consecutive pixels of the row-major (B, H, W) grid: their flat index,
     row, column, and whether each exists. Flat tiles keep one compiled kernel for every image width.
@@ -92,10 +98,10 @@ def conv7_tile(src_ptr, k_ptr, pix, i, j, inside, H, W, D, ch, cmask, TILE: tl.c
     # and spill (255 registers and 178 spilled words at 64 px x 64 channels).
     for u in range(7):
         ii = i + (u - 3)
-        row_ok = inside & (ii >= 0) & (ii < H)
+        row_ok = inside & within(ii, H)
         for v in tl.static_range(7):
             jj = j + (v - 3)
-            ok = row_ok & (jj >= 0) & (jj < W)
+            ok = row_ok & within(jj, W)
             hv = tl.load(center + ((u - 3) * W + (v - 3)) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
             tap = (48 - (u * 7 + v)) if FLIP else (u * 7 + v)
             k = tl.load(k_ptr + tap * D + ch, mask=cmask, other=0.0).to(ACC)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import Kernel, block_d, pixel_reciprocals, precision, rows_and_stages, tile_coords
+from .common import Kernel, block_d, pixel_reciprocals, precision, rows_and_stages, tile_coords, within
 
 BLOCK_M = 128
 WARPS = 4
@@ -110,7 +110,7 @@ def _shifted(dh2, src, j, W, D, row_ok, cmask, V: tl.constexpr, ACC: tl.constexp
     """dh2 times the tile's pixels of h1 V - 3 columns over (``src`` points at the tile's own pixels of
     the tap row), zero outside the image."""
     jj = j + (V - 3)
-    ok = row_ok & (jj >= 0) & (jj < W)
+    ok = row_ok & within(jj, W)
     h = tl.load(src + (V - 3) * D, mask=ok[:, None] & cmask[None, :], other=0.0)
     return dh2 * h.to(ACC)
 
@@ -139,7 +139,7 @@ def tap_program(prog, h1_ptr, dh2_ptr, partial_ptr, H, W, M, D, n_tiles, n_split
         offs = pix[:, None] * D + ch[None, :]
         dh2 = tl.load(dh2_ptr + offs, mask=inside[:, None] & cmask[None, :], other=0.0).to(ACC)
         ii = i + (u - 3)
-        row_ok = inside & (ii >= 0) & (ii < H)
+        row_ok = inside & within(ii, H)
         src = h1_ptr + offs + (u - 3) * W * D
         acc0 += _shifted(dh2, src, j, W, D, row_ok, cmask, 0, ACC)
         acc1 += _shifted(dh2, src, j, W, D, row_ok, cmask, 1, ACC)
