@@ -99,9 +99,10 @@ def test_dropout_keeps_the_reference_rate_and_scale(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
-def test_backward_reuses_the_forward_dropout_mask(backend, dtype):
-    _, fused = f64_pair(dropout=0.4, backend=backend)
+@pytest.mark.parametrize("dtype,d", [(F64, 16), (torch.float32, 16), (F64, 10)], ids=["f64", "f32", "f64-d10"])
+def test_backward_reuses_the_forward_dropout_mask(backend, dtype, d):
+    # d = 16 draws four channels a Philox call in the Triton plan; d = 10 one an element
+    _, fused = f64_pair(d=d, dropout=0.4, backend=backend)
     fused.to(dtype)
     x64 = torch.randn(1, 20, 24, dtype=F64)
     x = x64.to(dtype).requires_grad_()
@@ -111,9 +112,9 @@ def test_backward_reuses_the_forward_dropout_mask(backend, dtype):
     # and give the reference exactly that mask.
     torch.manual_seed(7)
     seed = torch.tensor([7]) if backend == "torch" else torch.randint(0, 2**62, (1,))
-    scale = mk.backends.dropout_scale(backend, seed, torch.empty(20, 16, dtype=dtype), 0.4)
+    scale = mk.backends.dropout_scale(backend, seed, torch.empty(20, d, dtype=dtype), 0.4)
     assert (scale == 0).any()
-    ref = RefMona(24, bottleneck=16, dropout=0.0).to(F64)
+    ref = RefMona(24, bottleneck=d, dropout=0.0).to(F64)
     ref.load_state_dict(fused.state_dict())
     ref.dropout = FixedScale(scale)
     x_ref = x64.clone().requires_grad_()

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import (Kernel, block_d, conv7_tile, dropout_args, gelu, keep, pixel_reciprocals, precision,
+from .common import (Kernel, block_d, conv7_tile, dropout_args, gelu, keep_tile, pixel_reciprocals, precision,
                      rows_and_stages, tile_coords)
 
 # Pixels a program (consecutive in the row-major grid), output channels a step of the up projection,
@@ -38,8 +38,8 @@ def project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION: tl.constexpr, ACC: tl.c
 
 @triton.jit(do_not_specialize=["H", "W", "M"])
 def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr, h2_ptr, seed_ptr, p, scale,
-                   scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   scale_lo, H, W, M, C, D, HAS_DROPOUT: tl.constexpr, BY4: tl.constexpr, FP64: tl.constexpr,
+                   TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """h1 (M, D) in the compute dtype, x (M, C) -> out (M, C) in x's dtype promoted with h1's, and
     h2 (M, D) in h1's."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -54,7 +54,7 @@ def conv_up_kernel(h1_ptr, k_ptr, wp_ptr, bp_ptr, w2_ptr, b2_ptr, x_ptr, out_ptr
     h3 = project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION, ACC)
     a = gelu(h3.to(ACC))
     if HAS_DROPOUT:
-        a = tl.where(keep(seed_ptr, pix[:, None] * D + ch[None, :], p), a * scale + a * scale_lo, 0.0)
+        a = tl.where(keep_tile(seed_ptr, pix, D, p, BY4, BLOCK_D), a * scale + a * scale_lo, 0.0)
     a = a.to(CDT)
     for n0 in range(0, C, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -75,8 +75,8 @@ _conv_up = Kernel(conv_up_kernel)
 def meta(x_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's tile and launch options for these dtypes and bottleneck width."""
     tile, options = rows_and_stages(TILE, x_dtype, cdt)
-    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
-                **options)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BY4=d % 4 == 0, BLOCK_N=BLOCK_N, PRECISION=precision(cdt),
+                num_warps=WARPS, **options)
 
 
 def conv_up(h1, x, K, Wp, bp, W2, b2, seed, p: float, H: int, W: int):

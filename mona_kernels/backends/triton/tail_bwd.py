@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ...ops.utils import cdiv
-from .common import Kernel, block_d, dropout_args, gelu, gelu_grad, keep, precision, rows_and_stages
+from .common import Kernel, block_d, dropout_args, gelu, gelu_grad, keep_tile, precision, rows_and_stages
 from .conv_up import project
 
 TILE = 64
@@ -24,8 +24,8 @@ PROGRAMS_PER_SM = 2  # each program writes a (d*d + d) partial row that B4 sums
 @triton.jit(do_not_specialize=["M", "n_tiles", "partial_off"])
 def tail_bwd_kernel(h2_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
                     dh2_ptr, a_ptr, partial_ptr, partial_off, seed_ptr, p, scale, scale_lo, M, C, D, n_tiles,
-                    HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, BY4: tl.constexpr, FP64: tl.constexpr, TILE: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """h2 (M, D) and g (M, C) -> dh2 and a' (M, D) in h2's dtype; partial row ``program_id`` of
     (programs, D*D + D) in ACC, from element ``partial_off`` of ``partial``: dWp as [o, i] then dbp."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -45,11 +45,6 @@ def tail_bwd_kernel(h2_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
         h2 = tl.load(h2_ptr + offs, mask=mask, other=0.0)
         h3 = project(h2, wp_ptr, bp_ptr, D, ch, cmask, PRECISION, ACC)
         h = h3.to(ACC)
-        a = gelu(h)
-        if HAS_DROPOUT:
-            kept = keep(seed_ptr, offs, p)
-            a = tl.where(kept, a * scale + a * scale_lo, 0.0)
-        tl.store(a_ptr + offs, a.to(CDT), mask=mask)
         da = tl.zeros([TILE, BLOCK_D], dtype=ACC)
         for n0 in range(0, C, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -57,9 +52,14 @@ def tail_bwd_kernel(h2_ptr, wp_ptr, bp_ptr, w2_ptr, g_ptr,
             g = tl.load(g_ptr + pix[:, None] * C + n[None, :], mask=inside[:, None] & nmask[None, :], other=0.0)
             w2 = tl.load(w2_ptr + n[:, None] * D + ch[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
             da += tl.dot(g.to(CDT), w2.to(CDT), input_precision=PRECISION, out_dtype=ACC)
+        # a' and the mask after the products, so that neither is held across them
+        a = gelu(h)
         dh3 = da.to(CDT).to(ACC) * gelu_grad(h)
         if HAS_DROPOUT:
+            kept = keep_tile(seed_ptr, pix, D, p, BY4, BLOCK_D)
+            a = tl.where(kept, a * scale + a * scale_lo, 0.0)
             dh3 = tl.where(kept, dh3 * scale + dh3 * scale_lo, 0.0)
+        tl.store(a_ptr + offs, a.to(CDT), mask=mask)
         dh3 = tl.where(mask, dh3, 0.0).to(CDT)
         dh2 = tl.dot(dh3, wp, input_precision=PRECISION, out_dtype=ACC) + dh3.to(ACC)
         tl.store(dh2_ptr + offs, dh2.to(CDT), mask=mask)
@@ -76,8 +76,8 @@ _tail_bwd = Kernel(tail_bwd_kernel)
 def meta(g_dtype: torch.dtype, cdt: torch.dtype, d: int) -> dict:
     """The kernel's tile and launch options for these dtypes and bottleneck width."""
     tile, options = rows_and_stages(TILE, g_dtype, cdt)
-    return dict(TILE=tile, BLOCK_D=block_d(d), BLOCK_N=BLOCK_N, PRECISION=precision(cdt), num_warps=WARPS,
-                **options)
+    return dict(TILE=tile, BLOCK_D=block_d(d), BY4=d % 4 == 0, BLOCK_N=BLOCK_N, PRECISION=precision(cdt),
+                num_warps=WARPS, **options)
 
 
 def tail_bwd(g, h2, Wp, bp, W2, seed, p: float, partial, offset: int, programs: int):
