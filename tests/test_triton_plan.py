@@ -106,16 +106,16 @@ def test_conv_ln_bwd_writes_dh1_and_dx(chain):
 
 def test_param_grads_and_reduce_grads_give_every_other_parameter_gradient(chain):
     from mona_kernels.backends.triton.param_grads import param_grads
-    from mona_kernels.backends.triton.reduce_grads import grads_size, reduce_grads
+    from mona_kernels.backends.triton.reduce_grads import grads_size, reduce_grads, row_lengths
     (B, H, W, C, d), c = chain
     q = c["params"]
     x = c["x"].detach()
     mean, rstd = x.mean(1), (x.var(1, unbiased=False) + 1e-5).rsqrt()
     rows = (3, 2, 4)  # channel, projector and tap rows; the projector rows' partials come from B1
-    len_channel = 4 * C + 2 * d * C + d + C
+    len_channel, len_tail, len_tap = row_lengths(C, d)
     tail_offset = rows[0] * len_channel
-    tap_offset = tail_offset + rows[1] * (d * d + d)
-    partial = torch.zeros(tap_offset + rows[2] * 50 * d, dtype=F64)
+    tap_offset = tail_offset + rows[1] * len_tail
+    partial = torch.zeros(tap_offset + rows[2] * len_tap, dtype=F64)
     partial[tail_offset:tail_offset + d * d + d] = torch.cat([c["grads"][12].flatten(), c["grads"][13]])
     param_grads(c["g"], c["a"].detach(), c["h1"].grad, x, mean, rstd, q[0], q[1], q[2], q[3], q[4],
                 c["h1"].detach(), c["h2"].grad, H, W, partial, 0, rows[0], tap_offset, rows[2])

@@ -29,7 +29,7 @@ from .conv_ln_bwd import conv_ln_bwd
 from .conv_up import conv_up
 from .ln_down import ln_down
 from .param_grads import param_grads
-from .reduce_grads import grads_size, reduce_grads
+from .reduce_grads import grads_size, reduce_grads, row_lengths
 from .tail_bwd import tail_bwd
 
 
@@ -83,12 +83,12 @@ def gradients(g: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, h2: torch.Tens
     M, C = x.shape
     d = h1.shape[1]
     rows_channel, rows_tail, rows_tap = partial_rows(x.device, M, C, d)
-    len_channel = 4 * C + 2 * d * C + d + C
-    partial = torch.empty(rows_channel * len_channel + rows_tail * (d * d + d) + rows_tap * 50 * d,
+    len_channel, len_tail, len_tap = row_lengths(C, d)
+    partial = torch.empty(rows_channel * len_channel + rows_tail * len_tail + rows_tap * len_tap,
                           device=x.device, dtype=mean.dtype)
     # one buffer of three regions, [channel rows | projector rows | tap rows], as B4 reads it
     tail_offset = rows_channel * len_channel
-    tap_offset = tail_offset + rows_tail * (d * d + d)
+    tap_offset = tail_offset + rows_tail * len_tail
     dh2, a = tail_bwd(g, h2, q.Wp, q.bp, q.W2, seed if seed is not None else x, p, partial, tail_offset, rows_tail)
     dh1, dx = conv_ln_bwd(dh2, x, mean, rstd, g, K, q.W1, q.w_ln, q.gamma, q.gammax, H, W)
     param_grads(g, a, dh1, x, mean, rstd, q.w_ln, q.b_ln, q.gamma, q.gammax, q.W1, h1, dh2, H, W, partial,

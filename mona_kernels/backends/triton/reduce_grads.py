@@ -80,7 +80,11 @@ def grads_size(C: int, d: int) -> int:
     return 4 * C + 2 * d * C + d + 9 * d + 25 * d + 49 * d + 3 * d + d * d + d + C
 
 
+def row_lengths(C: int, d: int) -> tuple[int, int, int]:
+    """Lengths of a channel row (B3), a projector row (B1) and a tap row (B3) of partial sums."""
+    return 4 * C + 2 * d * C + d + C, d * d + d, 50 * d
+
+
 def reduce_grads(partial, grads, C: int, d: int, rows_channel: int, rows_tail: int, rows_tap: int):
-    columns = 4 * C + 2 * d * C + d + C + d * d + d + 50 * d
-    _reduce_grads[(cdiv(columns, BLOCK),)](
+    _reduce_grads[(cdiv(sum(row_lengths(C, d)), BLOCK),)](
         partial, grads, C, d, rows_channel, rows_tail, rows_tap, BLOCK=BLOCK, ROWS=ROWS, num_warps=WARPS)
